@@ -1,0 +1,180 @@
+"""The seam every backend uses: an algorithm turns its state into gradient requests, and the
+gradients of those requests into the next state.
+
+    state = algo.init(x0)
+    while state.step < T:
+        reqs  = algo.requests(state)              # independent requests: evaluate them in parallel
+        grads = {r.role: grad_of(r.point, r.batch) for r in reqs}
+        state = algo.update(state, grads)
+
+Algorithms are pure math on flat 1-D tensors; they know nothing of models, Ray or gRPC. Every
+computation keeps x0's dtype and device. ``update`` works in place on the state it is given
+(like a torch optimizer) and returns it; a rejected update raises ``ValueError`` before anything
+is changed. The points a request carries are buffers owned by the state: they stay valid until the
+next ``requests``/``update`` call, so copy them if you need them longer.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+LR = float | Callable[[int], float]
+
+
+@dataclass(frozen=True)
+class GradRequest:
+    """Evaluate the gradient of the loss on training batch ``batch`` at ``point``.
+
+    ``track_stats`` says whether the pass lies on the optimisation trajectory, so a model with
+    BatchNorm should update its running statistics during it (see README, "BatchNorm").
+    """
+
+    role: str
+    point: torch.Tensor
+    batch: int
+    track_stats: bool = False
+
+
+@dataclass
+class AlgoState:
+    """State of one run. ``step`` counts completed parameter updates; ``phase`` is the round
+    inside an update (SAM: 0 ascent, 1 perturbed; SAMPa: 0 bootstrap, 1 steady)."""
+
+    x: torch.Tensor
+    step: int = 0
+    phase: int = 0
+    buf: torch.Tensor | None = None  # momentum buffer (None when momentum == 0)
+    g_y: torch.Tensor | None = None  # SAMPa: gradient at the auxiliary point y_t
+    work: dict[str, torch.Tensor] = field(default_factory=dict)  # reusable request points
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that define the state (for checkpoints), without scratch buffers."""
+        out = {"x": self.x}
+        if self.buf is not None:
+            out["buf"] = self.buf
+        if self.g_y is not None:
+            out["g_y"] = self.g_y
+        return out
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"{name}: {value!r} is outside {left}{lo}, {hi}{right}")
+
+
+class Algorithm(ABC):
+    """Base class: hyperparameter checks, the learning rate, gradient validation and the
+    PyTorch-SGD parameter step shared by every algorithm."""
+
+    name: str = ""
+    #: role whose passes lie on the trajectory; its worker keeps the BatchNorm statistics
+    stats_role: str = ""
+
+    def __init__(self, lr: LR, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        if not callable(lr):
+            _check_range("lr", lr, 0.0, math.inf, True, True)
+        _check_range("momentum", momentum, 0.0, 1.0, False, True)
+        _check_range("weight_decay", weight_decay, 0.0, math.inf, False, True)
+        self.lr = lr
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+
+    # -- the protocol -------------------------------------------------------------------------
+    def init(self, x0: torch.Tensor) -> AlgoState:
+        """A fresh state at ``x0`` (copied; x0 itself is never modified)."""
+        if not isinstance(x0, torch.Tensor) or x0.dim() != 1 or not x0.is_floating_point():
+            raise ValueError("x0: expected a 1-D floating-point tensor")
+        x = x0.detach().clone()
+        buf = torch.zeros_like(x) if self.momentum != 0.0 else None
+        return AlgoState(x=x, buf=buf)
+
+    @abstractmethod
+    def roles(self, state: AlgoState) -> tuple[str, ...]:
+        """Roles the next ``update`` expects gradients for."""
+
+    @abstractmethod
+    def requests(self, state: AlgoState) -> list[GradRequest]:
+        """Independent gradient requests of the next round."""
+
+    @abstractmethod
+    def update(self, state: AlgoState, grads: Mapping[str, torch.Tensor]) -> AlgoState:
+        """Consume the round's gradients; returns the (same, updated) state."""
+
+    def rounds_per_update(self) -> int:
+        """Sequential gradient rounds one parameter update costs (after any bootstrap)."""
+        return 1
+
+    def config(self) -> dict[str, float | str]:
+        """Hyperparameters, for result files."""
+        lr = self.lr if not callable(self.lr) else "schedule"
+        return {"algo": self.name, "lr": lr, "momentum": self.momentum,
+                "weight_decay": self.weight_decay}
+
+    # -- shared pieces ------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update ``step``, checked."""
+        lr = self.lr(step) if callable(self.lr) else self.lr
+        _check_range("lr", lr, 0.0, math.inf, True, True)
+        return float(lr)
+
+    def check_grads(self, state: AlgoState, grads: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` naming the field unless ``grads`` holds exactly the expected
+        roles, each a tensor shaped, typed and placed like ``state.x``."""
+        expected = set(self.roles(state))
+        got = set(grads)
+        if got != expected:
+            missing = ", ".join(sorted(expected - got)) or "none"
+            extra = ", ".join(sorted(got - expected)) or "none"
+            raise ValueError(f"grads: expected roles {sorted(expected)}; missing {missing}, "
+                             f"unexpected {extra}")
+        x = state.x
+        for role, g in grads.items():
+            if not isinstance(g, torch.Tensor):
+                raise ValueError(f"grads[{role}]: expected a tensor, got {type(g).__name__}")
+            if g.shape != x.shape:
+                raise ValueError(f"grads[{role}]: shape {tuple(g.shape)} != {tuple(x.shape)}")
+            if g.dtype != x.dtype:
+                raise ValueError(f"grads[{role}]: dtype {g.dtype} != {x.dtype}")
+            if g.device != x.device:
+                raise ValueError(f"grads[{role}]: device {g.device} != {x.device}")
+
+    def sgd_step(self, state: AlgoState, g: torch.Tensor, lr: float) -> None:
+        """PyTorch SGD (dampening 0, no Nesterov), in place:
+        buf = mu*buf + g + wd*x;  x -= lr*buf   (without momentum: x -= lr*(g + wd*x))."""
+        x = state.x
+        if state.buf is None:
+            if self.weight_decay:
+                # x - lr*(g + wd*x) == x*(1 - lr*wd) - lr*g
+                x.mul_(1.0 - lr * self.weight_decay)
+            x.add_(g, alpha=-lr)
+            return
+        buf = state.buf
+        buf.mul_(self.momentum).add_(g)
+        if self.weight_decay:
+            buf.add_(x, alpha=self.weight_decay)
+        x.add_(buf, alpha=-lr)
+
+    @staticmethod
+    def workspace(state: AlgoState, name: str) -> torch.Tensor:
+        """A reusable flat buffer shaped like x (allocated once per state)."""
+        w = state.work.get(name)
+        if w is None:
+            w = state.work[name] = torch.empty_like(state.x)
+        return w
+
+
+def normalized_step(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor, rho: float) -> torch.Tensor:
+    """out = x + rho * g / (||g|| + 1e-12), with one global L2 norm over the flat vector.
+    The norm stays a tensor, so on a GPU nothing waits for the host."""
+    norm = torch.linalg.vector_norm(g).add_(1e-12)
+    return torch.div(g, norm, out=out).mul_(rho).add_(x)
