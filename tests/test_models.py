@@ -193,7 +193,7 @@ def test_two_classes_ok() -> None:
 
 
 def test_cnn_learns_digits() -> None:
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     x_np, y_np = datasets.load_digits(return_X_y=True)
     x = torch.tensor(x_np / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
     y = torch.tensor(y_np)

@@ -1,0 +1,113 @@
+"""Run configuration: one validated pydantic model, loaded from YAML and/or CLI flags.
+
+Every bad value becomes a :class:`~sampa_ray.errors.UserError` with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+ALGOS = ("sgd", "sam", "sampa")
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a run. Defaults: SAMPa-0.2 on the bundled digits data."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    algo: Literal["sgd", "sam", "sampa"] = "sampa"
+    lr: float = Field(0.05, gt=0, allow_inf_nan=False)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    rho: float = Field(0.05, ge=0, allow_inf_nan=False)
+    lam: float = Field(0.2, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    model: Literal["resnet20", "resnet56", "wrn28_2", "wrn28_10", "vgg19_bn", "mlp", "cnn"] = "cnn"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    dataset: Literal["digits", "cifar10", "cifar100", "synthetic"] = "digits"
+    data_dir: str | None = None
+    synthetic_size: int = Field(1024, ge=1)
+
+    epochs: int = Field(8, ge=1)
+    steps: int | None = Field(None, ge=1, description="total updates; overrides epochs")
+    batch_size: int = Field(64, ge=1)
+    seed: int = Field(0, ge=0, lt=2**31)
+    eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and at the end)")
+
+    backend: Literal["local", "ray"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads per worker")
+    out: str | None = None
+    address: str | None = Field(None, description="Ray cluster address (default: $RAY_ADDRESS, "
+                                "else an embedded local instance)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.dataset in ("cifar10", "cifar100") and not self.data_dir:
+            raise ValueError("data_dir: required for dataset " + self.dataset)
+        return self
+
+    def hash(self) -> str:
+        """Hash of the fields that define the trajectory (not where outputs go or how it runs)."""
+        keep = self.model_dump(exclude={"out", "backend", "threads", "device", "eval_every", "address"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate of update ``step`` out of ``total``."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    msg = e["msg"].removeprefix("Value error, ")
+    if not e["loc"]:  # a whole-model check: its message already names the field
+        return msg
+    loc = ".".join(str(p) for p in e["loc"])
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    value = f", got {e['input']!r}" if e["type"] != "extra_forbidden" and "input" in e else ""
+    if isinstance(e.get("input"), dict):
+        value = ""
+    return f"{loc}: {msg}{value}{more}"
+
+
+def make_config(data: dict[str, Any]) -> TrainConfig:
+    """Validate a mapping into a :class:`TrainConfig` or raise a one-line UserError."""
+    try:
+        return TrainConfig(**data)
+    except ValidationError as err:
+        raise UserError(f"config: {_one_line(err)}") from None
+    except TypeError as err:
+        raise UserError(f"config: {err}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config fields (dashes in keys are accepted as underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config: no such file {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config: {p}{where} is not valid YAML") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"config: cannot read {p}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config: {p} must hold a mapping of fields, not {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

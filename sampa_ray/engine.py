@@ -1,0 +1,211 @@
+"""The gradient engine: a model replica and the training data; the gradient of the loss at a
+point on a batch. It knows nothing of the algorithm that asks. Local runs call it directly; each
+Ray gradient worker wraps one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import BatchSchedule, Dataset, load_dataset
+from .errors import UserError
+from .flat import FlatParams, flat_buffers, load_buffers
+from .models import build_model, input_shape_for
+
+
+@dataclass
+class GradResult:
+    """A gradient and what it cost. ``grad`` may be a buffer the engine reuses: consume or copy it
+    before asking the same engine for the next gradient."""
+
+    grad: torch.Tensor
+    loss: float
+    accuracy: float
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, copy_in, copy_out
+    start: float = 0.0  # wall-clock start and end of the compute (time.time())
+    end: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda requested but no GPU is visible")
+    return torch.device(name)
+
+
+def dataset_for(cfg: TrainConfig) -> Dataset:
+    """Load the configured dataset, checking that it fits the configured model."""
+    shape = input_shape_for(cfg.model)
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, synthetic_shape=shape,
+                      synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+    if tuple(ds.input_shape) != tuple(shape):
+        raise UserError(f"model: {cfg.model} expects inputs {shape}, dataset {cfg.dataset} "
+                        f"gives {tuple(ds.input_shape)}")
+    return ds
+
+
+def build_replica(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The model, initialised from the run's seed: every replica in every process is identical."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, num_classes, in_channels=input_shape_for(cfg.model)[0],
+                       dropout=cfg.dropout)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GradientEngine:
+    """One model replica, the dataset and the batch schedule on one device."""
+
+    def __init__(self, cfg: TrainConfig, device: str | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(device or cfg.device)
+        self.data = dataset_for(cfg)
+        self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed)
+        self.model = build_replica(cfg, self.data.num_classes).to(self.device)
+        self.flat = FlatParams(self.model)
+        self._bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._host_grad = (torch.empty(self.flat.numel, pin_memory=True)
+                           if self.device.type == "cuda" else None)
+        self._eval_model: nn.Module | None = None
+        self._eval_flat: FlatParams | None = None
+        self._eval_pool: ThreadPoolExecutor | None = None
+        self._evals: list[tuple[int, Future[EvalResult]]] = []
+        self._eval_lock = threading.Lock()
+
+    # -- facts the coordinator needs ----------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"num_params": self.flat.numel, "num_train": len(self.data.y_train),
+                "num_test": len(self.data.y_test), "num_classes": self.data.num_classes,
+                "batches_per_epoch": self.schedule.batches_per_epoch,
+                "device": str(self.device), "threads": torch.get_num_threads()}
+
+    def initial_point(self) -> torch.Tensor:
+        """x0: the replica's initial parameters as a flat CPU fp32 vector."""
+        return self.flat.data.detach().to("cpu", torch.float32, copy=True)
+
+    # -- the work -----------------------------------------------------------------------------
+    @contextmanager
+    def _frozen_stats(self, track: bool):
+        """BatchNorm still normalises with batch statistics, but only passes on the trajectory
+        update the running statistics (momentum 0 leaves them exactly as they were)."""
+        if track or not self._bns:
+            yield
+            return
+        saved = [(m.momentum, None if m.num_batches_tracked is None else
+                  m.num_batches_tracked.clone()) for m in self._bns]
+        for m in self._bns:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, (mom, nbt) in zip(self._bns, saved, strict=True):
+                m.momentum = mom
+                if nbt is not None:
+                    m.num_batches_tracked.copy_(nbt)
+
+    def gradient(self, point: torch.Tensor, batch: int, track_stats: bool = True) -> GradResult:
+        """Gradient of the (label-smoothed) cross-entropy on training batch ``batch`` at ``point``.
+        Returns a CPU tensor for CPU points; on a GPU engine the result lives in a pinned buffer."""
+        dev = self.device
+        t0 = time.perf_counter()
+        self.flat.load_(point)
+        idx = self.schedule.indices(batch)
+        xb, yb = self.data.batch(idx, self.cfg.seed, batch)
+        xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        _sync(dev)
+        t1 = time.perf_counter()
+        start = time.time()
+        torch.manual_seed((self.cfg.seed * 1_000_003 + batch) % (2**63))  # dropout, per batch
+        self.model.train()
+        self.flat.zero_grad_()
+        with self._frozen_stats(track_stats):
+            logits = self.model(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+            loss.backward()
+        correct = (logits.detach().argmax(1) == yb).sum()
+        _sync(dev)
+        t2 = time.perf_counter()
+        end = time.time()
+        grad = self.flat.grad
+        if self._host_grad is not None:
+            grad = self._host_grad.copy_(grad, non_blocking=True)
+            torch.cuda.current_stream(dev).synchronize()
+        t3 = time.perf_counter()
+        return GradResult(grad=grad, loss=float(loss.detach()), accuracy=float(correct) / len(yb),
+                          timings={"compute": t2 - t1, "copy_in": t1 - t0, "copy_out": t3 - t2},
+                          start=start, end=end)
+
+    def evaluate(self, point: torch.Tensor, split: str = "test") -> EvalResult:
+        """Loss and accuracy of the model at ``point`` (with this replica's BatchNorm statistics)."""
+        self.flat.load_(point)
+        return self._evaluate(self.model, split)
+
+    def start_eval(self, step: int, point: torch.Tensor) -> None:
+        """Snapshot ``point`` and the current BatchNorm statistics into a second replica and
+        evaluate it on the test split in a background thread, overlapping the next rounds."""
+        if self._eval_model is None:
+            self._eval_model = build_replica(self.cfg, self.data.num_classes).to(self.device)
+            self._eval_flat = FlatParams(self._eval_model)
+            self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="eval")
+        assert self._eval_flat is not None and self._eval_pool is not None
+        # the previous evaluation must be done before the replica is overwritten
+        for _, fut in self._evals:
+            fut.result()
+        self._eval_flat.load_(point)
+        load_buffers(self._eval_model, flat_buffers(self.model))
+        fut = self._eval_pool.submit(self._evaluate, self._eval_model, "test")
+        with self._eval_lock:
+            self._evals.append((step, fut))
+
+    def finished_evals(self, wait: bool = False) -> list[tuple[int, EvalResult]]:
+        """Evaluations that have finished since the last call (all of them when ``wait``)."""
+        with self._eval_lock:
+            done = [(s, f) for s, f in self._evals if wait or f.done()]
+            self._evals = [(s, f) for s, f in self._evals if (s, f) not in done]
+        return [(s, f.result()) for s, f in done]
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module, split: str) -> EvalResult:
+        t0 = time.perf_counter()
+        model.eval()
+        x = self.data.x_test if split == "test" else self.data.x_train
+        y = self.data.y_test if split == "test" else self.data.y_train
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for i in range(0, len(y), 1000):
+            xb = x[i:i + 1000].to(self.device)
+            yb = y[i:i + 1000].to(self.device)
+            logits = model(xb)
+            total_loss += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
+        n = len(y)
+        return EvalResult(loss=float(total_loss) / n, accuracy=float(correct) / n,
+                          seconds=time.perf_counter() - t0)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return flat_buffers(self.model)
+
+    def load_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        load_buffers(self.model, buffers)

@@ -1,0 +1,204 @@
+"""The training loop every backend shares, and the single-process backend.
+
+    state = algo.init(x0)
+    while state.step < T:
+        reqs    = algo.requests(state)
+        results = await executor.round(reqs)     # the requests of a round run in parallel
+        state   = algo.update(state, grads)
+
+An :class:`Executor` evaluates requests: :class:`LocalExecutor` in this process, one after the
+other; the Ray backend on two worker actors at once. The loop, the schedules, the recording and
+the outputs are the same code for both, so their trajectories can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .algorithms import SAM, SGD, Algorithm, AlgoState, GradRequest, SAMPa
+from .config import TrainConfig
+from .engine import EvalResult, GradientEngine, GradResult
+from .results import Recorder, write_outputs
+
+ROLES = ("perturbed", "extrapolated")
+
+
+def slot_for(role: str) -> int:
+    """Which of the two workers serves a role: ``extrapolated`` runs on the second worker, every
+    other role (SGD's ``grad``, SAM's ``ascent`` and ``perturbed``) on the first, so SGD and SAM
+    use the same worker that SAMPa's perturbed gradient uses."""
+    return 1 if role == "extrapolated" else 0
+
+
+def workers_needed(algo: str) -> int:
+    return 2 if algo == "sampa" else 1
+
+
+def make_algorithm(cfg: TrainConfig, total_steps: int) -> Algorithm:
+    """The configured algorithm with its learning-rate schedule over ``total_steps`` updates."""
+    def lr(step: int) -> float:
+        return cfg.lr_at(step, total_steps)
+
+    common = {"lr": lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    if cfg.algo == "sgd":
+        return SGD(**common)
+    if cfg.algo == "sam":
+        return SAM(rho=cfg.rho, **common)
+    return SAMPa(rho=cfg.rho, lam=cfg.lam, **common)
+
+
+@dataclass
+class Plan:
+    total_steps: int
+    batches_per_epoch: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, batches_per_epoch: int) -> Plan:
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * batches_per_epoch
+        return cls(total_steps=total, batches_per_epoch=batches_per_epoch)
+
+    def epoch_end(self, step: int) -> bool:
+        return step % self.batches_per_epoch == 0 or step == self.total_steps
+
+
+class Executor(ABC):
+    """Evaluates the gradient requests of a round; the workers behind it know no algorithm."""
+
+    @abstractmethod
+    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+        """The gradients of one round's requests, by role."""
+
+    @abstractmethod
+    async def start_eval(self, step: int, x: torch.Tensor) -> None:
+        """Begin evaluating ``x`` on the test split with the trajectory worker's statistics."""
+
+    @abstractmethod
+    async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
+        """Evaluations finished so far (``wait``: block until all are)."""
+
+    @abstractmethod
+    async def buffers(self) -> dict[str, torch.Tensor]:
+        """The trajectory worker's model buffers (BatchNorm statistics)."""
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, plan: Plan,
+                     recorder: Recorder, progress: Progress | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> AlgoState:
+    """Run the requests -> gradients -> update loop to ``plan.total_steps`` updates.
+    Evaluation runs in the background on the trajectory worker and overlaps later rounds."""
+    algo = make_algorithm(cfg, plan.total_steps)
+    state = algo.init(x0)
+    perf = time.perf_counter
+    epochs_done = 0
+    while state.step < plan.total_steps:
+        if should_stop is not None and should_stop():
+            break
+        reqs = algo.requests(state)
+        t0 = perf()
+        results = await executor.round(reqs)
+        t1 = perf()
+        before = state.step
+        algo.update(state, {role: r.grad for role, r in results.items()})
+        t2 = perf()
+        recorder.record_round(results, t1 - t0, t2 - t1)
+        if state.step != before and plan.epoch_end(state.step):
+            epochs_done += 1
+            row = recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
+                                     algo.lr_at(before))
+            if epochs_done % cfg.eval_every == 0 or state.step == plan.total_steps:
+                await executor.start_eval(state.step, state.x.detach().clone())
+            for step, ev in await executor.finished_evals(wait=False):
+                recorder.add_eval(step, ev)
+            if progress is not None:
+                progress({"kind": "epoch", **row})
+        if progress is not None:
+            progress({"kind": "round", "step": state.step, "total": plan.total_steps,
+                      "loss": recorder.last_loss, "round_s": t1 - t0})
+    if state.step > 0 and (not recorder.epochs or recorder.epochs[-1]["step"] != state.step):
+        # stopped early: close the partial epoch and evaluate where the run ended
+        recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
+                           algo.lr_at(state.step - 1))
+        await executor.start_eval(state.step, state.x.detach().clone())
+    for step, ev in await executor.finished_evals(wait=True):
+        recorder.add_eval(step, ev)
+    return state
+
+
+def build_result(cfg: TrainConfig, recorder: Recorder, state: AlgoState, plan: Plan,
+                 info: dict[str, Any], wall_s: float, **extra: Any) -> dict[str, Any]:
+    """The content of result.json."""
+    algo = make_algorithm(cfg, plan.total_steps)
+    last = next((r for r in reversed(recorder.epochs) if r["test_accuracy"] is not None), None)
+    return {
+        "version": __version__,
+        "config": cfg.model_dump(),
+        "config_hash": cfg.hash(),
+        "algorithm": {**algo.config(), "lr": cfg.lr, "lr_schedule": cfg.lr_schedule},
+        "num_params": info["num_params"],
+        "steps": state.step,
+        "planned_steps": plan.total_steps,
+        "batches_per_epoch": plan.batches_per_epoch,
+        "gradient_rounds": recorder.rounds,
+        "rounds_per_update": algo.rounds_per_update(),
+        "wall_time_s": wall_s,
+        "final_test_accuracy": last["test_accuracy"] if last else None,
+        "final_test_loss": last["test_loss"] if last else None,
+        "epochs": recorder.epochs,
+        "timings": recorder.timing_summary(),
+        "trace": recorder.trace,
+        **extra,
+    }
+
+
+# -- the single-process backend ---------------------------------------------------------------
+class LocalExecutor(Executor):
+    """Both workers' engines in this process, evaluated one after the other."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        algo = make_algorithm(cfg, 1)
+        self.engines = [GradientEngine(cfg) for _ in range(workers_needed(cfg.algo))]
+        self.stats = self.engines[slot_for(algo.stats_role)]
+
+    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+        return {r.role: self.engines[slot_for(r.role)].gradient(r.point, r.batch, r.track_stats)
+                for r in reqs}
+
+    async def start_eval(self, step: int, x: torch.Tensor) -> None:
+        self.stats.start_eval(step, x)
+
+    async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
+        return self.stats.finished_evals(wait)
+
+    async def buffers(self) -> dict[str, torch.Tensor]:
+        return self.stats.buffers()
+
+
+def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Train in this process and write the run's outputs into ``out``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    executor = LocalExecutor(cfg)
+    engine = executor.engines[0]
+    info = engine.info()
+    plan = Plan.of(cfg, info["batches_per_epoch"])
+    recorder = Recorder(make_algorithm(cfg, 1).stats_role)
+    state = asyncio.run(train_loop(cfg, executor, engine.initial_point(), plan, recorder,
+                                   progress))
+    buffers = asyncio.run(executor.buffers())
+    result = build_result(cfg, recorder, state, plan, info, time.time() - t0,
+                          backend="local", device=info["device"])
+    write_outputs(out, result, state.x, buffers)
+    return result

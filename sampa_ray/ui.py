@@ -1,0 +1,91 @@
+"""Terminal output: a progress bar during a run, a summary after it, the comparison table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+class ProgressView:
+    """Receives progress events from a run (``kind`` = round | epoch | info) and shows them."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
+            TextColumn("comm {task.fields[comm]}"), TimeElapsedColumn(),
+            console=console, transient=False)
+        self.task: Any = None
+        self._first: tuple[float, int] | None = None
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("kind")
+        if kind == "info":
+            console.print(ev["text"])
+            return
+        if kind == "epoch":
+            console.print(f"\\[{self.label}] epoch {ev['epoch']:.2f}  step {ev['step']}  "
+                          f"train loss {_fmt(ev['train_loss'])}  "
+                          f"train acc {_fmt(ev['train_accuracy'], '.3f')}  "
+                          f"{ev['wall_s']:.1f}s")
+            return
+        if kind != "round":
+            return
+        import time
+
+        now = time.perf_counter()
+        if self.task is None:
+            self.task = self.progress.add_task(self.label, total=ev["total"], loss="-",
+                                               rate="-", comm="-")
+            self._first = (now, ev["step"])
+        t0, s0 = self._first or (now, 0)
+        rate = (ev["step"] - s0) / (now - t0) if now > t0 and ev["step"] > s0 else None
+        comm = ev.get("comm_share")
+        self.progress.update(self.task, completed=ev["step"], loss=_fmt(ev.get("loss")),
+                             rate=_fmt(rate, ".1f"), comm=_fmt(comm, ".0%"))
+
+
+def print_result(result: dict[str, Any], out: Path) -> None:
+    acc = result.get("final_test_accuracy")
+    out_console.print(f"{result['config']['algo']}: test accuracy {_fmt(acc, '.4f')} after "
+                      f"{result['steps']} steps ({result['gradient_rounds']} gradient rounds) in "
+                      f"{result['wall_time_s']:.1f}s; outputs in {out}")
+
+
+def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Print the comparison table; returns its rows."""
+    table = Table(title="SGD vs SAM vs SAMPa (same data, seed and model)")
+    for col in ("algorithm", "test accuracy", "wall time (s)", "s / update",
+                "sequential gradient rounds"):
+        table.add_column(col, justify="right")
+    rows = []
+    for algo, r in results.items():
+        per_update = r["wall_time_s"] / max(1, r["steps"])
+        row = {"algorithm": algo, "test_accuracy": r["final_test_accuracy"],
+               "wall_time_s": r["wall_time_s"], "seconds_per_update": per_update,
+               "gradient_rounds": r["gradient_rounds"]}
+        rows.append(row)
+        table.add_row(algo, _fmt(row["test_accuracy"]), f"{r['wall_time_s']:.1f}",
+                      f"{per_update:.4f}", str(r["gradient_rounds"]))
+    out_console.print(table)
+    return rows
