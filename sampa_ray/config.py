@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 
 ALGOS = ("sgd", "sam", "sampa")
+#: fields that say how and where a run executes, not which trajectory it follows
+RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address"}
 
 
 class TrainConfig(BaseModel):
@@ -60,7 +62,7 @@ class TrainConfig(BaseModel):
 
     def hash(self) -> str:
         """Hash of the fields that define the trajectory (not where outputs go or how it runs)."""
-        keep = self.model_dump(exclude={"out", "backend", "threads", "device", "eval_every", "address"})
+        keep = self.model_dump(exclude=RUNTIME_FIELDS)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def lr_at(self, step: int, total: int) -> float:

@@ -85,7 +85,8 @@ class GradientEngine:
         self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed)
         self.model = build_replica(cfg, self.data.num_classes).to(self.device)
         self.flat = FlatParams(self.model)
-        self._bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._bns = [m for m in self.model.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._host_grad = (torch.empty(self.flat.numel, pin_memory=True)
                            if self.device.type == "cuda" else None)
         self._eval_model: nn.Module | None = None
@@ -158,7 +159,7 @@ class GradientEngine:
                           start=start, end=end)
 
     def evaluate(self, point: torch.Tensor, split: str = "test") -> EvalResult:
-        """Loss and accuracy of the model at ``point`` (with this replica's BatchNorm statistics)."""
+        """Loss and accuracy at ``point``, with this replica's BatchNorm statistics."""
         self.flat.load_(point)
         return self._evaluate(self.model, split)
 

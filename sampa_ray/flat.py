@@ -52,7 +52,8 @@ class FlatParams:
 
     def check_views(self) -> bool:
         """True while every parameter and gradient still lives in the flat buffers."""
-        lo, hi = self.data.data_ptr(), self.data.data_ptr() + self.data.numel() * self.data.element_size()
+        lo = self.data.data_ptr()
+        hi = lo + self.data.numel() * self.data.element_size()
         glo = self.grad.data_ptr()
         ghi = glo + self.grad.numel() * self.grad.element_size()
         return all(lo <= p.data_ptr() < hi and p.grad is not None and glo <= p.grad.data_ptr() < ghi

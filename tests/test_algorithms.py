@@ -193,7 +193,8 @@ def test_init_copies_and_keeps_dtype():
 
 @pytest.mark.parametrize("make,field", [
     (lambda: SGD(lr=0.0), "lr"), (lambda: SGD(lr=-1), "lr"),
-    (lambda: SGD(lr=0.1, momentum=1.0), "momentum"), (lambda: SGD(lr=0.1, momentum=-0.1), "momentum"),
+    (lambda: SGD(lr=0.1, momentum=1.0), "momentum"),
+    (lambda: SGD(lr=0.1, momentum=-0.1), "momentum"),
     (lambda: SGD(lr=0.1, weight_decay=-1e-4), "weight_decay"),
     (lambda: SAM(lr=0.1, rho=-0.1), "rho"), (lambda: SAMPa(lr=0.1, rho=0.1, lam=1.5), "lam"),
     (lambda: SAMPa(lr=0.1, rho=0.1, lam=-0.1), "lam"), (lambda: SGD(lr=float("nan")), "lr"),

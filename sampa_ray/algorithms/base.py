@@ -62,7 +62,8 @@ class AlgoState:
         return out
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool,
+                 hi_open: bool) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
@@ -173,7 +174,8 @@ class Algorithm(ABC):
         return w
 
 
-def normalized_step(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor, rho: float) -> torch.Tensor:
+def normalized_step(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
+                    rho: float) -> torch.Tensor:
     """out = x + rho * g / (||g|| + 1e-12), with one global L2 norm over the flat vector.
     The norm stays a tensor, so on a GPU nothing waits for the host."""
     norm = torch.linalg.vector_norm(g).add_(1e-12)
