@@ -47,7 +47,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**31)
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and at the end)")
 
-    backend: Literal["local", "ray"] = "local"
+    backend: Literal["local", "ray"] = "ray"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per worker")
     out: str | None = None

@@ -1,0 +1,295 @@
+"""The Ray backend: a coordinator actor and two gradient-worker actors.
+
+    driver (CLI / `ray job submit` entrypoint)
+      └─ Coordinator actor (asyncio): algorithm state, schedules, evaluation, outputs
+           ├─ GradientWorker "perturbed"    (bundle 0): model replica, data, ∇f at a point
+           └─ GradientWorker "extrapolated" (bundle 1)
+
+Workers compute gradients and know nothing of the algorithm; the coordinator decides and runs no
+model. Points go down and gradients come up through Ray's object store as numpy arrays (zero-copy
+reads on the same node). Both workers exist for every algorithm, so SGD and SAM (which use only
+the first) run on exactly the actors SAMPa uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from .algorithms import GradRequest
+from .config import TrainConfig
+from .engine import EvalResult, GradientEngine, GradResult
+from .errors import UserError
+from .results import Recorder, write_outputs
+from .trainer import (
+    ROLES,
+    Executor,
+    Plan,
+    Progress,
+    build_result,
+    make_algorithm,
+    slot_for,
+    train_loop,
+)
+
+# Arrays read from the object store are read-only; they are only ever copied from.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a (possibly read-only) numpy array, without copying."""
+    return torch.from_numpy(a)
+
+
+# -- placement ----------------------------------------------------------------------------------
+@dataclass
+class Placement:
+    """Where the two workers go. ``mode`` is gpu-spread, gpu-pack, gpu-shared or cpu."""
+
+    mode: str
+    strategy: str
+    bundles: list[dict[str, float]]
+    threads: int
+    gpus_per_worker: float
+
+    def describe(self) -> str:
+        what = {"gpu-spread": "one GPU each on two GPU nodes (STRICT_SPREAD)",
+                "gpu-pack": "one GPU each on one node",
+                "gpu-shared": "both workers share one GPU (fractional GPUs)",
+                "cpu": f"CPUs only, {self.threads} torch thread(s) per worker"}[self.mode]
+        return f"placement: {what}; bundles {self.bundles}, strategy {self.strategy}"
+
+
+def choose_placement(cfg: TrainConfig) -> Placement:
+    """Decide the placement from the cluster's live nodes."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpu_nodes = [n for n in nodes if n["Resources"].get("GPU", 0) >= 1]
+    total_gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    total_cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    if cfg.device == "cpu" or total_gpus < 1:
+        if cfg.device == "cuda":
+            raise UserError("device: cuda requested but the Ray cluster has no GPU")
+        threads = cfg.threads or max(1, int(total_cpus) // 2)
+        return Placement("cpu", "PACK", [{"CPU": float(threads)}] * 2, threads, 0.0)
+    cpus_per_node = min(n["Resources"].get("CPU", 1) for n in gpu_nodes)
+    threads = cfg.threads or max(1, int(cpus_per_node) // 2)
+    if len(gpu_nodes) >= 2:
+        return Placement("gpu-spread", "STRICT_SPREAD",
+                         [{"GPU": 1.0, "CPU": float(threads)}] * 2, threads, 1.0)
+    if total_gpus >= 2:
+        return Placement("gpu-pack", "PACK", [{"GPU": 1.0, "CPU": float(threads)}] * 2,
+                         threads, 1.0)
+    return Placement("gpu-shared", "PACK", [{"GPU": 0.5, "CPU": float(threads)}] * 2,
+                     threads, 0.5)
+
+
+# -- the workers --------------------------------------------------------------------------------
+@ray.remote(max_restarts=0)
+class GradientWorker:
+    """A model replica and the data on one device: the gradient at a point on a batch."""
+
+    def __init__(self, cfg: dict[str, Any], name: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.name = name
+        self.error: str | None = None
+        try:
+            self.engine = GradientEngine(TrainConfig(**cfg))
+        except UserError as err:  # reported by info(): one line, not a traceback
+            self.error = str(err)
+
+    def info(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        ctx = ray.get_runtime_context()
+        return {**self.engine.info(), "name": self.name, "pid": os.getpid(),
+                "node_id": ctx.get_node_id(), "gpu_ids": ray.get_gpu_ids()}
+
+    def initial_point(self) -> np.ndarray:
+        return self.engine.initial_point().numpy()
+
+    def gradient(self, point: np.ndarray, batch: int, track_stats: bool
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+        r = self.engine.gradient(as_tensor(point), batch, track_stats)
+        # the array is copied into the object store when this method returns, so the engine
+        # may reuse its gradient buffer for the next request
+        return r.grad.numpy(), {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
+                                "start": r.start, "end": r.end}
+
+    def start_eval(self, step: int, point: np.ndarray) -> None:
+        self.engine.start_eval(step, as_tensor(point))
+
+    def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
+        return self.engine.finished_evals(wait)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return self.engine.buffers()
+
+
+class RayExecutor(Executor):
+    """Dispatches a round's requests to the workers without blocking; returns when all are in."""
+
+    def __init__(self, workers: list[Any], stats_slot: int) -> None:
+        self.workers = workers
+        self.stats = workers[stats_slot]
+
+    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+        refs = [self.workers[slot_for(r.role)].gradient.remote(r.point.numpy(), r.batch,
+                                                               r.track_stats) for r in reqs]
+        outs = await asyncio.gather(*refs)
+        results = {}
+        for r, (grad, meta) in zip(reqs, outs, strict=True):
+            results[r.role] = GradResult(grad=as_tensor(grad), loss=meta["loss"],
+                                         accuracy=meta["accuracy"], timings=meta["timings"],
+                                         start=meta["start"], end=meta["end"])
+        return results
+
+    async def start_eval(self, step: int, x: torch.Tensor) -> None:
+        await self.stats.start_eval.remote(step, x.numpy())
+
+    async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
+        return await self.stats.finished_evals.remote(wait)
+
+    async def buffers(self) -> dict[str, torch.Tensor]:
+        return await self.stats.buffers.remote()
+
+
+# -- the coordinator ----------------------------------------------------------------------------
+@ray.remote(num_cpus=0, max_restarts=0)
+class Coordinator:
+    """Owns the algorithm state and the run: dispatches rounds, applies updates, writes outputs.
+    Runs no model."""
+
+    def __init__(self, cfg: dict[str, Any], out: str, placement: dict[str, Any],
+                 pg: PlacementGroup) -> None:
+        self.cfg = TrainConfig(**cfg)
+        self.out = Path(out)
+        self.placement = Placement(**placement)
+        self.pg = pg
+        self.events: list[dict[str, Any]] = []
+        self.stop_requested = False
+
+    def _progress(self, ev: dict[str, Any]) -> None:
+        if ev["kind"] == "round" and self.events and self.events[-1]["kind"] == "round":
+            self.events[-1] = ev  # the driver only needs the latest round
+        else:
+            self.events.append(ev)
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Progress events since the last poll (the driver shows them)."""
+        evs, self.events = self.events, []
+        return evs
+
+    def stop(self) -> None:
+        """Finish the current round, then write outputs and return."""
+        self.stop_requested = True
+
+    async def run(self) -> dict[str, Any]:
+        t0 = time.time()
+        cfg, pl = self.cfg, self.placement
+        workers = [GradientWorker.options(
+            num_cpus=pl.bundles[i].get("CPU", 0), num_gpus=pl.gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i),
+        ).remote(cfg.model_dump(), ROLES[i], pl.threads) for i in range(2)]
+        infos = await asyncio.gather(*[w.info.remote() for w in workers])
+        for info in infos:
+            if "error" in info:
+                raise UserError(info["error"])
+        x0 = as_tensor(await workers[0].initial_point.remote()).clone()
+        stats_role = make_algorithm(cfg, 1).stats_role
+        executor = RayExecutor(workers, slot_for(stats_role))
+        plan = Plan.of(cfg, infos[0]["batches_per_epoch"])
+        recorder = Recorder(stats_role)
+
+        def progress(ev: dict[str, Any]) -> None:
+            if ev["kind"] == "round":
+                comp = max((v[-1] for d in recorder.worker.values()
+                            for k, v in d.items() if k == "compute"), default=0.0)
+                ev["comm_share"] = max(0.0, 1.0 - comp / ev["round_s"]) if ev["round_s"] else 0
+            self._progress(ev)
+
+        state = await train_loop(cfg, executor, x0, plan, recorder, progress,
+                                 lambda: self.stop_requested)
+        buffers = await executor.buffers()
+        result = build_result(cfg, recorder, state, plan, infos[0], time.time() - t0,
+                              backend="ray", placement=asdict(pl), device=infos[0]["device"],
+                              workers=[{k: i[k] for k in ("name", "pid", "node_id", "gpu_ids",
+                                                          "device", "threads")} for i in infos],
+                              stopped_early=state.step < plan.total_steps)
+        await asyncio.to_thread(write_outputs, self.out, result, state.x, buffers)
+        for w in workers:
+            ray.kill(w)
+        return result
+
+
+# -- the driver ---------------------------------------------------------------------------------
+def connect(cfg: TrainConfig) -> bool:
+    """Join the cluster at cfg.address / $RAY_ADDRESS, or start an embedded local instance.
+    Returns True when this call started Ray (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, logging_level="WARNING")
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = address or "a new local instance"
+        raise UserError(f"address: cannot connect to Ray at {where}: {first}") from None
+    return True
+
+
+def run_ray(cfg: TrainConfig, out: Path, progress: Progress | None = None,
+            placement_timeout_s: float = 60.0) -> dict[str, Any]:
+    """Run on Ray and write the outputs into ``out`` (from the coordinator, on this node)."""
+    started = connect(cfg)
+    pg = None
+    coord = None
+    show = progress or (lambda ev: None)
+    try:
+        placement = choose_placement(cfg)
+        show({"kind": "info", "text": placement.describe()})
+        pg = placement_group(placement.bundles, strategy=placement.strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
+        if not ready:
+            raise UserError(f"placement: the cluster cannot fit {placement.bundles} "
+                            f"({placement.strategy}) within {placement_timeout_s:.0f}s")
+        here = ray.get_runtime_context().get_node_id()
+        coord = Coordinator.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(cfg.model_dump(), str(out.resolve()), asdict(placement), pg)
+        run_ref = coord.run.remote()
+        while True:
+            done, _ = ray.wait([run_ref], timeout=0.25)
+            for ev in ray.get(coord.poll.remote()):
+                show(ev)
+            if done:
+                break
+        return ray.get(run_ref)
+    except RayTaskError as err:
+        if isinstance(err.cause, UserError):
+            raise UserError(str(err.cause)) from None
+        raise
+    finally:
+        if coord is not None:
+            ray.kill(coord)
+        if pg is not None:
+            remove_placement_group(pg)
+        if started:
+            ray.shutdown()
