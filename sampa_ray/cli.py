@@ -119,11 +119,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     out = prepare_out(Path(base.out) if base.out else default_out(base, "compare"),
                       args.overwrite)
-    results: dict[str, dict[str, Any]] = {}
-    for algo in ("sgd", "sam", "sampa"):
-        cfg = base.model_copy(update={"algo": algo, "out": str(out / algo)})
-        sub = prepare_out(out / algo, args.overwrite)
-        results[algo] = run_one(cfg, sub, label=algo)
+    algos = ("sgd", "sam", "sampa")
+    runs = [(base.model_copy(update={"algo": a, "out": str(out / a)}),
+             prepare_out(out / a, args.overwrite)) for a in algos]
+    if base.backend == "ray":  # one set of actors for all three: like for like
+        from .ray_backend import run_ray_many
+        from .ui import ProgressView
+
+        with ProgressView("compare") as view:
+            results = dict(zip(algos, run_ray_many(runs, progress=view), strict=True))
+    else:
+        results = {a: run_one(cfg, sub, label=a) for a, (cfg, sub) in zip(algos, runs,
+                                                                          strict=True)}
     rows = print_comparison(results)
     plot_runs(out / "compare.png", {a: r["epochs"] for a, r in results.items()})
     write_json_atomic(out / "compare.json", {"config": base.model_dump(), "rows": rows})

@@ -83,10 +83,7 @@ class GradientEngine:
         self.device = resolve_device(device or cfg.device)
         self.data = dataset_for(cfg)
         self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed)
-        self.model = build_replica(cfg, self.data.num_classes).to(self.device)
-        self.flat = FlatParams(self.model)
-        self._bns = [m for m in self.model.modules()
-                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.reset()
         self._host_grad = (torch.empty(self.flat.numel, pin_memory=True)
                            if self.device.type == "cuda" else None)
         self._eval_model: nn.Module | None = None
@@ -94,6 +91,13 @@ class GradientEngine:
         self._eval_pool: ThreadPoolExecutor | None = None
         self._evals: list[tuple[int, Future[EvalResult]]] = []
         self._eval_lock = threading.Lock()
+
+    def reset(self) -> None:
+        """A fresh replica at the run's initial parameters and BatchNorm statistics."""
+        self.model = build_replica(self.cfg, self.data.num_classes).to(self.device)
+        self.flat = FlatParams(self.model)
+        self._bns = [m for m in self.model.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     # -- facts the coordinator needs ----------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -130,6 +130,9 @@ class GradientWorker:
         return r.grad.numpy(), {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
                                 "start": r.start, "end": r.end}
 
+    def reset(self) -> None:
+        self.engine.reset()
+
     def start_eval(self, step: int, point: np.ndarray) -> None:
         self.engine.start_eval(step, as_tensor(point))
 
@@ -169,17 +172,24 @@ class RayExecutor(Executor):
 
 
 # -- the coordinator ----------------------------------------------------------------------------
+#: config fields the workers' replicas and data depend on; runs on the same actors share them
+WORKER_FIELDS = ("model", "dropout", "dataset", "data_dir", "synthetic_size", "batch_size",
+                 "seed", "label_smoothing", "device")
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class Coordinator:
     """Owns the algorithm state and the run: dispatches rounds, applies updates, writes outputs.
-    Runs no model."""
+    Runs no model. Several runs (SGD, SAM, SAMPa) can use the same two workers one after the
+    other, so comparisons are like for like."""
 
-    def __init__(self, cfg: dict[str, Any], out: str, placement: dict[str, Any],
+    def __init__(self, cfg: dict[str, Any], placement: dict[str, Any],
                  pg: PlacementGroup) -> None:
-        self.cfg = TrainConfig(**cfg)
-        self.out = Path(out)
+        self.base = TrainConfig(**cfg)
         self.placement = Placement(**placement)
         self.pg = pg
+        self.workers: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.stop_requested = False
 
@@ -198,24 +208,39 @@ class Coordinator:
         """Finish the current round, then write outputs and return."""
         self.stop_requested = True
 
-    async def run(self) -> dict[str, Any]:
-        t0 = time.time()
-        cfg, pl = self.cfg, self.placement
-        workers = [GradientWorker.options(
+    async def start(self) -> list[dict[str, Any]]:
+        """Create the two workers in their bundles; returns what each reports about itself."""
+        pl = self.placement
+        self.workers = [GradientWorker.options(
             num_cpus=pl.bundles[i].get("CPU", 0), num_gpus=pl.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i),
-        ).remote(cfg.model_dump(), ROLES[i], pl.threads) for i in range(2)]
-        infos = await asyncio.gather(*[w.info.remote() for w in workers])
-        for info in infos:
+        ).remote(self.base.model_dump(), ROLES[i], pl.threads) for i in range(2)]
+        self.infos = await asyncio.gather(*[w.info.remote() for w in self.workers])
+        for info in self.infos:
             if "error" in info:
                 raise UserError(info["error"])
+        return self.infos
+
+    async def run(self, cfg_dict: dict[str, Any], out: str) -> dict[str, Any]:
+        """Train one configuration on the workers from their initial state; write outputs."""
+        t0 = time.time()
+        cfg = TrainConfig(**cfg_dict)
+        for f in WORKER_FIELDS:
+            if getattr(cfg, f) != getattr(self.base, f):
+                raise UserError(f"{f}: differs from the workers' configuration")
+        if not self.workers:
+            await self.start()
+        workers = self.workers
+        await asyncio.gather(*[w.reset.remote() for w in workers])
         x0 = as_tensor(await workers[0].initial_point.remote()).clone()
         stats_role = make_algorithm(cfg, 1).stats_role
         executor = RayExecutor(workers, slot_for(stats_role))
-        plan = Plan.of(cfg, infos[0]["batches_per_epoch"])
+        plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
         recorder = Recorder(stats_role)
+        self.stop_requested = False
 
         def progress(ev: dict[str, Any]) -> None:
+            ev["algo"] = cfg.algo
             if ev["kind"] == "round":
                 comp = max((v[-1] for d in recorder.worker.values()
                             for k, v in d.items() if k == "compute"), default=0.0)
@@ -225,14 +250,14 @@ class Coordinator:
         state = await train_loop(cfg, executor, x0, plan, recorder, progress,
                                  lambda: self.stop_requested)
         buffers = await executor.buffers()
-        result = build_result(cfg, recorder, state, plan, infos[0], time.time() - t0,
-                              backend="ray", placement=asdict(pl), device=infos[0]["device"],
-                              workers=[{k: i[k] for k in ("name", "pid", "node_id", "gpu_ids",
-                                                          "device", "threads")} for i in infos],
-                              stopped_early=state.step < plan.total_steps)
-        await asyncio.to_thread(write_outputs, self.out, result, state.x, buffers)
-        for w in workers:
-            ray.kill(w)
+        infos = self.infos
+        result = build_result(
+            cfg, recorder, state, plan, infos[0], time.time() - t0, backend="ray",
+            placement=asdict(self.placement), device=infos[0]["device"],
+            workers=[{k: i[k] for k in ("name", "pid", "node_id", "gpu_ids", "device", "threads")}
+                     for i in infos],
+            stopped_early=state.step < plan.total_steps)
+        await asyncio.to_thread(write_outputs, Path(out), result, state.x, buffers)
         return result
 
 
@@ -247,7 +272,7 @@ def connect(cfg: TrainConfig) -> bool:
         if address:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, logging_level="WARNING")
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     except (ConnectionError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = address or "a new local instance"
@@ -255,15 +280,21 @@ def connect(cfg: TrainConfig) -> bool:
     return True
 
 
-def run_ray(cfg: TrainConfig, out: Path, progress: Progress | None = None,
-            placement_timeout_s: float = 60.0) -> dict[str, Any]:
+def run_ray(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Run on Ray and write the outputs into ``out`` (from the coordinator, on this node)."""
-    started = connect(cfg)
+    return run_ray_many([(cfg, out)], progress)[0]
+
+
+def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None = None,
+                 placement_timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Run several configurations one after the other on the same coordinator and workers."""
+    base = runs[0][0]
+    started = connect(base)
     pg = None
     coord = None
     show = progress or (lambda ev: None)
     try:
-        placement = choose_placement(cfg)
+        placement = choose_placement(base)
         show({"kind": "info", "text": placement.describe()})
         pg = placement_group(placement.bundles, strategy=placement.strategy)
         ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
@@ -273,22 +304,26 @@ def run_ray(cfg: TrainConfig, out: Path, progress: Progress | None = None,
         here = ray.get_runtime_context().get_node_id()
         coord = Coordinator.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-        ).remote(cfg.model_dump(), str(out.resolve()), asdict(placement), pg)
-        run_ref = coord.run.remote()
-        while True:
-            done, _ = ray.wait([run_ref], timeout=0.25)
-            for ev in ray.get(coord.poll.remote()):
-                show(ev)
-            if done:
-                break
-        return ray.get(run_ref)
+        ).remote(base.model_dump(), asdict(placement), pg)
+        ray.get(coord.start.remote())
+        results = []
+        for cfg, out in runs:
+            run_ref = coord.run.remote(cfg.model_dump(), str(out.resolve()))
+            while True:
+                done, _ = ray.wait([run_ref], timeout=0.25)
+                for ev in ray.get(coord.poll.remote()):
+                    show(ev)
+                if done:
+                    break
+            results.append(ray.get(run_ref))
+        return results
     except RayTaskError as err:
         if isinstance(err.cause, UserError):
             raise UserError(str(err.cause)) from None
         raise
     finally:
         if coord is not None:
-            ray.kill(coord)
+            ray.kill(coord)  # the workers it owns die with it
         if pg is not None:
             remove_placement_group(pg)
         if started:

@@ -36,6 +36,7 @@ class Recorder:
         self.rounds = 0
         self.round_s: list[float] = []
         self.update_s: list[float] = []
+        self.step_s: list[float] = []  # wall time between consecutive parameter updates
         self.worker: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.trace: list[dict[str, Any]] = []
         self.epochs: list[dict[str, Any]] = []
@@ -77,7 +78,8 @@ class Recorder:
                 row["eval_s"] = ev.seconds
 
     def timing_summary(self) -> dict[str, Any]:
-        return {"round_seconds": summary(self.round_s),
+        return {"step_seconds": summary(self.step_s[1:]),  # the first holds start-up rounds
+                "round_seconds": summary(self.round_s),
                 "update_seconds": summary(self.update_s),
                 "workers": {role: {k: summary(v) for k, v in d.items()}
                             for role, d in self.worker.items()}}

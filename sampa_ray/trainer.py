@@ -102,6 +102,7 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
     state = algo.init(x0)
     perf = time.perf_counter
     epochs_done = 0
+    last_update = perf()
     while state.step < plan.total_steps:
         if should_stop is not None and should_stop():
             break
@@ -113,6 +114,9 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         algo.update(state, {role: r.grad for role, r in results.items()})
         t2 = perf()
         recorder.record_round(results, t1 - t0, t2 - t1)
+        if state.step != before:
+            recorder.step_s.append(t2 - last_update)
+            last_update = t2
         if state.step != before and plan.epoch_end(state.step):
             epochs_done += 1
             row = recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,

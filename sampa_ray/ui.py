@@ -29,6 +29,7 @@ class ProgressView:
             TextColumn("comm {task.fields[comm]}"), TimeElapsedColumn(),
             console=console, transient=False)
         self.task: Any = None
+        self.algo: str | None = None
         self._first: tuple[float, int] | None = None
 
     def __enter__(self) -> ProgressView:
@@ -43,8 +44,9 @@ class ProgressView:
         if kind == "info":
             console.print(ev["text"])
             return
+        label = ev.get("algo", self.label)
         if kind == "epoch":
-            console.print(f"\\[{self.label}] epoch {ev['epoch']:.2f}  step {ev['step']}  "
+            console.print(f"\\[{label}] epoch {ev['epoch']:.2f}  step {ev['step']}  "
                           f"train loss {_fmt(ev['train_loss'])}  "
                           f"train acc {_fmt(ev['train_accuracy'], '.3f')}  "
                           f"{ev['wall_s']:.1f}s")
@@ -54,8 +56,9 @@ class ProgressView:
         import time
 
         now = time.perf_counter()
-        if self.task is None:
-            self.task = self.progress.add_task(self.label, total=ev["total"], loss="-",
+        if self.task is None or label != self.algo:
+            self.algo = label
+            self.task = self.progress.add_task(label, total=ev["total"], loss="-",
                                                rate="-", comm="-")
             self._first = (now, ev["step"])
         t0, s0 = self._first or (now, 0)
