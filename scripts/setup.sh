@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv: the CPU build of torch (pinned, so nothing pulls a multi-GB CUDA build), then
+# sampa-ray with its dev extras. Idempotent; safe to run again.
+# On a GPU machine, set TORCH_SPEC to the torch build you want (e.g. TORCH_SPEC=torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"

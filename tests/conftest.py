@@ -1,0 +1,92 @@
+"""Shared fixtures: a real embedded Ray instance and a real Ray head node with its dashboard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One embedded local Ray instance (2 CPUs) for the tests that drive the backend in-process.
+    Runs started by the package see it is initialised and leave it running."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real head node on loopback (`ray start --head` with the dashboard); always stopped.
+    Yields the dashboard (job API) address."""
+    ray_cli = str(BIN / "ray")
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        yield address
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def auth_token() -> str:
+    """The cluster's token (Ray's token authentication is on): $RAY_AUTH_TOKEN, else the file
+    `ray start` wrote ($RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).read_text().strip()
+
+
+def job_client(address: str):  # noqa: ANN201
+    """A job SDK client that sends the cluster's token as a bearer header."""
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {auth_token()}"}
+    deadline = time.time() + 60
+    while True:
+        try:
+            return JobSubmissionClient(address, headers=headers)
+        except Exception:  # the dashboard can take a few seconds to answer
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+def wait_job(client, job_id: str, timeout: float = 300) -> str:  # noqa: ANN001
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return str(status.value)
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} still running after {timeout}s")
+
+
+def have(cmd: str) -> bool:
+    return shutil.which(cmd) is not None

@@ -1,0 +1,252 @@
+"""The command line end to end: training to a good accuracy, one-line user errors with exit code
+2, never losing an earlier run, YAML plus flags, and ``compare``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ALGOS = ("sgd", "sam", "sampa")
+EPOCHS = 3
+PER_EPOCH = 1437 // 64  # default batch size 64
+PNG = b"\x89PNG\r\n\x1a\n"
+COMMON = ["--backend", "local", "--threads", "1", "--device", "cpu"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="120")
+    return env
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sampa_ray.cli", *args]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _cmd(*args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, str, Path]]:
+    """One default-hyperparameter run per algorithm, started side by side."""
+    root = tmp_path_factory.mktemp("cli-train")
+    procs = {}
+    for algo in ALGOS:
+        out = root / algo
+        procs[algo] = (
+            subprocess.Popen(
+                _cmd("train", "--algo", algo, "--epochs", str(EPOCHS), "--out", str(out), *COMMON),
+                cwd=root,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            out,
+        )
+    done = {}
+    for algo, (p, out) in procs.items():
+        stdout, stderr = p.communicate(timeout=180)
+        done[algo] = (p.returncode, stdout, stderr, out)
+    return done
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_train_reaches_good_accuracy(algo: str, trained: dict) -> None:
+    rc, stdout, stderr, out = trained[algo]
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    res = _result(out)
+    assert res["config"]["algo"] == algo
+    assert res["steps"] == EPOCHS * PER_EPOCH
+    rounds = {"sgd": 1, "sam": 2, "sampa": 1}[algo] * res["steps"] + (algo == "sampa")
+    assert res["gradient_rounds"] == rounds
+    assert len(res["epochs"]) == EPOCHS
+    assert all(r["test_accuracy"] is not None for r in res["epochs"])
+    assert res["final_test_accuracy"] > 0.85
+    assert (out / "final.pt").is_file()
+    assert (out / "curves.png").read_bytes()[:8] == PNG
+    assert f"{algo}: test accuracy" in stdout
+    assert str(out) in " ".join(stdout.split())
+
+
+# -- user errors ------------------------------------------------------------------------------
+BAD = [
+    ("negative-lr", ["--lr", "-0.1"], "lr"),
+    ("lam-1.5", ["--lam", "1.5"], "lam"),
+    ("momentum-1", ["--momentum", "1"], "momentum"),
+    ("rho-negative", ["--rho", "-1"], "rho"),
+    ("weight-decay-nan", ["--weight-decay", "nan"], "weight_decay"),
+    ("epochs-0", ["--epochs", "0"], "epochs"),
+    ("threads-0", ["--threads", "0"], "threads"),
+    ("unknown-algo", ["--algo", "adam"], "algo"),
+    ("unknown-model", ["--model", "lenet"], "model"),
+    ("unknown-flag", ["--bogus-flag", "3"], "--bogus-flag"),
+    ("non-numeric-lr", ["--lr", "fast"], "lr"),
+    ("cifar10-without-data-dir", ["--dataset", "cifar10"], "data_dir"),
+    ("cifar10-empty-data-dir", ["--dataset", "cifar10", "--data-dir", "{empty}"], "{empty}"),
+    ("model-dataset-mismatch", ["--model", "resnet20"], "model"),
+    ("missing-config", ["--config", "{missing}"], "config"),
+    ("invalid-yaml", ["--config", "{invalid}"], "config"),
+    ("unknown-config-key", ["--config", "{unknown}"], "colour"),
+    ("yaml-list", ["--config", "{listy}"], "config"),
+    ("batch-larger-than-dataset", ["--batch-size", "5000"], "batch_size"),
+    ("out-is-a-file", ["--out", "{file}"], "out"),
+]
+
+
+def _paths(tmp: Path) -> dict[str, str]:
+    (tmp / "empty").mkdir()
+    (tmp / "invalid.yaml").write_text("lr: [0.1\nalgo: sam\n")
+    (tmp / "unknown.yaml").write_text("lr: 0.1\ncolour: blue\n")
+    (tmp / "listy.yaml").write_text("- lr\n- 0.1\n")
+    (tmp / "a-file").write_text("keep me\n")
+    return {
+        "empty": str(tmp / "empty"),
+        "missing": str(tmp / "nope.yaml"),
+        "invalid": str(tmp / "invalid.yaml"),
+        "unknown": str(tmp / "unknown.yaml"),
+        "listy": str(tmp / "listy.yaml"),
+        "file": str(tmp / "a-file"),
+    }
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess[str], field: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, repr(proc.stderr)
+    line = lines[0]
+    assert line.startswith("sampa-ray:"), line
+    assert field in line, line
+    return line
+
+
+@pytest.mark.parametrize(("args", "field"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path: Path) -> None:
+    paths = _paths(tmp_path)
+    args = [a.format(**paths) for a in args]
+    field = field.format(**paths)
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    proc = cli("train", *COMMON, *out, *args, cwd=tmp_path)
+    _assert_one_line_error(proc, field)
+    # nothing was trained or written
+    assert not (tmp_path / "out" / "result.json").exists()
+    assert not (tmp_path / "runs").exists()
+    assert (tmp_path / "a-file").read_text() == "keep me\n"
+
+
+def test_compare_rejects_bad_input_too(tmp_path: Path) -> None:
+    proc = cli("compare", *COMMON, "--lam", "2", "--out", str(tmp_path / "cmp"), cwd=tmp_path)
+    _assert_one_line_error(proc, "lam")
+    assert not (tmp_path / "cmp" / "compare.json").exists()
+
+
+# -- nothing already written is lost ----------------------------------------------------------
+def test_existing_run_is_kept_unless_overwrite(trained: dict, tmp_path: Path) -> None:
+    rc, _, _, src = trained["sgd"]
+    assert rc == 0
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    proc = cli("train", *COMMON, "--algo", "sam", "--steps", "3", "--out", str(run), cwd=tmp_path)
+    line = _assert_one_line_error(proc, "out")
+    assert "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+    proc = cli(
+        "train",
+        *COMMON,
+        "--algo",
+        "sam",
+        "--steps",
+        "3",
+        "--out",
+        str(run),
+        "--overwrite",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = _result(run)
+    assert res["config"]["algo"] == "sam" and res["steps"] == 3
+    assert (run / "result.json").read_bytes() != before["result.json"]
+
+
+# -- YAML and flags ---------------------------------------------------------------------------
+def test_yaml_config_with_flag_override(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "algo: sam\nlr: 0.2\nbatch-size: 32\nsteps: 4\nseed: 3\nmomentum: 0.5\n"
+        "lr_schedule: constant\n"
+    )
+    out = tmp_path / "out"
+    proc = cli(
+        "train",
+        *COMMON,
+        "--config",
+        str(cfg),
+        "--lr",
+        "0.07",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = _result(out)
+    c = res["config"]
+    assert c["lr"] == 0.07  # the flag wins
+    assert c["steps"] == 3
+    assert (c["algo"], c["batch_size"], c["seed"], c["momentum"]) == ("sam", 32, 3, 0.5)
+    assert c["lr_schedule"] == "constant"
+    assert res["steps"] == 3 and res["gradient_rounds"] == 6
+    assert res["batches_per_epoch"] == 1437 // 32
+    assert all(r["lr"] == 0.07 for r in res["epochs"])
+
+
+# -- compare ----------------------------------------------------------------------------------
+def test_compare(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    proc = cli("compare", "--steps", "10", *COMMON, "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for algo in ALGOS:
+        assert algo in proc.stdout
+    assert "compare.png" in proc.stdout and "compare.json" in proc.stdout
+    assert (out / "compare.png").read_bytes()[:8] == PNG
+    data = json.loads((out / "compare.json").read_text())
+    rows = data["rows"]
+    assert [r["algorithm"] for r in rows] == list(ALGOS)
+    assert [r["gradient_rounds"] for r in rows] == [10, 20, 11]
+    for r in rows:
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["wall_time_s"] > 0 and r["seconds_per_update"] > 0
+    assert data["config"]["steps"] == 10
+    for algo, rounds in zip(ALGOS, (10, 20, 11), strict=True):
+        res = _result(out / algo)
+        assert res["config"]["algo"] == algo
+        assert res["gradient_rounds"] == rounds
+        assert res["final_test_accuracy"] == rows[ALGOS.index(algo)]["test_accuracy"]
+
+    # a second compare into the same folder loses nothing
+    before = (out / "compare.json").read_bytes()
+    sub = (out / "sgd" / "result.json").read_bytes()
+    proc = cli("compare", "--steps", "10", *COMMON, "--out", str(out), cwd=tmp_path)
+    _assert_one_line_error(proc, "out")
+    assert (out / "compare.json").read_bytes() == before
+    assert (out / "sgd" / "result.json").read_bytes() == sub
