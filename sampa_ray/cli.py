@@ -30,7 +30,8 @@ CONFIG_FLAGS: dict[str, Any] = {
     "weight_decay": float, "label_smoothing": float, "model": str, "dropout": float,
     "dataset": str, "data_dir": str, "synthetic_size": int, "epochs": int, "steps": int,
     "batch_size": int, "seed": int, "eval_every": int, "backend": str, "device": str,
-    "threads": int, "out": str, "address": str,
+    "threads": int, "out": str, "address": str, "checkpoint_every": int,
+    "keep_checkpoints": int,
 }
 
 
@@ -42,6 +43,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help_ = field.description or ""
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar=name.upper(), help=f"{help_} (default: {default})".strip())
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the newest valid checkpoint of run folder DIR "
+                   "(default: the --out folder); outputs go to that folder")
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to name a folder that already holds a run")
 
@@ -63,6 +67,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name)
         if value is not None:
             data[name] = value
+    if args.resume is not None:
+        data["resume"] = args.resume or data.get("out")
+        if not data["resume"]:
+            raise UserError("resume: name the run folder (--resume DIR or --out DIR)")
+        data.setdefault("out", data["resume"])
     if "address" not in data and os.environ.get("RAY_ADDRESS"):
         data["address"] = os.environ["RAY_ADDRESS"]
     return make_config(data)
@@ -104,7 +113,9 @@ def run_one(cfg: TrainConfig, out: Path, label: str = "") -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    out = prepare_out(Path(cfg.out) if cfg.out else default_out(cfg, "train"), args.overwrite)
+    out = Path(cfg.out) if cfg.out else default_out(cfg, "train")
+    resuming_here = cfg.resume is not None and out.resolve() == Path(cfg.resume).resolve()
+    out = prepare_out(out, args.overwrite or resuming_here)
     result = run_one(cfg, out)
     from .ui import print_result
 

@@ -18,7 +18,9 @@ from .errors import UserError
 
 ALGOS = ("sgd", "sam", "sampa")
 #: fields that say how and where a run executes, not which trajectory it follows
-RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address"}
+RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
+                  "checkpoint_every", "keep_checkpoints", "resume",
+                  "metrics_port", "metrics_host"}
 
 
 class TrainConfig(BaseModel):
@@ -51,8 +53,18 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per worker")
     out: str | None = None
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: only at "
+                                  "the end)")
+    keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
+    resume: str | None = Field(None, description="continue from the newest valid checkpoint "
+                               "of this run folder")
     address: str | None = Field(None, description="Ray cluster address (default: $RAY_ADDRESS, "
                                 "else an embedded local instance)")
+    # metrics endpoint of the coordinator (Prometheus); binding beyond loopback is explicit
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of the "
+                              "coordinator (0: any free port)")
+    metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint listens "
+                              "on (0.0.0.0: every interface)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

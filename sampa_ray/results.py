@@ -61,6 +61,16 @@ class Recorder:
             self._acc.append(r.accuracy)
             self.last_loss = r.loss
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the record (so a resumed run's result.json is whole)."""
+        return {"rounds": self.rounds, "epochs": [dict(r) for r in self.epochs],
+                "elapsed_s": time.time() - self.t_start}
+
+    def load_state(self, d: dict[str, Any]) -> None:
+        self.rounds = int(d.get("rounds", 0))
+        self.epochs = [dict(r) for r in d.get("epochs", [])]
+        self.t_start = time.time() - float(d.get("elapsed_s", 0.0))
+
     def end_epoch(self, epoch: float, step: int, lr: float) -> dict[str, Any]:
         row = {"epoch": epoch, "step": step, "lr": lr, "wall_s": time.time() - self.t_start,
                "train_loss": statistics.fmean(self._loss) if self._loss else None,

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from . import __version__
 from .algorithms import SAM, SGD, Algorithm, AlgoState, GradRequest, SAMPa
+from .checkpoint import Checkpoint, load_latest, save_checkpoint
 from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult
 from .results import Recorder, write_outputs
@@ -37,10 +39,6 @@ def slot_for(role: str) -> int:
     other role (SGD's ``grad``, SAM's ``ascent`` and ``perturbed``) on the first, so SGD and SAM
     use the same worker that SAMPa's perturbed gradient uses."""
     return 1 if role == "extrapolated" else 0
-
-
-def workers_needed(algo: str) -> int:
-    return 2 if algo == "sampa" else 1
 
 
 def make_algorithm(cfg: TrainConfig, total_steps: int) -> Algorithm:
@@ -89,23 +87,40 @@ class Executor(ABC):
     async def buffers(self) -> dict[str, torch.Tensor]:
         """The trajectory worker's model buffers (BatchNorm statistics)."""
 
+    @abstractmethod
+    async def all_buffers(self) -> list[dict[str, torch.Tensor]]:
+        """Every worker's model buffers, by slot (for checkpoints)."""
+
+    @abstractmethod
+    async def load_buffers(self, buffers: list[dict[str, torch.Tensor]]) -> None:
+        """Restore every worker's model buffers, by slot."""
+
 
 Progress = Callable[[dict[str, Any]], None]
 
 
 async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, plan: Plan,
                      recorder: Recorder, progress: Progress | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> AlgoState:
+                     should_stop: Callable[[], bool] | None = None,
+                     resume: Checkpoint | None = None,
+                     checkpoint: Callable[[AlgoState], Awaitable[None]] | None = None
+                     ) -> AlgoState:
     """Run the requests -> gradients -> update loop to ``plan.total_steps`` updates.
-    Evaluation runs in the background on the trajectory worker and overlaps later rounds."""
+    Evaluation runs in the background on the trajectory worker and overlaps later rounds.
+    ``should_stop`` is checked after each parameter update (never inside one); ``checkpoint``
+    is awaited every ``cfg.checkpoint_every`` updates and at the end; ``resume`` continues from a
+    checkpoint (state, worker buffers, the record so far)."""
     algo = make_algorithm(cfg, plan.total_steps)
-    state = algo.init(x0)
+    if resume is not None:
+        state = resume.state()
+        await executor.load_buffers(resume.buffers)
+        recorder.load_state(resume.meta.get("record", {}))
+    else:
+        state = algo.init(x0)
     perf = time.perf_counter
-    epochs_done = 0
+    epochs_done = len(recorder.epochs)
     last_update = perf()
     while state.step < plan.total_steps:
-        if should_stop is not None and should_stop():
-            break
         reqs = algo.requests(state)
         t0 = perf()
         results = await executor.round(reqs)
@@ -130,6 +145,13 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         if progress is not None:
             progress({"kind": "round", "step": state.step, "total": plan.total_steps,
                       "loss": recorder.last_loss, "round_s": t1 - t0})
+        if state.step != before:
+            every = cfg.checkpoint_every
+            if checkpoint is not None and every and state.step % every == 0 \
+                    and state.step < plan.total_steps:
+                await checkpoint(state)
+            if should_stop is not None and should_stop():
+                break
     if state.step > 0 and (not recorder.epochs or recorder.epochs[-1]["step"] != state.step):
         # stopped early: close the partial epoch and evaluate where the run ended
         recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
@@ -137,7 +159,47 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         await executor.start_eval(state.step, state.x.detach().clone())
     for step, ev in await executor.finished_evals(wait=True):
         recorder.add_eval(step, ev)
+    if checkpoint is not None and state.step > 0:
+        await checkpoint(state)
     return state
+
+
+class Checkpointer:
+    """Snapshots the state and every worker's buffers after an update and writes them in a
+    background thread (one write at a time, in order), off the critical path."""
+
+    def __init__(self, cfg: TrainConfig, folder: Path, executor: Executor, recorder: Recorder,
+                 num_params: int) -> None:
+        self.cfg, self.folder, self.executor, self.recorder = cfg, folder, executor, recorder
+        self.num_params = num_params
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending: list[asyncio.Future[Path]] = []
+        self.written: list[Path] = []
+
+    async def __call__(self, state: AlgoState) -> None:
+        buffers = await self.executor.all_buffers()
+        meta = {"config": self.cfg.model_dump(), "config_hash": self.cfg.hash(),
+                "num_params": self.num_params, "record": self.recorder.state_dict()}
+        ckpt = Checkpoint.of(state, buffers, meta)
+        loop = asyncio.get_running_loop()
+        self.pending.append(loop.run_in_executor(
+            self.pool, save_checkpoint, self.folder, ckpt, self.cfg.keep_checkpoints))
+
+    async def flush(self) -> list[Path]:
+        """Wait for every write; returns the files written."""
+        for fut in self.pending:
+            self.written.append(await fut)
+        self.pending.clear()
+        return self.written
+
+
+def find_resume(cfg: TrainConfig, num_params: int, warn: Callable[[str], None]) -> Checkpoint:
+    """The checkpoint ``cfg.resume`` names: a run folder (its checkpoints/) or a folder of
+    checkpoints; the newest valid one, older ones when newer ones are refused."""
+    assert cfg.resume is not None
+    root = Path(cfg.resume)
+    folder = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    return load_latest(folder, cfg.hash(), num_params, warn)
 
 
 def build_result(cfg: TrainConfig, recorder: Recorder, state: AlgoState, plan: Plan,
@@ -172,7 +234,7 @@ class LocalExecutor(Executor):
 
     def __init__(self, cfg: TrainConfig) -> None:
         algo = make_algorithm(cfg, 1)
-        self.engines = [GradientEngine(cfg) for _ in range(workers_needed(cfg.algo))]
+        self.engines = [GradientEngine(cfg) for _ in ROLES]  # two, as on Ray
         self.stats = self.engines[slot_for(algo.stats_role)]
 
     async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
@@ -188,6 +250,13 @@ class LocalExecutor(Executor):
     async def buffers(self) -> dict[str, torch.Tensor]:
         return self.stats.buffers()
 
+    async def all_buffers(self) -> list[dict[str, torch.Tensor]]:
+        return [e.buffers() for e in self.engines]
+
+    async def load_buffers(self, buffers: list[dict[str, torch.Tensor]]) -> None:
+        for e, b in zip(self.engines, buffers, strict=True):
+            e.load_buffers(b)
+
 
 def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Train in this process and write the run's outputs into ``out``."""
@@ -199,9 +268,21 @@ def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> 
     info = engine.info()
     plan = Plan.of(cfg, info["batches_per_epoch"])
     recorder = Recorder(make_algorithm(cfg, 1).stats_role)
-    state = asyncio.run(train_loop(cfg, executor, engine.initial_point(), plan, recorder,
-                                   progress))
-    buffers = asyncio.run(executor.buffers())
+
+    def warn(msg: str) -> None:
+        if progress is not None:
+            progress({"kind": "info", "text": msg})
+
+    resume = find_resume(cfg, info["num_params"], warn) if cfg.resume else None
+    checkpointer = Checkpointer(cfg, out / "checkpoints", executor, recorder, info["num_params"])
+
+    async def go() -> tuple[AlgoState, dict[str, torch.Tensor]]:
+        state = await train_loop(cfg, executor, engine.initial_point(), plan, recorder,
+                                 progress, resume=resume, checkpoint=checkpointer)
+        await checkpointer.flush()
+        return state, await executor.buffers()
+
+    state, buffers = asyncio.run(go())
     result = build_result(cfg, recorder, state, plan, info, time.time() - t0,
                           backend="local", device=info["device"])
     write_outputs(out, result, state.x, buffers)

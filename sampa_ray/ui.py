@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)  # one event, one line: logs stay greppable
+out_console = Console(soft_wrap=True)
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
@@ -33,16 +33,16 @@ class ProgressView:
         self._first: tuple[float, int] | None = None
 
     def __enter__(self) -> ProgressView:
-        self.progress.start()
-        return self
+        return self  # the bar starts with the first round: errors before it print alone
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
 
     def __call__(self, ev: dict[str, Any]) -> None:
         kind = ev.get("kind")
         if kind == "info":
-            console.print(ev["text"])
+            console.print(ev["text"], markup=False, highlight=False)
             return
         label = ev.get("algo", self.label)
         if kind == "epoch":
@@ -57,6 +57,8 @@ class ProgressView:
 
         now = time.perf_counter()
         if self.task is None or label != self.algo:
+            if self.task is None:
+                self.progress.start()
             self.algo = label
             self.task = self.progress.add_task(label, total=ev["total"], loss="-",
                                                rate="-", comm="-")
