@@ -31,7 +31,7 @@ CONFIG_FLAGS: dict[str, Any] = {
     "dataset": str, "data_dir": str, "synthetic_size": int, "epochs": int, "steps": int,
     "batch_size": int, "seed": int, "eval_every": int, "backend": str, "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
-    "keep_checkpoints": int,
+    "keep_checkpoints": int, "max_nonfinite": int,
 }
 
 

@@ -19,7 +19,7 @@ from .errors import UserError
 ALGOS = ("sgd", "sam", "sampa")
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
-                  "checkpoint_every", "keep_checkpoints", "resume",
+                  "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
                   "metrics_port", "metrics_host"}
 
 
@@ -53,6 +53,8 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per worker")
     out: str | None = None
+    max_nonfinite: int = Field(3, ge=1, description="abort after this many rounds in a row "
+                               "with a non-finite loss or gradient")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: only at "
                                   "the end)")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")

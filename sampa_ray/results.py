@@ -34,6 +34,7 @@ class Recorder:
         self.stats_role = stats_role
         self.t_start = time.time()
         self.rounds = 0
+        self.nonfinite_rounds = 0
         self.round_s: list[float] = []
         self.update_s: list[float] = []
         self.step_s: list[float] = []  # wall time between consecutive parameter updates
@@ -88,7 +89,8 @@ class Recorder:
                 row["eval_s"] = ev.seconds
 
     def timing_summary(self) -> dict[str, Any]:
-        return {"step_seconds": summary(self.step_s[1:]),  # the first holds start-up rounds
+        return {"nonfinite_rounds": self.nonfinite_rounds,
+                "step_seconds": summary(self.step_s[1:]),  # the first holds start-up rounds
                 "round_seconds": summary(self.round_s),
                 "update_seconds": summary(self.update_s),
                 "workers": {role: {k: summary(v) for k, v in d.items()}

@@ -14,6 +14,7 @@ the outputs are the same code for both, so their trajectories can be compared bi
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from .algorithms import SAM, SGD, Algorithm, AlgoState, GradRequest, SAMPa
 from .checkpoint import Checkpoint, load_latest, save_checkpoint
 from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult
+from .errors import UserError
 from .results import Recorder, write_outputs
 
 ROLES = ("perturbed", "extrapolated")
@@ -66,6 +68,16 @@ class Plan:
 
     def epoch_end(self, step: int) -> bool:
         return step % self.batches_per_epoch == 0 or step == self.total_steps
+
+
+class NonFiniteError(UserError):
+    """Too many rounds in a row with a non-finite loss or gradient."""
+
+
+def finite(r: GradResult) -> bool:
+    """Loss and gradient finite? One reduction: NaN and ±Inf survive a sum (an overflowing sum
+    of huge finite values counts as non-finite too, which is what we want)."""
+    return math.isfinite(r.loss) and bool(torch.isfinite(r.grad.sum()))
 
 
 class Executor(ABC):
@@ -119,6 +131,7 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         state = algo.init(x0)
     perf = time.perf_counter
     epochs_done = len(recorder.epochs)
+    nonfinite_streak = 0
     last_update = perf()
     while state.step < plan.total_steps:
         reqs = algo.requests(state)
@@ -126,7 +139,23 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         results = await executor.round(reqs)
         t1 = perf()
         before = state.step
-        algo.update(state, {role: r.grad for role, r in results.items()})
+        bad = [role for role, r in results.items() if not finite(r)]
+        if bad:
+            # policy: skip the update (x and the algorithm's memory unchanged, step moves on to
+            # the next batch), count it, and abort after max_nonfinite in a row
+            recorder.nonfinite_rounds += 1
+            nonfinite_streak += 1
+            if nonfinite_streak >= cfg.max_nonfinite:
+                raise NonFiniteError(
+                    f"nonfinite: {nonfinite_streak} rounds in a row gave a non-finite loss or "
+                    f"gradient ({', '.join(bad)}) at step {state.step}; try a lower --lr")
+            algo.skip(state)
+            if progress is not None:
+                progress({"kind": "info", "text": f"step {before}: non-finite {', '.join(bad)}"
+                          " gradient; update skipped"})
+        else:
+            nonfinite_streak = 0
+            algo.update(state, {role: r.grad for role, r in results.items()})
         t2 = perf()
         recorder.record_round(results, t1 - t0, t2 - t1)
         if state.step != before:

@@ -111,6 +111,13 @@ class Algorithm(ABC):
     def update(self, state: AlgoState, grads: Mapping[str, torch.Tensor]) -> AlgoState:
         """Consume the round's gradients; returns the (same, updated) state."""
 
+    def skip(self, state: AlgoState) -> AlgoState:
+        """Give up the current update (its gradients were unusable): the parameters and the
+        algorithm's memory stay as they are, and the step counter (so the batch and the learning
+        rate) moves on."""
+        state.step += 1
+        return state
+
     def rounds_per_update(self) -> int:
         """Sequential gradient rounds one parameter update costs (after any bootstrap)."""
         return 1

@@ -29,6 +29,10 @@ class SAM(Algorithm):
     def config(self) -> dict[str, float | str]:
         return {**super().config(), "rho": self.rho}
 
+    def skip(self, state: AlgoState) -> AlgoState:
+        state.phase = 0  # a skipped update restarts with the ascent gradient
+        return super().skip(state)
+
     def roles(self, state: AlgoState) -> tuple[str, ...]:
         return ("ascent",) if state.phase == 0 else ("perturbed",)
 

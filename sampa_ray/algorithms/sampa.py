@@ -41,8 +41,8 @@ class SAMPa(Algorithm):
         return ("extrapolated",) if state.phase == 0 else ("perturbed", "extrapolated")
 
     def requests(self, state: AlgoState) -> list[GradRequest]:
-        if state.phase == 0:  # bootstrap: g_y = grad f(x_0; B_0)
-            return [GradRequest("extrapolated", state.x, 0, track_stats=True)]
+        if state.phase == 0:  # bootstrap: g_y = grad f(x_0; B_0) (B_step after a skip)
+            return [GradRequest("extrapolated", state.x, state.step, track_stats=True)]
         assert state.g_y is not None
         x, g_y = state.x, state.g_y
         x_tilde = normalized_step(self.workspace(state, "perturbed"), x, g_y, self.rho)
