@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import TrainConfig, load_yaml, make_config
-from .errors import UserError
+from .errors import UserError, one_line
 
 EXIT_USER = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + message
-        self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USER, f"sampa-ray: {one_line(message)}\n")
 
 
 # Flags that map one-to-one onto TrainConfig fields (flag -> type).
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         return cmd_compare(args)
     except UserError as err:
-        print(f"sampa-ray: {err}", file=sys.stderr)
+        print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         print("sampa-ray: interrupted", file=sys.stderr)

@@ -26,7 +26,8 @@ RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address"
 class TrainConfig(BaseModel):
     """Everything that defines a run. Defaults: SAMPa-0.2 on the bundled digits data."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no silent coercion (true is not 1.0, "3" is not 3)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
     algo: Literal["sgd", "sam", "sampa"] = "sampa"
     lr: float = Field(0.05, gt=0, allow_inf_nan=False)

@@ -35,6 +35,10 @@ def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProc
     )
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def _result(out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
@@ -162,12 +166,12 @@ def test_existing_run_is_kept_unless_overwrite(trained: dict, tmp_path: Path) ->
     assert rc == 0
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = _snapshot(run)
 
     proc = cli("train", *COMMON, "--algo", "sam", "--steps", "3", "--out", str(run), cwd=tmp_path)
     line = _assert_one_line_error(proc, "out")
     assert "--overwrite" in line
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert _snapshot(run) == before
 
     proc = cli(
         "train",

@@ -189,7 +189,7 @@ def test_trace_shows_the_rounds(algo: str, runs: dict) -> None:
 def test_output_files(algo: str, runs: dict) -> None:
     _, result, path = runs[algo]
     final = _final(path)
-    assert set(final) == {"x", "buffers"}
+    assert {"x", "buffers"} <= set(final)
     x = final["x"]
     assert x.dim() == 1 and x.numel() == result["num_params"] and x.dtype == torch.float32
     assert torch.isfinite(x).all()
@@ -234,8 +234,8 @@ def test_batchnorm_policy_in_the_executor(algo: str, runs: dict) -> None:
     cfg, _, path = runs[algo]
     final = _final(path)
     ex = LocalExecutor(cfg)
-    assert len(ex.engines) == (2 if algo == "sampa" else 1)
-    assert ex.stats is ex.engines[slot_for(STATS_ROLE[algo])]
+    stats_slot = slot_for(STATS_ROLE[algo])
+    assert ex.stats is ex.engines[stats_slot]
     x0 = ex.engines[0].initial_point()
     plan = Plan.of(cfg, ex.engines[0].info()["batches_per_epoch"])
     state = asyncio.run(train_loop(cfg, ex, x0, plan, Recorder(STATS_ROLE[algo])))
@@ -243,10 +243,14 @@ def test_batchnorm_policy_in_the_executor(algo: str, runs: dict) -> None:
     assert _equal_dicts(asyncio.run(ex.buffers()), final["buffers"])
     fresh = _fresh_buffers(cfg)
     assert not _equal_dicts(final["buffers"], fresh)
+    # every worker but the trajectory one (SAMPa: the perturbed worker) keeps its initial
+    # running statistics
+    for slot, engine in enumerate(ex.engines):
+        if slot != stats_slot:
+            assert _equal_dicts(engine.buffers(), fresh), slot
     if algo == "sampa":
-        # the perturbed worker never touched its running statistics
+        assert stats_slot == 1
         assert _equal_dicts(ex.engines[0].buffers(), fresh)
-        assert _equal_dicts(ex.engines[1].buffers(), final["buffers"])
 
 
 def test_same_seed_same_trajectory_other_seed_another(runs: dict, tmp_path: Path) -> None:
@@ -281,16 +285,26 @@ def test_stopping_early_closes_and_evaluates_the_partial_epoch() -> None:
     ex = LocalExecutor(cfg)
     plan = Plan.of(cfg, PER_EPOCH)
     rec = Recorder("ascent")
-    calls = {"n": 0}
+    seen = {"step": 0}
 
-    def stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 9  # nine rounds: four updates and a half
+    def progress(ev: dict) -> None:
+        if ev["kind"] == "round":
+            seen["step"] = ev["step"]
 
     state = asyncio.run(
-        train_loop(cfg, ex, ex.engines[0].initial_point(), plan, rec, should_stop=stop)
+        train_loop(
+            cfg,
+            ex,
+            ex.engines[0].initial_point(),
+            plan,
+            rec,
+            progress=progress,
+            should_stop=lambda: seen["step"] >= 4,
+        )
     )
     assert state.step == 4
-    assert rec.rounds == 9
+    assert state.phase == 0  # never stopped inside an update
+    assert rec.rounds == 8
     assert [r["step"] for r in rec.epochs] == [4]
+    assert rec.epochs[0]["epoch"] == pytest.approx(4 / PER_EPOCH)
     assert rec.epochs[0]["test_accuracy"] is not None
