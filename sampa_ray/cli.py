@@ -1,4 +1,5 @@
-"""Command line: ``sampa-ray train``, ``sampa-ray compare``.
+"""Command line: ``sampa-ray train``, ``sampa-ray compare``, and ``status``, ``watch``,
+``checkpoint``, ``stop`` for a running coordinator (``--target HOST:PORT``).
 
 Every error a user can cause ends in one line on stderr and exit code 2.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import TrainConfig, load_yaml, make_config
+from .control import add_control_commands
 from .errors import UserError, one_line
 
 EXIT_USER = 2
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     compare = sub.add_parser("compare", help="run SGD, SAM and SAMPa on the same setup")
     _add_config_flags(compare)
+    add_control_commands(sub)
     return parser
 
 
@@ -153,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "func", None) is not None:
+            return args.func(args)
         if args.command == "train":
             return cmd_train(args)
         return cmd_compare(args)

@@ -1,0 +1,1 @@
+"""Generated code for protos/sampa (scripts/gen_protos.sh)."""
