@@ -81,15 +81,37 @@ def finite(r: GradResult) -> bool:
 
 
 class Executor(ABC):
-    """Evaluates the gradient requests of a round; the workers behind it know no algorithm."""
+    """Evaluates the gradient requests of a round; the workers behind it know no algorithm.
+
+    By default the caller holds the algorithm's state and the executor moves points and
+    gradients. An executor with ``holds_state`` keeps replicas of the state next to the workers
+    instead: the loop then follows the algorithm on a 0-length *shadow* state (the same code, so
+    the same rounds, batches and phases) and tells the executor, through ``commit``, whether
+    each round's gradients were applied or skipped; ``full_state`` returns the real state.
+    """
+
+    holds_state: bool = False
+
+    async def init_state(self, state: AlgoState) -> None:
+        """Seed the replicas (``holds_state`` executors) with the starting state."""
+        return
+
+    async def commit(self, skip: bool) -> None:
+        """The loop's decision on the last round: its gradients were applied, or skipped."""
+        return
+
+    async def full_state(self, state: AlgoState) -> AlgoState:
+        """The real algorithm state (a replica's, for ``holds_state`` executors)."""
+        return state
 
     @abstractmethod
     async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
         """The gradients of one round's requests, by role."""
 
     @abstractmethod
-    async def start_eval(self, step: int, x: torch.Tensor) -> None:
-        """Begin evaluating ``x`` on the test split with the trajectory worker's statistics."""
+    async def start_eval(self, step: int, state: AlgoState) -> None:
+        """Begin evaluating the state's parameters on the test split with the trajectory
+        worker's statistics (snapshotting what it needs: the loop goes on at once)."""
 
     @abstractmethod
     async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
@@ -129,6 +151,14 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         recorder.load_state(resume.meta.get("record", {}))
     else:
         state = algo.init(x0)
+    if executor.holds_state:
+        await executor.init_state(state)
+        shadow = algo.init(x0.new_empty(0))
+        shadow.step, shadow.phase = state.step, state.phase
+        if state.g_y is not None:
+            shadow.g_y = x0.new_empty(0)
+        state = shadow
+    empty = x0.new_empty(0)
     perf = time.perf_counter
     epochs_done = len(recorder.epochs)
     nonfinite_streak = 0
@@ -150,12 +180,17 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
                     f"nonfinite: {nonfinite_streak} rounds in a row gave a non-finite loss or "
                     f"gradient ({', '.join(bad)}) at step {state.step}; try a lower --lr")
             algo.skip(state)
+            await executor.commit(skip=True)
             if progress is not None:
                 progress({"kind": "info", "text": f"step {before}: non-finite {', '.join(bad)}"
                           " gradient; update skipped"})
         else:
             nonfinite_streak = 0
-            algo.update(state, {role: r.grad for role, r in results.items()})
+            if executor.holds_state:  # the replicas apply it; the shadow follows
+                algo.update(state, {role: empty for role in results})
+                await executor.commit(skip=False)
+            else:
+                algo.update(state, {role: r.grad for role, r in results.items()})
         t2 = perf()
         recorder.record_round(results, t1 - t0, t2 - t1)
         if state.step != before:
@@ -166,7 +201,7 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
             row = recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
                                      algo.lr_at(before))
             if epochs_done % cfg.eval_every == 0 or state.step == plan.total_steps:
-                await executor.start_eval(state.step, state.x.detach().clone())
+                await executor.start_eval(state.step, state)
             for step, ev in await executor.finished_evals(wait=False):
                 recorder.add_eval(step, ev)
             if progress is not None:
@@ -178,16 +213,17 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
             every = cfg.checkpoint_every
             if checkpoint is not None and every and state.step % every == 0 \
                     and state.step < plan.total_steps:
-                await checkpoint(state)
+                await checkpoint(await executor.full_state(state))
             if should_stop is not None and should_stop():
                 break
     if state.step > 0 and (not recorder.epochs or recorder.epochs[-1]["step"] != state.step):
         # stopped early: close the partial epoch and evaluate where the run ended
         recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
                            algo.lr_at(state.step - 1))
-        await executor.start_eval(state.step, state.x.detach().clone())
+        await executor.start_eval(state.step, state)
     for step, ev in await executor.finished_evals(wait=True):
         recorder.add_eval(step, ev)
+    state = await executor.full_state(state)
     if checkpoint is not None and state.step > 0:
         await checkpoint(state)
     return state
@@ -270,8 +306,8 @@ class LocalExecutor(Executor):
         return {r.role: self.engines[slot_for(r.role)].gradient(r.point, r.batch, r.track_stats)
                 for r in reqs}
 
-    async def start_eval(self, step: int, x: torch.Tensor) -> None:
-        self.stats.start_eval(step, x)
+    async def start_eval(self, step: int, state: AlgoState) -> None:
+        self.stats.start_eval(step, state.x)  # the engine snapshots x into its eval replica
 
     async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
         return self.stats.finished_evals(wait)
