@@ -31,7 +31,8 @@ CONFIG_FLAGS: dict[str, Any] = {
     "algo": str, "lr": float, "lr_schedule": str, "rho": float, "lam": float, "momentum": float,
     "weight_decay": float, "label_smoothing": float, "model": str, "dropout": float,
     "dataset": str, "data_dir": str, "synthetic_size": int, "epochs": int, "steps": int,
-    "batch_size": int, "seed": int, "eval_every": int, "backend": str, "device": str,
+    "batch_size": int, "seed": int, "eval_every": int, "backend": str, "data_path": str,
+    "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
     "keep_checkpoints": int, "max_nonfinite": int,
 }

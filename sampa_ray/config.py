@@ -20,6 +20,7 @@ ALGOS = ("sgd", "sam", "sampa")
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
                   "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
+                  "data_path",
                   "metrics_port", "metrics_host"}
 
 
@@ -51,6 +52,10 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and at the end)")
 
     backend: Literal["local", "ray"] = "ray"
+    data_path: Literal["points", "replicated"] = Field(
+        "replicated", description="ray backend: 'replicated' keeps the algorithm state beside "
+        "the workers and moves one gradient per worker per round; 'points' sends points down "
+        "and gradients up through the coordinator")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per worker")
     out: str | None = None

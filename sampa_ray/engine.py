@@ -34,6 +34,10 @@ class GradResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: compute, copy_in, copy_out
     start: float = 0.0  # wall-clock start and end of the compute (time.time())
     end: float = 0.0
+    # set where the gradient stays with the worker (``grad`` is then empty): facts about it
+    finite: bool | None = None
+    norm: float | None = None
+    nbytes: int | None = None
 
 
 @dataclass

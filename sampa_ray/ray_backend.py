@@ -31,17 +31,21 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from .algorithms import GradRequest
+from .algorithms import AlgoState, GradRequest
 from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult
 from .errors import UserError
+from .metrics import RoundProbe, RunMetrics
+from .replicated import Pending, Replica
 from .results import Recorder, write_outputs
 from .trainer import (
     ROLES,
+    Checkpointer,
     Executor,
     Plan,
     Progress,
     build_result,
+    find_resume,
     make_algorithm,
     slot_for,
     train_loop,
@@ -106,6 +110,7 @@ class GradientWorker:
     def __init__(self, cfg: dict[str, Any], name: str, threads: int) -> None:
         torch.set_num_threads(threads)
         self.name = name
+        self.replica: Replica | None = None
         self.error: str | None = None
         try:
             self.engine = GradientEngine(TrainConfig(**cfg))
@@ -132,6 +137,39 @@ class GradientWorker:
 
     def reset(self) -> None:
         self.engine.reset()
+        self.replica = None
+
+    # -- the replicated data path: the algorithm state beside the engine ----------------------
+    def replica_init(self, cfg: dict[str, Any], total_steps: int,
+                     tensors: dict[str, np.ndarray], step: int, phase: int) -> None:
+        self.replica = Replica(self.engine, ROLES.index(self.name))
+        self.replica.init(cfg, total_steps, tensors, step, phase)
+
+    @ray.method(num_returns=2)
+    def replica_round(self, pending: list[Pending], *peer_grads: dict[str, np.ndarray]
+                      ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+        """Apply the rounds not applied yet, compute this worker's requests of the next one.
+        Two objects: the gradients (handed on to the peer) and the facts (for the
+        coordinator), so the coordinator never has to fetch a gradient."""
+        assert self.replica is not None
+        self.replica.apply(pending, list(peer_grads))
+        out = self.replica.compute()
+        return {r: g for r, (g, _) in out.items()}, {r: m for r, (_, m) in out.items()}
+
+    def replica_state(self, pending: list[Pending], *peer_grads: dict[str, np.ndarray]
+                      ) -> dict[str, np.ndarray]:
+        assert self.replica is not None
+        self.replica.apply(pending, list(peer_grads))
+        return self.replica.tensors()
+
+    def replica_eval(self, step: int, pending: list[Pending],
+                     *peer_grads: dict[str, np.ndarray]) -> None:
+        assert self.replica is not None and self.replica.state is not None
+        self.replica.apply(pending, list(peer_grads))
+        self.engine.start_eval(step, self.replica.state.x)
+
+    def load_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        self.engine.load_buffers(buffers)
 
     def start_eval(self, step: int, point: np.ndarray) -> None:
         self.engine.start_eval(step, as_tensor(point))
@@ -146,29 +184,138 @@ class GradientWorker:
 class RayExecutor(Executor):
     """Dispatches a round's requests to the workers without blocking; returns when all are in."""
 
-    def __init__(self, workers: list[Any], stats_slot: int) -> None:
+    def __init__(self, workers: list[Any], stats_slot: int,
+                 probe: RoundProbe | None = None) -> None:
         self.workers = workers
         self.stats = workers[stats_slot]
+        self.probe = probe  # metrics: payload sizes, dispatch and per-role arrival times
 
     async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+        probe = self.probe
+        if probe is not None:
+            probe.dispatched([(r.role, r.point) for r in reqs])
         refs = [self.workers[slot_for(r.role)].gradient.remote(r.point.numpy(), r.batch,
                                                                r.track_stats) for r in reqs]
-        outs = await asyncio.gather(*refs)
+        if probe is None:
+            outs = await asyncio.gather(*refs)
+        else:
+            outs = await asyncio.gather(*[_arrival(ref, (r.role,), probe)
+                                          for ref, r in zip(refs, reqs, strict=True)])
         results = {}
         for r, (grad, meta) in zip(reqs, outs, strict=True):
             results[r.role] = GradResult(grad=as_tensor(grad), loss=meta["loss"],
                                          accuracy=meta["accuracy"], timings=meta["timings"],
                                          start=meta["start"], end=meta["end"])
+        if probe is not None:
+            probe.round_done(results)
         return results
 
-    async def start_eval(self, step: int, x: torch.Tensor) -> None:
-        await self.stats.start_eval.remote(step, x.numpy())
+    async def start_eval(self, step: int, state: AlgoState) -> None:
+        await self.stats.start_eval.remote(step, state.x.numpy())
 
     async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
         return await self.stats.finished_evals.remote(wait)
 
     async def buffers(self) -> dict[str, torch.Tensor]:
         return await self.stats.buffers.remote()
+
+    async def all_buffers(self) -> list[dict[str, torch.Tensor]]:
+        return list(await asyncio.gather(*[w.buffers.remote() for w in self.workers]))
+
+    async def load_buffers(self, buffers: list[dict[str, torch.Tensor]]) -> None:
+        await asyncio.gather(*[w.load_buffers.remote(b)
+                               for w, b in zip(self.workers, buffers, strict=True)])
+
+
+async def _arrival(ref: Any, roles: tuple[str, ...], probe: RoundProbe) -> Any:
+    """Await one worker's result and note when it arrived (metrics: transfer and wait)."""
+    out = await ref
+    for role in roles:
+        probe.arrived(role)
+    return out
+
+
+class ReplicatedExecutor(RayExecutor):
+    """Coordinator side of the replicated data path (see ``sampa_ray.replicated``): dispatches
+    rounds to the replica-holding workers and hands each worker's gradient reference on to its
+    peers, so gradients move worker to worker and the coordinator fetches none of them."""
+
+    holds_state = True
+
+    def __init__(self, workers: list[Any], cfg: TrainConfig, total_steps: int,
+                 probe: RoundProbe | None = None) -> None:
+        algo = make_algorithm(cfg, total_steps)
+        super().__init__(workers, slot_for(algo.stats_role), probe)
+        self.cfg, self.total_steps = cfg, total_steps
+        self.stats_slot = slot_for(algo.stats_role)
+        self.used = sorted({slot_for(r) for r in algo.all_roles})
+        # per worker: the rounds it has not applied yet, (skipped?, {role: gradient ref})
+        self.pending: dict[int, list[tuple[bool, dict[str, Any]]]] = {s: [] for s in self.used}
+        self.last_refs: dict[str, Any] = {}
+
+    async def init_state(self, state: AlgoState) -> None:
+        tensors = {k: v.detach().cpu().numpy() for k, v in state.tensors().items()}
+        await asyncio.gather(*[self.workers[s].replica_init.remote(
+            self.cfg.model_dump(), self.total_steps, tensors, state.step, state.phase)
+            for s in self.used])
+        for s in self.used:
+            self.pending[s].clear()
+
+    def _take_pending(self, slot: int) -> tuple[list[Pending], list[Any]]:
+        """The rounds a worker has not applied: specs, and the peers' gradient refs in order."""
+        specs: list[Pending] = []
+        refs: list[Any] = []
+        for skip, by_role in self.pending[slot]:
+            peer = [role for role in by_role if slot_for(role) != slot]
+            specs.append((skip, peer))
+            refs.extend(by_role[role] for role in peer)
+        self.pending[slot] = []
+        return specs, refs
+
+    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+        slots = sorted({slot_for(r.role) for r in reqs})
+        calls = {}
+        probe, roles, peers_in = self.probe, {}, {}  # metrics: roles and gradients in, by slot
+        for s in slots:
+            specs, refs = self._take_pending(s)
+            calls[s] = self.workers[s].replica_round.remote(specs, *refs)
+            roles[s] = tuple(r.role for r in reqs if slot_for(r.role) == s)
+            peers_in[roles[s][0]] = len(refs)
+        if probe is None:
+            facts = await asyncio.gather(*[calls[s][1] for s in slots])
+        else:
+            probe.dispatched_peers(peers_in)
+            facts = await asyncio.gather(*[_arrival(calls[s][1], roles[s], probe)
+                                           for s in slots])
+        results: dict[str, GradResult] = {}
+        self.last_refs = {}
+        for s, f in zip(slots, facts, strict=True):
+            for role, meta in f.items():
+                results[role] = GradResult(
+                    grad=torch.empty(0), loss=meta["loss"], accuracy=meta["accuracy"],
+                    timings=meta["timings"], start=meta["start"], end=meta["end"],
+                    finite=meta["finite"], norm=meta["norm"], nbytes=meta["nbytes"])
+                self.last_refs[role] = calls[s][0]  # that worker's {role: gradient} object
+        if probe is not None:  # each gradient goes to every other worker in use
+            probe.round_done(results, fanout=len(self.used) - 1)
+        return results
+
+    async def commit(self, skip: bool) -> None:
+        for s in self.used:
+            self.pending[s].append((skip, dict(self.last_refs)))
+
+    async def full_state(self, state: AlgoState) -> AlgoState:
+        s = self.stats_slot
+        specs, refs = self._take_pending(s)
+        t = await self.workers[s].replica_state.remote(specs, *refs)
+        return AlgoState(x=torch.from_numpy(t["x"]), step=state.step, phase=state.phase,
+                         buf=torch.from_numpy(t["buf"]) if "buf" in t else None,
+                         g_y=torch.from_numpy(t["g_y"]) if "g_y" in t else None)
+
+    async def start_eval(self, step: int, state: AlgoState) -> None:
+        s = self.stats_slot
+        specs, refs = self._take_pending(s)
+        await self.workers[s].replica_eval.remote(step, specs, *refs)
 
 
 # -- the coordinator ----------------------------------------------------------------------------
@@ -192,6 +339,10 @@ class Coordinator:
         self.infos: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.stop_requested = False
+        # metrics: served from this process once start() runs; see sampa_ray/metrics.py
+        self.metrics = RunMetrics()
+        self.probe = RoundProbe(self.metrics, transport="ray")
+        self.metrics_port: int | None = None
 
     def _progress(self, ev: dict[str, Any]) -> None:
         if ev["kind"] == "round" and self.events and self.events[-1]["kind"] == "round":
@@ -210,6 +361,7 @@ class Coordinator:
 
     async def start(self) -> list[dict[str, Any]]:
         """Create the two workers in their bundles; returns what each reports about itself."""
+        self._serve_metrics()
         pl = self.placement
         self.workers = [GradientWorker.options(
             num_cpus=pl.bundles[i].get("CPU", 0), num_gpus=pl.gpus_per_worker,
@@ -220,6 +372,36 @@ class Coordinator:
             if "error" in info:
                 raise UserError(info["error"])
         return self.infos
+
+    # -- metrics ------------------------------------------------------------------------------
+    def _serve_metrics(self) -> None:
+        """Start the Prometheus endpoint (once) and announce it as a progress event."""
+        if self.metrics_port is not None:
+            return
+        host, port = self.base.metrics_host, self.base.metrics_port
+        try:
+            self.metrics_port = self.metrics.serve(host, port)
+        except OSError as err:
+            raise UserError(f"metrics_port: cannot listen on {host}:{port}: "
+                            f"{err.strerror or err}") from None
+        shown = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+        shown = f"[{shown}]" if ":" in shown else shown
+        self._progress({"kind": "info",
+                        "text": f"metrics: http://{shown}:{self.metrics_port}/metrics"})
+
+    def _observe(self, ev: dict[str, Any], cfg: TrainConfig, recorder: Recorder,
+                 plan: Plan) -> None:
+        """Feed the metrics from a progress event of the training loop."""
+        if ev["kind"] == "round":
+            step = ev["step"]
+            self.probe.publish(ev["round_s"], recorder.update_s[-1] if recorder.update_s else 0.0,
+                               step, ev["loss"], cfg.lr_at(max(step - 1, 0), plan.total_steps))
+        elif ev["kind"] == "epoch":
+            self.probe.end_epoch()
+            test = next((r["test_accuracy"] for r in reversed(recorder.epochs)
+                         if r["test_accuracy"] is not None), None)
+            if test is not None:
+                self.metrics.observe_eval("test", test)
 
     async def run(self, cfg_dict: dict[str, Any], out: str) -> dict[str, Any]:
         """Train one configuration on the workers from their initial state; write outputs."""
@@ -234,9 +416,15 @@ class Coordinator:
         await asyncio.gather(*[w.reset.remote() for w in workers])
         x0 = as_tensor(await workers[0].initial_point.remote()).clone()
         stats_role = make_algorithm(cfg, 1).stats_role
-        executor = RayExecutor(workers, slot_for(stats_role))
         plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
+        if cfg.data_path == "replicated":
+            executor: RayExecutor = ReplicatedExecutor(workers, cfg, plan.total_steps,
+                                                       self.probe)
+        else:
+            executor = RayExecutor(workers, slot_for(stats_role), self.probe)
         recorder = Recorder(stats_role)
+        self.probe.begin_run(f"{cfg.algo}-{cfg.hash()[:8]}-{int(t0)}", cfg.algo, cfg.model,
+                             stats_role, cfg.batch_size, data_path=cfg.data_path)
         self.stop_requested = False
 
         def progress(ev: dict[str, Any]) -> None:
@@ -245,10 +433,20 @@ class Coordinator:
                 comp = max((v[-1] for d in recorder.worker.values()
                             for k, v in d.items() if k == "compute"), default=0.0)
                 ev["comm_share"] = max(0.0, 1.0 - comp / ev["round_s"]) if ev["round_s"] else 0
+            self._observe(ev, cfg, recorder, plan)
             self._progress(ev)
 
+        num_params = self.infos[0]["num_params"]
+        resume = None
+        if cfg.resume:
+            resume = find_resume(cfg, num_params,
+                                 lambda msg: self._progress({"kind": "info", "text": msg}))
+        checkpointer = Checkpointer(cfg, Path(out) / "checkpoints", executor, recorder,
+                                    num_params)
         state = await train_loop(cfg, executor, x0, plan, recorder, progress,
-                                 lambda: self.stop_requested)
+                                 lambda: self.stop_requested, resume=resume,
+                                 checkpoint=checkpointer)
+        await checkpointer.flush()
         buffers = await executor.buffers()
         infos = self.infos
         result = build_result(
@@ -256,7 +454,9 @@ class Coordinator:
             placement=asdict(self.placement), device=infos[0]["device"],
             workers=[{k: i[k] for k in ("name", "pid", "node_id", "gpu_ids", "device", "threads")}
                      for i in infos],
-            stopped_early=state.step < plan.total_steps)
+            stopped_early=state.step < plan.total_steps, metrics_port=self.metrics_port)
+        if result["final_test_accuracy"] is not None:
+            self.metrics.observe_eval("test", result["final_test_accuracy"])
         await asyncio.to_thread(write_outputs, Path(out), result, state.x, buffers)
         return result
 

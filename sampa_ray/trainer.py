@@ -77,6 +77,8 @@ class NonFiniteError(UserError):
 def finite(r: GradResult) -> bool:
     """Loss and gradient finite? One reduction: NaN and ±Inf survive a sum (an overflowing sum
     of huge finite values counts as non-finite too, which is what we want)."""
+    if r.finite is not None:  # the worker checked the gradient it kept
+        return r.finite and math.isfinite(r.loss)
     return math.isfinite(r.loss) and bool(torch.isfinite(r.grad.sum()))
 
 

@@ -18,26 +18,55 @@ def load(out):
     return torch.load(out / "final.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("algo,lam", [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0),
-                                      ("sampa", 0.2)])
-def test_ray_matches_local_bitwise(tmp_path, algo, lam):
-    """Same engine code, same torch thread count (1), same batches and the same update code on
-    the coordinator: the trajectories are identical bit for bit, BatchNorm statistics included."""
-    cfg = make_config({"algo": algo, "lam": lam, "steps": 12, "batch_size": 32, "threads": 1,
-                       "momentum": 0.9, "weight_decay": 5e-4})
-    local = run_local(cfg, tmp_path / "local")
-    remote = run_ray(cfg.model_copy(update={"backend": "ray"}), tmp_path / "ray")
-    a, b = load(tmp_path / "local"), load(tmp_path / "ray")
-    assert torch.equal(a["x"], b["x"])
-    assert a["buffers"].keys() == b["buffers"].keys()
-    for k in a["buffers"]:
-        assert torch.equal(a["buffers"][k], b["buffers"][k]), k
-    assert local["final_test_accuracy"] == remote["final_test_accuracy"]
-    assert remote["backend"] == "ray" and remote["placement"]["mode"] == "cpu"
-    assert remote["gradient_rounds"] == local["gradient_rounds"]
-    # the run moved: not a trivially equal pair of untouched vectors
-    x0 = torch.load(tmp_path / "ray" / "final.pt", weights_only=True)["x"]
-    assert x0.abs().sum() > 0 and remote["steps"] == 12
+CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2)]
+
+
+@pytest.mark.parametrize("data_path", ["points", "replicated"])
+def test_ray_matches_local_bitwise(tmp_path, data_path):
+    """Same engine code, same torch thread count (1), same batches and the same update code
+    (on the coordinator for 'points', on each worker's replica for 'replicated'): the
+    trajectories are identical bit for bit, BatchNorm statistics included."""
+    cfgs = [make_config({"algo": algo, "lam": lam, "steps": 12, "batch_size": 32,
+                         "threads": 1, "momentum": 0.9, "weight_decay": 5e-4,
+                         "backend": "ray", "data_path": data_path}) for algo, lam in CASES]
+    remote = run_ray_many([(c, tmp_path / f"ray{i}") for i, c in enumerate(cfgs)])
+    for i, cfg in enumerate(cfgs):
+        local = run_local(cfg, tmp_path / f"local{i}")
+        a, b = load(tmp_path / f"local{i}"), load(tmp_path / f"ray{i}")
+        assert torch.equal(a["x"], b["x"]), CASES[i]
+        assert a["buffers"].keys() == b["buffers"].keys()
+        for k in a["buffers"]:
+            assert torch.equal(a["buffers"][k], b["buffers"][k]), (CASES[i], k)
+        r = remote[i]
+        assert local["final_test_accuracy"] == r["final_test_accuracy"]
+        assert r["backend"] == "ray" and r["placement"]["mode"] == "cpu"
+        assert r["gradient_rounds"] == local["gradient_rounds"] and r["steps"] == 12
+        assert [e["test_accuracy"] for e in r["epochs"]] == \
+            [e["test_accuracy"] for e in local["epochs"]]
+    # the runs moved, and differ between algorithms: not trivially equal vectors
+    xs = [load(tmp_path / f"ray{i}")["x"] for i in range(len(CASES))]
+    assert all(not torch.equal(xs[0], x) for x in xs[1:])
+
+
+def test_replicas_agree_and_resume(tmp_path):
+    """The replicated path checkpoints the replica's state; resuming a copy from the middle
+    reaches the uninterrupted run's parameters bit for bit."""
+    import json
+    import shutil
+
+    from sampa_ray.checkpoint import list_checkpoints
+
+    cfg = make_config({"algo": "sampa", "lam": 0.2, "steps": 14, "batch_size": 32,
+                       "threads": 1, "backend": "ray", "data_path": "replicated",
+                       "checkpoint_every": 5, "keep_checkpoints": 5})
+    run_ray(cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "checkpoints", part / "checkpoints")
+    for p in list_checkpoints(part / "checkpoints"):
+        if json.loads(p.read_text())["step"] > 5:
+            p.unlink()
+    run_ray(cfg.model_copy(update={"resume": str(part)}), part)
+    assert torch.equal(load(tmp_path / "full")["x"], load(part)["x"])
 
 
 def test_sampa_workers_compute_at_the_same_time(tmp_path):

@@ -80,6 +80,8 @@ class Algorithm(ABC):
     name: str = ""
     #: role whose passes lie on the trajectory; its worker keeps the BatchNorm statistics
     stats_role: str = ""
+    #: every role the algorithm ever requests
+    all_roles: tuple[str, ...] = ()
 
     def __init__(self, lr: LR, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         if not callable(lr):

@@ -14,6 +14,7 @@ class SGD(Algorithm):
 
     name = "sgd"
     stats_role = "grad"
+    all_roles = ("grad",)
 
     def roles(self, state: AlgoState) -> tuple[str, ...]:
         return ("grad",)
