@@ -32,6 +32,7 @@ CONFIG_FLAGS: dict[str, Any] = {
     "weight_decay": float, "label_smoothing": float, "model": str, "dropout": float,
     "dataset": str, "data_dir": str, "synthetic_size": int, "epochs": int, "steps": int,
     "batch_size": int, "seed": int, "eval_every": int, "backend": str, "data_path": str,
+    "transport": str, "control_host": str, "control_port": int, "token_file": str,
     "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
     "keep_checkpoints": int, "max_nonfinite": int,

@@ -20,7 +20,7 @@ ALGOS = ("sgd", "sam", "sampa")
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
                   "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
-                  "data_path",
+                  "data_path", "transport", "control_host", "control_port", "token_file",
                   "metrics_port", "metrics_host"}
 
 
@@ -52,10 +52,20 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and at the end)")
 
     backend: Literal["local", "ray"] = "ray"
-    data_path: Literal["points", "replicated"] = Field(
-        "replicated", description="ray backend: 'replicated' keeps the algorithm state beside "
-        "the workers and moves one gradient per worker per round; 'points' sends points down "
-        "and gradients up through the coordinator")
+    transport: Literal["ray", "grpc"] = Field(
+        "ray", description="ray backend: how points and gradients travel (Ray's object store, "
+        "or gRPC streams to the coordinator)")
+    data_path: Literal["auto", "points", "replicated"] = Field(
+        "auto", description="ray backend: 'replicated' keeps the algorithm state beside the "
+        "workers and moves one gradient per worker per round; 'points' sends points down and "
+        "gradients up through the coordinator; auto: replicated on the ray transport, points "
+        "on grpc")
+    control_host: str = Field("127.0.0.1", description="address of the coordinator's gRPC "
+                              "server (control API; data plane with --transport grpc); any "
+                              "other than loopback needs a token")
+    control_port: int = Field(0, ge=0, le=65535, description="its port (0: any free port)")
+    token_file: str | None = Field(None, description="file holding the bearer token for the "
+                                   "gRPC server (default: $SAMPA_RAY_TOKEN)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads per worker")
     out: str | None = None
@@ -78,7 +88,16 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.dataset in ("cifar10", "cifar100") and not self.data_dir:
             raise ValueError("data_dir: required for dataset " + self.dataset)
+        if self.transport == "grpc" and self.data_path == "replicated":
+            raise ValueError("data_path: replicated moves gradients between workers through "
+                             "Ray; with --transport grpc use points (or auto)")
         return self
+
+    @property
+    def resolved_data_path(self) -> str:
+        if self.data_path != "auto":
+            return self.data_path
+        return "points" if self.transport == "grpc" else "replicated"
 
     def hash(self) -> str:
         """Hash of the fields that define the trajectory (not where outputs go or how it runs)."""

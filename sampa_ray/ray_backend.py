@@ -14,8 +14,11 @@ the first) run on exactly the actors SAMPa uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import os
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +53,8 @@ from .trainer import (
     slot_for,
     train_loop,
 )
+from .transport.grpc_client import PointClient
+from .transport.grpc_server import ProgressHub, RoundBoard, start_server, stop_server
 
 # Arrays read from the object store are read-only; they are only ever copied from.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -111,6 +116,7 @@ class GradientWorker:
         torch.set_num_threads(threads)
         self.name = name
         self.replica: Replica | None = None
+        self.client: PointClient | None = None
         self.error: str | None = None
         try:
             self.engine = GradientEngine(TrainConfig(**cfg))
@@ -138,6 +144,28 @@ class GradientWorker:
     def reset(self) -> None:
         self.engine.reset()
         self.replica = None
+
+    # -- the gRPC transport: points and gradients as chunked streams ---------------------------
+    def connect_grpc(self, target: str, run_id: str, token: str | None,
+                     root_cert: bytes | None) -> None:
+        """Open this process's channel to the coordinator's ParameterService."""
+        if self.client is not None:
+            self.client.close()
+        self.client = PointClient(target, run_id, token=token, root_cert=root_cert)
+        self.point_buf = torch.empty(self.engine.flat.numel)
+
+    def gradient_grpc(self, step: int, role: str, batch: int, track_stats: bool
+                      ) -> dict[str, Any]:
+        """Fetch the point of (step, role), compute, stream the gradient back. A non-finite
+        gradient is not sent (the server would refuse it); the coordinator learns it here."""
+        assert self.client is not None
+        fetch_s = self.client.fetch_point(step, role, self.point_buf)
+        r = self.engine.gradient(self.point_buf, batch, track_stats)
+        ok = math.isfinite(r.loss) and bool(torch.isfinite(r.grad.sum()))
+        push_s = self.client.push_gradient(step, role, r.grad, r.loss, r.accuracy,
+                                           r.timings) if ok else 0.0
+        return {"loss": r.loss, "accuracy": r.accuracy, "start": r.start, "end": r.end,
+                "timings": {**r.timings, "fetch": fetch_s, "push": push_s}, "finite": ok}
 
     # -- the replicated data path: the algorithm state beside the engine ----------------------
     def replica_init(self, cfg: dict[str, Any], total_steps: int,
@@ -227,12 +255,47 @@ class RayExecutor(Executor):
                                for w, b in zip(self.workers, buffers, strict=True)])
 
 
-async def _arrival(ref: Any, roles: tuple[str, ...], probe: RoundProbe) -> Any:
-    """Await one worker's result and note when it arrived (metrics: transfer and wait)."""
+async def _arrival(ref: Any, roles: str | tuple[str, ...], probe: RoundProbe) -> Any:
+    """Await one worker's result and note when it arrived for its role(s) (metrics: transfer
+    and wait)."""
     out = await ref
-    for role in roles:
+    for role in (roles,) if isinstance(roles, str) else roles:
         probe.arrived(role)
     return out
+
+
+class GrpcExecutor(RayExecutor):
+    """Points down and gradients up as gRPC streams between the workers and the server in the
+    coordinator's process; Ray only starts the actors and carries the control call."""
+
+    def __init__(self, workers: list[Any], stats_slot: int, board: RoundBoard,
+                 probe: RoundProbe | None = None) -> None:
+        super().__init__(workers, stats_slot, probe)
+        self.board = board
+
+    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+        board = self.board
+        step = board.step + 1 if board.step is not None else 1
+        futs = board.open_round(step, {r.role: r.point for r in reqs})
+        if self.probe is not None:
+            self.probe.dispatched([(r.role, r.point) for r in reqs])
+        refs = [self.workers[slot_for(r.role)].gradient_grpc.remote(step, r.role, r.batch,
+                                                                    r.track_stats)
+                for r in reqs]
+        if self.probe is None:
+            metas = await asyncio.gather(*refs)
+        else:
+            metas = await asyncio.gather(*[_arrival(ref, r.role, self.probe)
+                                           for ref, r in zip(refs, reqs, strict=True)])
+        results = {}
+        for r, meta in zip(reqs, metas, strict=True):
+            grad = (await futs[r.role])[0] if meta["finite"] else torch.empty(0)
+            results[r.role] = GradResult(grad=grad, loss=meta["loss"], accuracy=meta["accuracy"],
+                                         timings=meta["timings"], start=meta["start"],
+                                         end=meta["end"], finite=meta["finite"])
+        if self.probe is not None:
+            self.probe.round_done(results)
+        return results
 
 
 class ReplicatedExecutor(RayExecutor):
@@ -339,12 +402,24 @@ class Coordinator:
         self.infos: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.stop_requested = False
+        # gRPC: the control API (always) and the data plane (--transport grpc)
+        self.session = uuid.uuid4().hex[:12]
+        self.server: Any = None
+        self.control_port: int | None = None
+        self.control_target: str | None = None
+        self.board: RoundBoard | None = None
+        self.hub = ProgressHub()
+        self.live: dict[str, Any] = {"state": "starting"}
+        self.checkpoint_waiters: list[asyncio.Future[str]] = []
         # metrics: served from this process once start() runs; see sampa_ray/metrics.py
         self.metrics = RunMetrics()
         self.probe = RoundProbe(self.metrics, transport="ray")
         self.metrics_port: int | None = None
 
     def _progress(self, ev: dict[str, Any]) -> None:
+        self.hub.publish(ev)
+        if ev["kind"] in ("round", "epoch"):
+            self.live.update({k: ev[k] for k in ("step", "total", "loss", "epoch") if k in ev})
         if ev["kind"] == "round" and self.events and self.events[-1]["kind"] == "round":
             self.events[-1] = ev  # the driver only needs the latest round
         else:
@@ -358,6 +433,59 @@ class Coordinator:
     def stop(self) -> None:
         """Finish the current round, then write outputs and return."""
         self.stop_requested = True
+        self.live["state"] = "stopping"
+
+    # -- the control API (CoordinatorService handler) -----------------------------------------
+    def status(self) -> dict[str, Any]:
+        live = self.live
+        return {"run_id": live.get("run_id", ""), "algorithm": live.get("algo", ""),
+                "step": live.get("step", 0), "total_steps": live.get("total", 0),
+                "epoch": live.get("epoch", 0.0), "loss": live.get("loss", float("nan")),
+                "accuracy": live.get("test_accuracy", float("nan")),
+                "transport": self.base.transport, "metrics_port": self.metrics_port or 0,
+                "state": live.get("state", ""),
+                "workers": [{"name": i.get("name", ""), "state": "alive", "pid": i.get("pid", 0),
+                             "device": i.get("device", "")} for i in self.infos]}
+
+    def progress(self) -> Any:
+        return self.hub.subscribe()
+
+    async def checkpoint(self) -> str:
+        """Write a checkpoint after the next update; returns its path."""
+        if self.live.get("state") != "running":
+            raise RuntimeError("no run in progress")
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.checkpoint_waiters.append(fut)
+        return await fut
+
+    async def _serve_grpc(self) -> None:
+        """Start the gRPC server in this process (once): control API, and the data plane."""
+        if self.server is not None:
+            return
+        cfg = self.base
+        token = read_token(cfg)
+        self.board = RoundBoard(self.session, self.infos[0]["num_params"])
+        try:
+            self.server, self.control_port = await start_server(
+                self.board, self, cfg.control_host, cfg.control_port, token=token)
+        except ValueError as err:
+            raise UserError(f"control_host: {err}") from None
+        host = cfg.control_host
+        shown = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+        self.control_target = f"{shown}:{self.control_port}"
+        self._progress({"kind": "info", "text": f"control: {self.control_target} "
+                        f"(sampa-ray status --target {self.control_target})"})
+        if cfg.transport == "grpc":
+            target = self.control_target
+            await asyncio.gather(*[w.connect_grpc.remote(target, self.session, token, None)
+                                   for w in self.workers])
+
+    async def shutdown(self) -> None:
+        """Report NOT_SERVING, end watches and stop the gRPC server."""
+        self.hub.close()
+        if self.server is not None:
+            await stop_server(self.server, grace=1.0)
+            self.server = None
 
     async def start(self) -> list[dict[str, Any]]:
         """Create the two workers in their bundles; returns what each reports about itself."""
@@ -371,6 +499,7 @@ class Coordinator:
         for info in self.infos:
             if "error" in info:
                 raise UserError(info["error"])
+        await self._serve_grpc()
         return self.infos
 
     # -- metrics ------------------------------------------------------------------------------
@@ -417,15 +546,21 @@ class Coordinator:
         x0 = as_tensor(await workers[0].initial_point.remote()).clone()
         stats_role = make_algorithm(cfg, 1).stats_role
         plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
-        if cfg.data_path == "replicated":
+        if cfg.resolved_data_path == "replicated":
             executor: RayExecutor = ReplicatedExecutor(workers, cfg, plan.total_steps,
                                                        self.probe)
+        elif cfg.transport == "grpc":
+            assert self.board is not None
+            executor = GrpcExecutor(workers, slot_for(stats_role), self.board, self.probe)
         else:
             executor = RayExecutor(workers, slot_for(stats_role), self.probe)
         recorder = Recorder(stats_role)
         self.probe.begin_run(f"{cfg.algo}-{cfg.hash()[:8]}-{int(t0)}", cfg.algo, cfg.model,
-                             stats_role, cfg.batch_size, data_path=cfg.data_path)
+                             stats_role, cfg.batch_size, transport=cfg.transport,
+                             data_path=cfg.resolved_data_path)
         self.stop_requested = False
+        self.live.update({"state": "running", "algo": cfg.algo, "step": 0,
+                          "total": plan.total_steps, "run_id": f"{self.session}-{cfg.algo}"})
 
         def progress(ev: dict[str, Any]) -> None:
             ev["algo"] = cfg.algo
@@ -443,10 +578,21 @@ class Coordinator:
                                  lambda msg: self._progress({"kind": "info", "text": msg}))
         checkpointer = Checkpointer(cfg, Path(out) / "checkpoints", executor, recorder,
                                     num_params)
+        async def after_update(state: AlgoState) -> None:
+            if self.checkpoint_waiters:  # requested through the control API
+                waiters, self.checkpoint_waiters = self.checkpoint_waiters, []
+                await checkpointer(await executor.full_state(state))
+                path = str((await checkpointer.flush())[-1])
+                for w in waiters:
+                    w.set_result(path)
+
         state = await train_loop(cfg, executor, x0, plan, recorder, progress,
                                  lambda: self.stop_requested, resume=resume,
-                                 checkpoint=checkpointer)
+                                 checkpoint=checkpointer, after_update=after_update)
         await checkpointer.flush()
+        for w in self.checkpoint_waiters:
+            w.set_exception(RuntimeError("the run ended before the checkpoint"))
+        self.checkpoint_waiters = []
         buffers = await executor.buffers()
         infos = self.infos
         result = build_result(
@@ -454,11 +600,27 @@ class Coordinator:
             placement=asdict(self.placement), device=infos[0]["device"],
             workers=[{k: i[k] for k in ("name", "pid", "node_id", "gpu_ids", "device", "threads")}
                      for i in infos],
-            stopped_early=state.step < plan.total_steps, metrics_port=self.metrics_port)
+            stopped_early=state.step < plan.total_steps, metrics_port=self.metrics_port,
+            transport=cfg.transport, data_path=cfg.resolved_data_path,
+            control_port=self.control_port, control_target=self.control_target)
         if result["final_test_accuracy"] is not None:
             self.metrics.observe_eval("test", result["final_test_accuracy"])
         await asyncio.to_thread(write_outputs, Path(out), result, state.x, buffers)
+        self.live["state"] = "stopped" if self.stop_requested else "finished"
         return result
+
+
+def read_token(cfg: TrainConfig) -> str | None:
+    """The bearer token for the gRPC server: --token-file, else $SAMPA_RAY_TOKEN, else none."""
+    if cfg.token_file:
+        try:
+            token = Path(cfg.token_file).read_text().strip()
+        except OSError as err:
+            raise UserError(f"token_file: cannot read {cfg.token_file}: {err.strerror}") from None
+        if not token:
+            raise UserError(f"token_file: {cfg.token_file} is empty")
+        return token
+    return os.environ.get("SAMPA_RAY_TOKEN") or None
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -516,6 +678,8 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
                 if done:
                     break
             results.append(ray.get(run_ref))
+            if results[-1].get("stopped_early"):
+                break  # stopped through the control API: no further runs
         return results
     except RayTaskError as err:
         if isinstance(err.cause, UserError):
@@ -523,6 +687,8 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
         raise
     finally:
         if coord is not None:
+            with contextlib.suppress(Exception):  # best effort: health goes NOT_SERVING first
+                ray.get(coord.shutdown.remote(), timeout=10)
             ray.kill(coord)  # the workers it owns die with it
         if pg is not None:
             remove_placement_group(pg)

@@ -139,13 +139,15 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
                      recorder: Recorder, progress: Progress | None = None,
                      should_stop: Callable[[], bool] | None = None,
                      resume: Checkpoint | None = None,
-                     checkpoint: Callable[[AlgoState], Awaitable[None]] | None = None
+                     checkpoint: Callable[[AlgoState], Awaitable[None]] | None = None,
+                     after_update: Callable[[AlgoState], Awaitable[None]] | None = None
                      ) -> AlgoState:
     """Run the requests -> gradients -> update loop to ``plan.total_steps`` updates.
     Evaluation runs in the background on the trajectory worker and overlaps later rounds.
     ``should_stop`` is checked after each parameter update (never inside one); ``checkpoint``
     is awaited every ``cfg.checkpoint_every`` updates and at the end; ``resume`` continues from a
-    checkpoint (state, worker buffers, the record so far)."""
+    checkpoint (state, worker buffers, the record so far); ``after_update`` is awaited after
+    every update (on-demand work such as a requested checkpoint)."""
     algo = make_algorithm(cfg, plan.total_steps)
     if resume is not None:
         state = resume.state()
@@ -216,6 +218,8 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
             if checkpoint is not None and every and state.step % every == 0 \
                     and state.step < plan.total_steps:
                 await checkpoint(await executor.full_state(state))
+            if after_update is not None:
+                await after_update(state)
             if should_stop is not None and should_stop():
                 break
     if state.step > 0 and (not recorder.epochs or recorder.epochs[-1]["step"] != state.step):

@@ -21,14 +21,16 @@ def load(out):
 CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2)]
 
 
-@pytest.mark.parametrize("data_path", ["points", "replicated"])
-def test_ray_matches_local_bitwise(tmp_path, data_path):
+@pytest.mark.parametrize("data_path,transport", [("points", "ray"), ("replicated", "ray"),
+                                                ("points", "grpc")])
+def test_ray_matches_local_bitwise(tmp_path, data_path, transport):
     """Same engine code, same torch thread count (1), same batches and the same update code
     (on the coordinator for 'points', on each worker's replica for 'replicated'): the
     trajectories are identical bit for bit, BatchNorm statistics included."""
     cfgs = [make_config({"algo": algo, "lam": lam, "steps": 12, "batch_size": 32,
                          "threads": 1, "momentum": 0.9, "weight_decay": 5e-4,
-                         "backend": "ray", "data_path": data_path}) for algo, lam in CASES]
+                         "backend": "ray", "data_path": data_path, "transport": transport})
+            for algo, lam in CASES]
     remote = run_ray_many([(c, tmp_path / f"ray{i}") for i, c in enumerate(cfgs)])
     for i, cfg in enumerate(cfgs):
         local = run_local(cfg, tmp_path / f"local{i}")
@@ -40,6 +42,7 @@ def test_ray_matches_local_bitwise(tmp_path, data_path):
         r = remote[i]
         assert local["final_test_accuracy"] == r["final_test_accuracy"]
         assert r["backend"] == "ray" and r["placement"]["mode"] == "cpu"
+        assert r["transport"] == transport and r["data_path"] == data_path
         assert r["gradient_rounds"] == local["gradient_rounds"] and r["steps"] == 12
         assert [e["test_accuracy"] for e in r["epochs"]] == \
             [e["test_accuracy"] for e in local["epochs"]]

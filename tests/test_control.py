@@ -1,0 +1,94 @@
+"""The coordinator's control API on a live Ray run: status, progress, checkpoint, stop, health.
+Real gRPC server inside the coordinator actor, real channels on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sampa_ray.config import make_config
+from sampa_ray.control import get_status, request_checkpoint, request_stop, watch
+from sampa_ray.ray_backend import run_ray
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def start_run(tmp_path, **over):
+    cfg = make_config({"algo": "sampa", "model": "resnet20", "dataset": "synthetic",
+                       "synthetic_size": 256, "batch_size": 16, "steps": 400, "threads": 1,
+                       "backend": "ray", "transport": "grpc", **over})
+    box: dict = {}
+    targets: list[str] = []
+
+    def progress(ev):
+        if ev["kind"] == "info" and ev["text"].startswith("control: "):
+            targets.append(ev["text"].split()[1])
+
+    def go():
+        try:
+            box["result"] = run_ray(cfg, tmp_path / "run", progress=progress)
+        except BaseException as err:  # surfaced by the test
+            box["error"] = err
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    deadline = time.time() + 120
+    while not targets and time.time() < deadline and t.is_alive():
+        time.sleep(0.1)
+    assert targets, box.get("error")
+    return t, box, targets[0]
+
+
+def wait_step(target, at_least, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = get_status(target)
+        if st["step"] >= at_least:
+            return st
+        time.sleep(0.2)
+    raise TimeoutError(f"step {at_least} not reached")
+
+
+def test_status_watch_checkpoint_stop(tmp_path):
+    t, box, target = start_run(tmp_path)
+    s1 = wait_step(target, 3)
+    s2 = wait_step(target, s1["step"] + 3)
+    assert s2["step"] > s1["step"] and s2["algorithm"] == "sampa"
+    assert s2["transport"] == "grpc" and s2["total_steps"] == 400 and s2["state"] == "running"
+    assert len(s2["workers"]) == 2 and all(w["pid"] > 0 for w in s2["workers"])
+    # health: SERVING during the run
+    with grpc.insecure_channel(target) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
+                                                      timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    # progress events advance
+    steps = [ev["step"] for ev in watch(target, n_events=5, timeout=60) if ev["kind"] == "round"]
+    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] > steps[0]
+    # the CLI client too, in another process
+    p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target", target,
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["step"] >= s2["step"]
+    # a checkpoint on demand
+    path = request_checkpoint(target)["path"]
+    assert path.endswith(".pt") and (tmp_path / "run" / "checkpoints").is_dir()
+    # stop: finish the round, write outputs, end cleanly
+    assert request_stop(target)["accepted"]
+    t.join(timeout=120)
+    assert not t.is_alive() and "error" not in box, box.get("error")
+    result = box["result"]
+    assert result["stopped_early"] and 0 < result["steps"] < 400
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["steps"] == result["steps"] and saved["control_port"] == int(target.split(":")[1])
+    assert (tmp_path / "run" / "final.pt").exists()
+    # the server is gone with the run: the client says so in one line, exit 2
+    p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target", target],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("sampa-ray: target: cannot reach")
