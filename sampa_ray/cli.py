@@ -35,7 +35,7 @@ CONFIG_FLAGS: dict[str, Any] = {
     "transport": str, "control_host": str, "control_port": int, "token_file": str,
     "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
-    "keep_checkpoints": int, "max_nonfinite": int,
+    "keep_checkpoints": int, "max_nonfinite": int, "metrics_port": int, "metrics_host": str,
 }
 
 

@@ -82,11 +82,13 @@ class RunMetrics:
         self.copy_seconds = h("sampa_worker_copy_seconds", "A worker's copies for one request: "
                               "point and batch host_to_device, gradient device_to_host",
                               ["role", "direction"], registry=r, buckets=b)
-        self.transfer_seconds = h("sampa_transfer_seconds", "Time a request spent in transit: "
-                                  "down = point to the worker, up = gradient to the coordinator",
+        self.transfer_seconds = h("sampa_transfer_seconds", "Time a request spent outside the "
+                                  "worker's compute and copies: down = data to the worker, up = "
+                                  "its gradient back",
                                   ["role", "direction", "transport"], registry=r, buckets=b)
-        self.transfer_bytes = Counter("sampa_transfer_bytes", "Payload bytes moved: down = points, "
-                                      "up = gradients", ["role", "direction", "transport"],
+        self.transfer_bytes = Counter("sampa_transfer_bytes", "Payload bytes moved: down = into "
+                                      "the worker (a point, or its peers' gradients), up = its "
+                                      "gradient on its way", ["role", "direction", "transport"],
                                       registry=r)
         self.wait_seconds = h("sampa_wait_seconds", "How long a role's gradient waited for the "
                               "slowest gradient of its round", ["role"], registry=r, buckets=b)
@@ -262,16 +264,21 @@ class RoundProbe:
         self._grad_bytes: dict[str, int] = {}
         self._norms: dict[str, float] = {}
         self._grad_size = 0  # bytes of one gradient, as last seen
+        self._norm_roles: set[str] = set()  # roles whose norm has been taken in this run
         self._last_norm = -math.inf
         self._acc_sum = 0.0
         self._acc_n = 0
 
     def begin_run(self, run_id: str, algorithm: str, model: str, stats_role: str,
-                  batch_size: int, data_path: str = "") -> None:
+                  batch_size: int, transport: str | None = None, data_path: str = "") -> None:
+        """A run starts on this probe (``transport``: the label its traffic gets from now on)."""
+        if transport is not None:
+            self.transport = transport
         self.metrics.set_run(run_id, algorithm, self.transport, model, data_path)
         self.stats_role = stats_role
         self.batch_size = batch_size
         self._last_norm = -math.inf
+        self._norm_roles.clear()
         self._acc_sum, self._acc_n = 0.0, 0
         self._results = {}
 
@@ -311,14 +318,16 @@ class RoundProbe:
             self._acc_sum += r.accuracy
             self._acc_n += 1
         if reported:
-            self._norms = {role: float(r.norm) for role, r in results.items()}  # type: ignore[arg-type]
+            self._norms = {role: r.norm for role, r in results.items() if r.norm is not None}
             return
         now = time.perf_counter()
-        if now - self._last_norm >= self.norm_interval_s:
+        due = now - self._last_norm >= self.norm_interval_s
+        if due:
             self._last_norm = now
-            self._norms = {role: float(r.grad.float().norm()) for role, r in results.items()}
-        else:
-            self._norms = {}
+        # every interval, and the first time a role shows up
+        self._norms = {role: float(r.grad.float().norm()) for role, r in results.items()
+                       if due or role not in self._norm_roles}
+        self._norm_roles.update(self._norms)
 
     def publish(self, round_s: float, update_s: float, step: int, loss: float,
                 lr: float) -> None:

@@ -23,10 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    """One embedded local Ray instance (2 CPUs) for the tests that drive the backend in-process.
-    Runs started by the package see it is initialised and leave it running."""
+    """An embedded local Ray instance (2 CPUs) per test module that drives the backend
+    in-process (gone before other modules start their own clusters). Runs started by the
+    package see it is initialised and leave it running."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -74,6 +75,18 @@ def job_client(address: str):  # noqa: ANN201
             if time.time() > deadline:
                 raise
             time.sleep(1)
+
+
+def submit(client, **kwargs) -> str:  # noqa: ANN001
+    """Submit a job, retrying while the head's job agent is still starting."""
+    deadline = time.time() + 90
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait_job(client, job_id: str, timeout: float = 300) -> str:  # noqa: ANN001

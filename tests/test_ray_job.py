@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from conftest import REPO, job_client, wait_job
+from conftest import REPO, job_client, submit, wait_job
 
 
 def test_job_succeeds_and_writes_result(ray_head, tmp_path):
     client = job_client(ray_head)
     out = tmp_path / "job-run"
-    job = client.submit_job(
+    job = submit(client,
         entrypoint=f"{sys.executable} -m sampa_ray.cli train --backend ray --steps 25 "
                    f"--threads 1 --out {out}",
         runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "runs"]},
@@ -29,7 +29,7 @@ def test_job_succeeds_and_writes_result(ray_head, tmp_path):
 
 def test_bad_config_inside_job_fails_with_one_line(ray_head, tmp_path):
     client = job_client(ray_head)
-    job = client.submit_job(
+    job = submit(client,
         entrypoint=f"{sys.executable} -m sampa_ray.cli train --backend ray --lam 1.5 "
                    f"--out {tmp_path / 'bad'}",
         runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "runs"]},
