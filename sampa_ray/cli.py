@@ -36,6 +36,7 @@ CONFIG_FLAGS: dict[str, Any] = {
     "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
     "keep_checkpoints": int, "max_nonfinite": int, "metrics_port": int, "metrics_host": str,
+    "round_timeout": float, "max_restarts": int,
 }
 
 

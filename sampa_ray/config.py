@@ -20,6 +20,7 @@ ALGOS = ("sgd", "sam", "sampa")
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
                   "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
+                  "round_timeout", "max_restarts",
                   "data_path", "transport", "control_host", "control_port", "token_file",
                   "metrics_port", "metrics_host"}
 
@@ -71,6 +72,11 @@ class TrainConfig(BaseModel):
     out: str | None = None
     max_nonfinite: int = Field(3, ge=1, description="abort after this many rounds in a row "
                                "with a non-finite loss or gradient")
+    round_timeout: float | None = Field(None, gt=0, description="seconds a worker may take "
+                                        "for one request before it is restarted (none: no "
+                                        "deadline)")
+    max_restarts: int = Field(3, ge=0, description="worker restarts (and retries of one "
+                              "round) before the run gives up")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: only at "
                                   "the end)")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
@@ -35,6 +35,7 @@ from ray.util.scheduling_strategies import (
 )
 
 from .algorithms import AlgoState, GradRequest
+from .checkpoint import Checkpoint
 from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult
 from .errors import UserError
@@ -137,9 +138,12 @@ class GradientWorker:
                  ) -> tuple[np.ndarray, dict[str, Any]]:
         r = self.engine.gradient(as_tensor(point), batch, track_stats)
         # the array is copied into the object store when this method returns, so the engine
-        # may reuse its gradient buffer for the next request
+        # may reuse its gradient buffer for the next request. A pass on the trajectory also
+        # returns the model buffers (small): the coordinator keeps them to restore a restarted
+        # worker exactly.
         return r.grad.numpy(), {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
-                                "start": r.start, "end": r.end}
+                                "start": r.start, "end": r.end,
+                                "buffers": self.engine.buffers() if track_stats else None}
 
     def reset(self) -> None:
         self.engine.reset()
@@ -165,7 +169,8 @@ class GradientWorker:
         push_s = self.client.push_gradient(step, role, r.grad, r.loss, r.accuracy,
                                            r.timings) if ok else 0.0
         return {"loss": r.loss, "accuracy": r.accuracy, "start": r.start, "end": r.end,
-                "timings": {**r.timings, "fetch": fetch_s, "push": push_s}, "finite": ok}
+                "timings": {**r.timings, "fetch": fetch_s, "push": push_s}, "finite": ok,
+                "buffers": self.engine.buffers() if track_stats else None}
 
     # -- the replicated data path: the algorithm state beside the engine ----------------------
     def replica_init(self, cfg: dict[str, Any], total_steps: int,
@@ -209,35 +214,118 @@ class GradientWorker:
         return self.engine.buffers()
 
 
+class WorkerLost(Exception):
+    """A gradient worker died or missed the round deadline."""
+
+    def __init__(self, slot: int, why: str) -> None:
+        super().__init__(f"worker {ROLES[slot]} {why}")
+        self.slot = slot
+
+
 class RayExecutor(Executor):
-    """Dispatches a round's requests to the workers without blocking; returns when all are in."""
+    """Dispatches a round's requests to the workers without blocking; returns when all are in.
+
+    Fault tolerance: a worker that dies (its actor is restarted by Ray, which reloads the model
+    and the data) or misses ``deadline_s`` (it is killed, then restarted) gets its model buffers
+    back as they were before the round, and the round's lost requests are dispatched again;
+    requests already answered are kept. The trajectory is the one an uninterrupted run takes.
+    """
 
     def __init__(self, workers: list[Any], stats_slot: int,
-                 probe: RoundProbe | None = None) -> None:
+                 probe: RoundProbe | None = None, *, deadline_s: float | None = None,
+                 max_retries: int = 3, on_restart: Any = None) -> None:
         self.workers = workers
         self.stats = workers[stats_slot]
         self.probe = probe  # metrics: payload sizes, dispatch and per-role arrival times
+        self.deadline_s = deadline_s
+        self.max_retries = max_retries
+        self.on_restart = on_restart  # async (slot) -> None, after a worker came back
+        self.last_buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self.restarts = 0
+        self.retried_rounds = 0
+
+    # -- one round, with retries --------------------------------------------------------------
+    def call(self, req: GradRequest) -> Any:
+        """Send one request to its worker; returns the ref of (gradient, facts)."""
+        return self.workers[slot_for(req.role)].gradient.remote(req.point.numpy(), req.batch,
+                                                                req.track_stats)
+
+    def result(self, req: GradRequest, out: Any) -> GradResult:
+        grad, meta = out
+        return GradResult(grad=as_tensor(grad), loss=meta["loss"], accuracy=meta["accuracy"],
+                          timings=meta["timings"], start=meta["start"], end=meta["end"],
+                          finite=meta.get("finite"))
+
+    async def _await(self, slot: int, ref: Any, role: str | tuple[str, ...]) -> Any:
+        try:
+            coro = _arrival(ref, role, self.probe) if self.probe else _resolve(ref)
+            return await asyncio.wait_for(coro, timeout=self.deadline_s)
+        except TimeoutError:
+            ray.kill(self.workers[slot], no_restart=False)  # Ray restarts it
+            raise WorkerLost(slot, f"missed the {self.deadline_s:g}s deadline") from None
+        except RayActorError:
+            raise WorkerLost(slot, "died") from None
+
+    async def recover(self, slot: int, timeout_s: float = 180.0) -> None:
+        """Wait for Ray to restart the worker, then give it back its buffers."""
+        w = self.workers[slot]
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                info = await w.info.remote()
+                if "error" in info:
+                    raise UserError(info["error"])
+                break
+            except RayActorError:
+                if time.time() > deadline:
+                    raise UserError(f"worker {ROLES[slot]} did not come back within "
+                                    f"{timeout_s:.0f}s") from None
+                await asyncio.sleep(0.5)
+        await w.reset.remote()
+        if slot in self.last_buffers:
+            await w.load_buffers.remote(self.last_buffers[slot])
+        if self.on_restart is not None:
+            await self.on_restart(slot)
+        self.restarts += 1
 
     async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
-        probe = self.probe
-        if probe is not None:
-            probe.dispatched([(r.role, r.point) for r in reqs])
-        refs = [self.workers[slot_for(r.role)].gradient.remote(r.point.numpy(), r.batch,
-                                                               r.track_stats) for r in reqs]
-        if probe is None:
-            outs = await asyncio.gather(*refs)
-        else:
-            outs = await asyncio.gather(*[_arrival(ref, (r.role,), probe)
-                                          for ref, r in zip(refs, reqs, strict=True)])
-        results = {}
-        for r, (grad, meta) in zip(reqs, outs, strict=True):
-            results[r.role] = GradResult(grad=as_tensor(grad), loss=meta["loss"],
-                                         accuracy=meta["accuracy"], timings=meta["timings"],
-                                         start=meta["start"], end=meta["end"])
-        if probe is not None:
-            probe.round_done(results)
+        if self.probe is not None:
+            self.probe.dispatched([(r.role, r.point) for r in reqs])
+        todo = list(reqs)
+        results: dict[str, GradResult] = {}
+        new_buffers: dict[int, dict[str, torch.Tensor]] = {}
+        for attempt in range(self.max_retries + 1):
+            refs = [self.call(r) for r in todo]
+            outs = await asyncio.gather(*[self._await(slot_for(r.role), ref, r.role)
+                                          for r, ref in zip(todo, refs, strict=True)],
+                                        return_exceptions=True)
+            lost: dict[int, WorkerLost] = {}
+            for r, out in zip(todo, outs, strict=True):
+                if isinstance(out, WorkerLost):
+                    lost[out.slot] = out
+                elif isinstance(out, BaseException):
+                    raise out
+                else:
+                    results[r.role] = self.result(r, out)
+                    if r.track_stats:
+                        meta = out[1] if isinstance(out, tuple) else out
+                        if meta.get("buffers") is not None:
+                            new_buffers[slot_for(r.role)] = meta["buffers"]
+            if not lost:
+                break
+            if attempt == self.max_retries:
+                err = next(iter(lost.values()))
+                raise UserError(f"{err} {self.max_retries + 1} times in one round; giving up")
+            self.retried_rounds += 1
+            for slot in lost:
+                await self.recover(slot)
+            todo = [r for r in todo if r.role not in results]
+        self.last_buffers.update(new_buffers)
+        if self.probe is not None:
+            self.probe.round_done(results)
         return results
 
+    # -- the rest of the executor ------------------------------------------------------------
     async def start_eval(self, step: int, state: AlgoState) -> None:
         await self.stats.start_eval.remote(step, state.x.numpy())
 
@@ -253,6 +341,11 @@ class RayExecutor(Executor):
     async def load_buffers(self, buffers: list[dict[str, torch.Tensor]]) -> None:
         await asyncio.gather(*[w.load_buffers.remote(b)
                                for w, b in zip(self.workers, buffers, strict=True)])
+        self.last_buffers = dict(enumerate(buffers))
+
+
+async def _resolve(ref: Any) -> Any:
+    return await ref
 
 
 async def _arrival(ref: Any, roles: str | tuple[str, ...], probe: RoundProbe) -> Any:
@@ -269,32 +362,28 @@ class GrpcExecutor(RayExecutor):
     coordinator's process; Ray only starts the actors and carries the control call."""
 
     def __init__(self, workers: list[Any], stats_slot: int, board: RoundBoard,
-                 probe: RoundProbe | None = None) -> None:
-        super().__init__(workers, stats_slot, probe)
+                 probe: RoundProbe | None = None, **kw: Any) -> None:
+        super().__init__(workers, stats_slot, probe, **kw)
         self.board = board
+        self.futs: dict[str, asyncio.Future[Any]] = {}
+
+    def call(self, req: GradRequest) -> Any:
+        return self.workers[slot_for(req.role)].gradient_grpc.remote(
+            self.board.step, req.role, req.batch, req.track_stats)
+
+    def result(self, req: GradRequest, out: Any) -> GradResult:
+        return GradResult(grad=torch.empty(0), loss=out["loss"], accuracy=out["accuracy"],
+                          timings=out["timings"], start=out["start"], end=out["end"],
+                          finite=out["finite"])
 
     async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
         board = self.board
         step = board.step + 1 if board.step is not None else 1
-        futs = board.open_round(step, {r.role: r.point for r in reqs})
-        if self.probe is not None:
-            self.probe.dispatched([(r.role, r.point) for r in reqs])
-        refs = [self.workers[slot_for(r.role)].gradient_grpc.remote(step, r.role, r.batch,
-                                                                    r.track_stats)
-                for r in reqs]
-        if self.probe is None:
-            metas = await asyncio.gather(*refs)
-        else:
-            metas = await asyncio.gather(*[_arrival(ref, r.role, self.probe)
-                                           for ref, r in zip(refs, reqs, strict=True)])
-        results = {}
-        for r, meta in zip(reqs, metas, strict=True):
-            grad = (await futs[r.role])[0] if meta["finite"] else torch.empty(0)
-            results[r.role] = GradResult(grad=grad, loss=meta["loss"], accuracy=meta["accuracy"],
-                                         timings=meta["timings"], start=meta["start"],
-                                         end=meta["end"], finite=meta["finite"])
-        if self.probe is not None:
-            self.probe.round_done(results)
+        self.futs = board.open_round(step, {r.role: r.point for r in reqs})
+        results = await super().round(reqs)
+        for role, r in results.items():
+            if r.finite:  # the gradient itself came through the server
+                r.grad = (await self.futs[role])[0]
         return results
 
 
@@ -306,9 +395,9 @@ class ReplicatedExecutor(RayExecutor):
     holds_state = True
 
     def __init__(self, workers: list[Any], cfg: TrainConfig, total_steps: int,
-                 probe: RoundProbe | None = None) -> None:
+                 probe: RoundProbe | None = None, **kw: Any) -> None:
         algo = make_algorithm(cfg, total_steps)
-        super().__init__(workers, slot_for(algo.stats_role), probe)
+        super().__init__(workers, slot_for(algo.stats_role), probe, **kw)
         self.cfg, self.total_steps = cfg, total_steps
         self.stats_slot = slot_for(algo.stats_role)
         self.used = sorted({slot_for(r) for r in algo.all_roles})
@@ -344,12 +433,13 @@ class ReplicatedExecutor(RayExecutor):
             calls[s] = self.workers[s].replica_round.remote(specs, *refs)
             roles[s] = tuple(r.role for r in reqs if slot_for(r.role) == s)
             peers_in[roles[s][0]] = len(refs)
-        if probe is None:
-            facts = await asyncio.gather(*[calls[s][1] for s in slots])
-        else:
+        if probe is not None:
             probe.dispatched_peers(peers_in)
-            facts = await asyncio.gather(*[_arrival(calls[s][1], roles[s], probe)
-                                           for s in slots])
+        facts = await asyncio.gather(*[self._await(s, calls[s][1], roles[s]) for s in slots],
+                                     return_exceptions=True)
+        for f in facts:  # a lost worker takes its replica along: the coordinator replays
+            if isinstance(f, BaseException):
+                raise f
         results: dict[str, GradResult] = {}
         self.last_refs = {}
         for s, f in zip(slots, facts, strict=True):
@@ -480,6 +570,14 @@ class Coordinator:
             await asyncio.gather(*[w.connect_grpc.remote(target, self.session, token, None)
                                    for w in self.workers])
 
+    async def _on_restart(self, slot: int) -> None:
+        """A worker came back (a new process): reopen its gRPC channel if the run uses one."""
+        self._progress({"kind": "info", "text": f"worker {ROLES[slot]} restarted"})
+        if self.base.transport == "grpc" and self.control_target is not None:
+            await self.workers[slot].connect_grpc.remote(self.control_target, self.session,
+                                                        read_token(self.base), None)
+        self.infos[slot] = await self.workers[slot].info.remote()
+
     async def shutdown(self) -> None:
         """Report NOT_SERVING, end watches and stop the gRPC server."""
         self.hub.close()
@@ -493,12 +591,15 @@ class Coordinator:
         pl = self.placement
         self.workers = [GradientWorker.options(
             num_cpus=pl.bundles[i].get("CPU", 0), num_gpus=pl.gpus_per_worker,
+            max_restarts=self.base.max_restarts, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i),
         ).remote(self.base.model_dump(), ROLES[i], pl.threads) for i in range(2)]
         self.infos = await asyncio.gather(*[w.info.remote() for w in self.workers])
         for info in self.infos:
             if "error" in info:
                 raise UserError(info["error"])
+        self._progress({"kind": "info", "text": "workers: " + ", ".join(
+            f"{i['name']} pid {i['pid']} ({i['device']})" for i in self.infos)})
         await self._serve_grpc()
         return self.infos
 
@@ -546,14 +647,17 @@ class Coordinator:
         x0 = as_tensor(await workers[0].initial_point.remote()).clone()
         stats_role = make_algorithm(cfg, 1).stats_role
         plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
+        kw = {"deadline_s": cfg.round_timeout, "max_retries": cfg.max_restarts,
+              "on_restart": self._on_restart}
         if cfg.resolved_data_path == "replicated":
             executor: RayExecutor = ReplicatedExecutor(workers, cfg, plan.total_steps,
-                                                       self.probe)
+                                                       self.probe, **kw)
         elif cfg.transport == "grpc":
             assert self.board is not None
-            executor = GrpcExecutor(workers, slot_for(stats_role), self.board, self.probe)
+            executor = GrpcExecutor(workers, slot_for(stats_role), self.board, self.probe,
+                                    **kw)
         else:
-            executor = RayExecutor(workers, slot_for(stats_role), self.probe)
+            executor = RayExecutor(workers, slot_for(stats_role), self.probe, **kw)
         recorder = Recorder(stats_role)
         self.probe.begin_run(f"{cfg.algo}-{cfg.hash()[:8]}-{int(t0)}", cfg.algo, cfg.model,
                              stats_role, cfg.batch_size, transport=cfg.transport,
@@ -586,10 +690,33 @@ class Coordinator:
                 for w in waiters:
                     w.set_result(path)
 
-        state = await train_loop(cfg, executor, x0, plan, recorder, progress,
-                                 lambda: self.stop_requested, resume=resume,
-                                 checkpoint=checkpointer, after_update=after_update)
+        if resume is None:  # the starting point, in memory: a lost replica replays from here
+            checkpointer.last = Checkpoint.of(
+                make_algorithm(cfg, plan.total_steps).init(x0), await executor.all_buffers(),
+                {"record": recorder.state_dict()})
+        replays = 0
+        while True:
+            try:
+                state = await train_loop(cfg, executor, x0, plan, recorder, progress,
+                                         lambda: self.stop_requested, resume=resume,
+                                         checkpoint=checkpointer, after_update=after_update)
+                break
+            except WorkerLost as err:
+                # replicated path: the lost worker took its replica along; every replica is
+                # rebuilt from the newest snapshot and the rounds since are replayed exactly
+                replays += 1
+                if replays > cfg.max_restarts:
+                    raise UserError(f"{err}; {replays} times in this run, giving up") from None
+                await executor.recover(err.slot)
+                executor.retried_rounds += 1
+                resume = checkpointer.last
+                assert resume is not None
+                self._progress({"kind": "info", "text": f"{err}: restarted; replaying from "
+                                f"step {resume.step}"})
         await checkpointer.flush()
+        self.metrics.worker_restarts.inc(executor.restarts)
+        self.metrics.retried_rounds.inc(executor.retried_rounds)
+        self.metrics.nonfinite_rounds.inc(recorder.nonfinite_rounds)
         for w in self.checkpoint_waiters:
             w.set_exception(RuntimeError("the run ended before the checkpoint"))
         self.checkpoint_waiters = []
@@ -602,7 +729,8 @@ class Coordinator:
                      for i in infos],
             stopped_early=state.step < plan.total_steps, metrics_port=self.metrics_port,
             transport=cfg.transport, data_path=cfg.resolved_data_path,
-            control_port=self.control_port, control_target=self.control_target)
+            control_port=self.control_port, control_target=self.control_target,
+            worker_restarts=executor.restarts, retried_rounds=executor.retried_rounds)
         if result["final_test_accuracy"] is not None:
             self.metrics.observe_eval("test", result["final_test_accuracy"])
         await asyncio.to_thread(write_outputs, Path(out), result, state.x, buffers)

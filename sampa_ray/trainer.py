@@ -246,12 +246,14 @@ class Checkpointer:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self.pending: list[asyncio.Future[Path]] = []
         self.written: list[Path] = []
+        self.last: Checkpoint | None = None  # the newest snapshot, kept in memory
 
     async def __call__(self, state: AlgoState) -> None:
         buffers = await self.executor.all_buffers()
         meta = {"config": self.cfg.model_dump(), "config_hash": self.cfg.hash(),
                 "num_params": self.num_params, "record": self.recorder.state_dict()}
         ckpt = Checkpoint.of(state, buffers, meta)
+        self.last = ckpt
         loop = asyncio.get_running_loop()
         self.pending.append(loop.run_in_executor(
             self.pool, save_checkpoint, self.folder, ckpt, self.cfg.keep_checkpoints))

@@ -1,0 +1,104 @@
+"""Failures during a run: a gradient worker killed mid-run, or hanging past the round deadline,
+is restarted by Ray and the run reaches the parameters of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from sampa_ray.config import make_config
+from sampa_ray.ray_backend import run_ray
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+BASE = {"algo": "sampa", "lam": 0.2, "model": "resnet20", "dataset": "synthetic",
+        "synthetic_size": 128, "batch_size": 16, "steps": 24, "threads": 1, "backend": "ray",
+        "momentum": 0.9}
+
+
+def run_with_fault(tmp_path, fault, role: str, **over):
+    """Run in a thread; once step 6 is reached, apply ``fault(pid)`` to the worker of ``role``
+    (and SIGCONT it later for a stopped one, so nothing is left behind)."""
+    cfg = make_config({**BASE, **over})
+    pids: dict[str, int] = {}
+    steps: list[int] = []
+    infos: list[str] = []
+
+    def progress(ev):
+        if ev["kind"] == "info":
+            infos.append(ev["text"])
+            m = re.match(r"workers: (.*)", ev["text"])
+            if m:
+                for part in m.group(1).split(", "):
+                    name, _, pid, _ = part.split(" ", 3)
+                    pids[name] = int(pid)
+        elif ev["kind"] == "round":
+            steps.append(ev["step"])
+
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault(
+        "result", run_ray(cfg, tmp_path / "faulty", progress=progress)), daemon=True)
+    t.start()
+    deadline = time.time() + 120
+    while (not steps or steps[-1] < 6) and time.time() < deadline and t.is_alive():
+        time.sleep(0.05)
+    assert steps and steps[-1] < 24, "the run ended before the fault"
+    victim = pids[role]
+    fault(victim)
+    t.join(timeout=300)
+    assert not t.is_alive()
+    return box["result"], infos, victim
+
+
+def reference(tmp_path, **over):
+    run_ray(make_config({**BASE, **over}), tmp_path / "clean")
+    return torch.load(tmp_path / "clean" / "final.pt", weights_only=True)
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("data_path,role", [("points", "extrapolated"),
+                                            ("replicated", "perturbed")])
+def test_killed_worker_is_restarted_and_trajectory_is_unchanged(tmp_path, data_path, role):
+    result, infos, victim = run_with_fault(tmp_path, kill, role, data_path=data_path)
+    assert result["steps"] == 24
+    assert result["worker_restarts"] >= 1 and result["retried_rounds"] >= 1
+    assert any(f"worker {role} restarted" in i for i in infos)
+    new_pid = next(w["pid"] for w in result["workers"] if w["name"] == role)
+    assert new_pid != victim
+    ref = reference(tmp_path, data_path=data_path)
+    got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], ref["x"])
+    for k in ref["buffers"]:
+        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+
+
+def test_hanging_worker_is_restarted_after_the_deadline(tmp_path):
+    stopped: list[int] = []
+
+    def hang(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)  # alive but silent: only the deadline notices
+        stopped.append(pid)
+
+    try:
+        result, infos, _ = run_with_fault(tmp_path, hang, "extrapolated", data_path="points",
+                                          round_timeout=4.0)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert result["steps"] == 24 and result["worker_restarts"] >= 1
+    assert any("missed the 4s deadline" in i or "restarted" in i for i in infos)
+    ref = reference(tmp_path, data_path="points", round_timeout=4.0)
+    got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], ref["x"])
