@@ -527,6 +527,8 @@ class Coordinator:
 
     # -- the control API (CoordinatorService handler) -----------------------------------------
     def status(self) -> dict[str, Any]:
+        """The run as the control API reports it; ``run_id`` is the data plane's run id, and
+        ``round`` the data plane's current round (its ``step`` field)."""
         live = self.live
         return {"run_id": live.get("run_id", ""), "algorithm": live.get("algo", ""),
                 "step": live.get("step", 0), "total_steps": live.get("total", 0),
@@ -664,7 +666,7 @@ class Coordinator:
                              data_path=cfg.resolved_data_path)
         self.stop_requested = False
         self.live.update({"state": "running", "algo": cfg.algo, "step": 0,
-                          "total": plan.total_steps, "run_id": f"{self.session}-{cfg.algo}"})
+                          "total": plan.total_steps, "run_id": self.session})
 
         def progress(ev: dict[str, Any]) -> None:
             ev["algo"] = cfg.algo
