@@ -36,7 +36,9 @@ CONFIG_FLAGS: dict[str, Any] = {
     "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
     "keep_checkpoints": int, "max_nonfinite": int, "metrics_port": int, "metrics_host": str,
-    "round_timeout": float, "max_restarts": int,
+    "metrics_cert": str, "metrics_key": str,
+    "round_timeout": float, "max_restarts": int, "link_latency_ms": float,
+    "link_gbit_s": float,
 }
 
 

@@ -20,9 +20,9 @@ ALGOS = ("sgd", "sam", "sampa")
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
                   "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
-                  "round_timeout", "max_restarts",
+                  "round_timeout", "max_restarts", "link_latency_ms", "link_gbit_s",
                   "data_path", "transport", "control_host", "control_port", "token_file",
-                  "metrics_port", "metrics_host"}
+                  "metrics_port", "metrics_host", "metrics_cert", "metrics_key"}
 
 
 class TrainConfig(BaseModel):
@@ -77,6 +77,10 @@ class TrainConfig(BaseModel):
                                         "deadline)")
     max_restarts: int = Field(3, ge=0, description="worker restarts (and retries of one "
                               "round) before the run gives up")
+    link_latency_ms: float = Field(0.0, ge=0, allow_inf_nan=False, description="emulated "
+                                   "latency added to every point/gradient message (benchmarks)")
+    link_gbit_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="emulated "
+                                      "bandwidth cap of that link in Gbit/s (benchmarks)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: only at "
                                   "the end)")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
@@ -88,7 +92,11 @@ class TrainConfig(BaseModel):
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of the "
                               "coordinator (0: any free port)")
     metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint listens "
-                              "on (0.0.0.0: every interface)")
+                              "on (0.0.0.0: every interface); any other than loopback needs a "
+                              "token, which every scrape must then send as a bearer token")
+    metrics_cert: str | None = Field(None, description="PEM certificate file: serve metrics "
+                                     "over HTTPS (with --metrics-key)")
+    metrics_key: str | None = Field(None, description="PEM private key file of --metrics-cert")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -97,6 +105,9 @@ class TrainConfig(BaseModel):
         if self.transport == "grpc" and self.data_path == "replicated":
             raise ValueError("data_path: replicated moves gradients between workers through "
                              "Ray; with --transport grpc use points (or auto)")
+        if bool(self.metrics_cert) != bool(self.metrics_key):
+            missing = "metrics_key" if self.metrics_cert else "metrics_cert"
+            raise ValueError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")
         return self
 
     @property

@@ -66,6 +66,25 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+class Link:
+    """An emulated link: each message waits latency + bytes / bandwidth before it counts as
+    delivered (applied by the receiving or sending worker, so it lands in the transfer time)."""
+
+    def __init__(self, latency_ms: float, gbit_s: float | None) -> None:
+        self.latency_s = latency_ms / 1e3
+        self.bytes_per_s = gbit_s * 1e9 / 8 if gbit_s else None
+
+    def delay(self, nbytes: int) -> float:
+        if not nbytes:
+            return 0.0
+        return self.latency_s + (nbytes / self.bytes_per_s if self.bytes_per_s else 0.0)
+
+    def wait(self, nbytes: int) -> None:
+        d = self.delay(nbytes)
+        if d > 0:
+            time.sleep(d)
+
+
 # -- placement ----------------------------------------------------------------------------------
 @dataclass
 class Placement:
@@ -118,6 +137,7 @@ class GradientWorker:
         self.name = name
         self.replica: Replica | None = None
         self.client: PointClient | None = None
+        self.link = Link(0.0, None)
         self.error: str | None = None
         try:
             self.engine = GradientEngine(TrainConfig(**cfg))
@@ -134,9 +154,15 @@ class GradientWorker:
     def initial_point(self) -> np.ndarray:
         return self.engine.initial_point().numpy()
 
+    def set_link(self, latency_ms: float, gbit_s: float | None) -> None:
+        """Emulate a slower link between this worker and the others (benchmarks)."""
+        self.link = Link(latency_ms, gbit_s)
+
     def gradient(self, point: np.ndarray, batch: int, track_stats: bool
                  ) -> tuple[np.ndarray, dict[str, Any]]:
+        self.link.wait(point.nbytes)  # the point came down the (emulated) link
         r = self.engine.gradient(as_tensor(point), batch, track_stats)
+        self.link.wait(r.grad.numel() * r.grad.element_size())  # the gradient goes up
         # the array is copied into the object store when this method returns, so the engine
         # may reuse its gradient buffer for the next request. A pass on the trajectory also
         # returns the model buffers (small): the coordinator keeps them to restore a restarted
@@ -164,8 +190,10 @@ class GradientWorker:
         gradient is not sent (the server would refuse it); the coordinator learns it here."""
         assert self.client is not None
         fetch_s = self.client.fetch_point(step, role, self.point_buf)
+        self.link.wait(self.point_buf.numel() * self.point_buf.element_size())
         r = self.engine.gradient(self.point_buf, batch, track_stats)
         ok = math.isfinite(r.loss) and bool(torch.isfinite(r.grad.sum()))
+        self.link.wait(r.grad.numel() * r.grad.element_size() if ok else 0)
         push_s = self.client.push_gradient(step, role, r.grad, r.loss, r.accuracy,
                                            r.timings) if ok else 0.0
         return {"loss": r.loss, "accuracy": r.accuracy, "start": r.start, "end": r.end,
@@ -185,6 +213,8 @@ class GradientWorker:
         Two objects: the gradients (handed on to the peer) and the facts (for the
         coordinator), so the coordinator never has to fetch a gradient."""
         assert self.replica is not None
+        # each peer gradient crosses the (emulated) link once, into this worker
+        self.link.wait(sum(g.nbytes for d in peer_grads for g in d.values()))
         self.replica.apply(pending, list(peer_grads))
         out = self.replica.compute()
         return {r: g for r, (g, _) in out.items()}, {r: m for r, (_, m) in out.items()}
@@ -610,16 +640,20 @@ class Coordinator:
         """Start the Prometheus endpoint (once) and announce it as a progress event."""
         if self.metrics_port is not None:
             return
-        host, port = self.base.metrics_host, self.base.metrics_port
+        cfg = self.base
+        host, port = cfg.metrics_host, cfg.metrics_port
         try:
-            self.metrics_port = self.metrics.serve(host, port)
+            self.metrics_port = self.metrics.serve(host, port, token=read_token(cfg),
+                                                   certfile=cfg.metrics_cert,
+                                                   keyfile=cfg.metrics_key)
         except OSError as err:
             raise UserError(f"metrics_port: cannot listen on {host}:{port}: "
                             f"{err.strerror or err}") from None
         shown = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
         shown = f"[{shown}]" if ":" in shown else shown
         self._progress({"kind": "info",
-                        "text": f"metrics: http://{shown}:{self.metrics_port}/metrics"})
+                        "text": f"metrics: {self.metrics.scheme}://{shown}:"
+                        f"{self.metrics_port}/metrics"})
 
     def _observe(self, ev: dict[str, Any], cfg: TrainConfig, recorder: Recorder,
                  plan: Plan) -> None:
@@ -646,6 +680,8 @@ class Coordinator:
             await self.start()
         workers = self.workers
         await asyncio.gather(*[w.reset.remote() for w in workers])
+        await asyncio.gather(*[w.set_link.remote(cfg.link_latency_ms, cfg.link_gbit_s)
+                               for w in workers])
         x0 = as_tensor(await workers[0].initial_point.remote()).clone()
         stats_role = make_algorithm(cfg, 1).stats_role
         plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
