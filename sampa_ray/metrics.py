@@ -22,18 +22,31 @@ down = the peers' gradients a worker fetches, up = its gradient times the peers 
 
 :class:`RunMetrics` owns the registry and the HTTP endpoint; :class:`RoundProbe` is the small
 helper an executor and a progress callback use to feed it.
+
+Security of the endpoint: it listens on 127.0.0.1 unless told otherwise, and listening anywhere
+else requires a bearer token (the gRPC server's: ``--token-file`` or ``$SAMPA_RAY_TOKEN``). With a
+token, every request must carry ``Authorization: Bearer <token>`` (compared in constant time),
+else 401. With a certificate and key (PEM files) it speaks HTTPS only.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import math
+import socket
+import ssl
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from .engine import GradResult
+from .errors import UserError
 
 PREFIX = "sampa_"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -60,6 +73,89 @@ def exported_series_names() -> set[str]:
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
                 "histogram": ("_bucket", "_sum", "_count", "_created"), "info": ("_info",)}
     return {fam.name + s for fam in RunMetrics().registry.collect() for s in suffixes[fam.type]}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class BearerAuth:
+    """WSGI middleware: passes a request on only if it carries ``Authorization: Bearer
+    <token>``; anything else gets 401. The token is compared in constant time."""
+
+    def __init__(self, app: WSGIApp, token: str) -> None:
+        if not token:
+            raise ValueError("token: must not be empty")
+        self.app = app
+        self._expected = token.encode("utf-8")
+
+    def allowed(self, header: str) -> bool:
+        # WSGI hands headers over as latin-1 strings: back to the bytes that were sent
+        scheme, _, credentials = header.strip().partition(" ")
+        got = credentials.strip().encode("latin-1", "replace")
+        match = hmac.compare_digest(got, self._expected)
+        return match and scheme.lower() == "bearer"
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if self.allowed(environ.get("HTTP_AUTHORIZATION", "")):
+            return self.app(environ, start_response)
+        body = b"missing or wrong bearer token\n"
+        start_response("401 Unauthorized", [
+            ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+            ("WWW-Authenticate", 'Bearer realm="metrics"')])
+        return [body]
+
+
+class _Handler(WSGIRequestHandler):
+    """One request per connection, no access log; an idle or stalled client is dropped after
+    ``timeout`` seconds. On a TLS socket the handshake happens here, in the request's own
+    thread, so a client that never completes it cannot hold up the accept loop."""
+
+    timeout = 10.0
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per request; connection-level failures (a failed TLS handshake, a reset, a
+    timeout) end that connection quietly."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+def _tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile=certfile, keyfile=keyfile)
+    except (OSError, ValueError) as err:
+        why = getattr(err, "strerror", None) or getattr(err, "reason", None) or err
+        raise UserError(f"metrics_cert: cannot load certificate {certfile} with key {keyfile}: "
+                        f"{why}") from None
+    return ctx
 
 
 def _clip01(v: float) -> float:
@@ -124,6 +220,7 @@ class RunMetrics:
         self._thread: Any = None
         self.host: str | None = None
         self.port: int | None = None
+        self.scheme = "http"
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -133,16 +230,51 @@ class RunMetrics:
         return child
 
     # -- serving --------------------------------------------------------------------------------
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve ``/metrics`` over HTTP from a daemon thread; returns the bound port (``port`` 0
-        picks a free one). Listening beyond loopback takes an explicit ``host`` such as 0.0.0.0.
+    def serve(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+              certfile: str | None = None, keyfile: str | None = None) -> int:
+        """Serve ``/metrics`` from a daemon thread; returns the bound port (``port`` 0 picks a
+        free one). Listening beyond loopback takes an explicit ``host`` such as 0.0.0.0 and a
+        ``token``; with a token every request must carry ``Authorization: Bearer <token>``.
+        ``certfile`` and ``keyfile`` (PEM) switch to HTTPS. A user-caused problem is a one-line
+        :class:`UserError`; failing to bind is the ``OSError``.
         """
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
         if self._server is not None:
             raise RuntimeError(f"metrics: already serving on {self.host}:{self.port}")
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        self.host, self.port = host, int(self._server.server_address[1])
+        token = token or None
+        if not is_loopback(host) and token is None:
+            raise UserError(f"metrics_host: listening on {host or 'every interface'} (not "
+                            "loopback) requires a token (--token-file or $SAMPA_RAY_TOKEN)")
+        if bool(certfile) != bool(keyfile):
+            missing = "metrics_key" if certfile else "metrics_cert"
+            raise UserError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")
+        ctx = _tls_context(certfile, keyfile) if certfile and keyfile else None
+        app: WSGIApp = make_wsgi_app(self.registry)
+        if token is not None:
+            app = BearerAuth(app, token)
+
+        class Server(_Server):
+            pass
+
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        Server.address_family = family
+        server = Server((sockaddr[0], port), _Handler)
+        try:
+            server.set_app(app)
+            if ctx is not None:
+                server.socket = ctx.wrap_socket(server.socket, server_side=True,
+                                                do_handshake_on_connect=False)
+        except BaseException:
+            server.server_close()
+            raise
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
+        self._server, self._thread = server, thread
+        self.host, self.port = host, int(server.server_address[1])
+        self.scheme = "https" if ctx is not None else "http"
         return self.port
 
     def shutdown(self) -> None:
