@@ -24,13 +24,6 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _engine(**over: object) -> GradientEngine:
     return GradientEngine(make_config({**BASE, **over}))

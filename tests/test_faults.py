@@ -3,6 +3,7 @@ is restarted by Ray and the run reaches the parameters of an uninterrupted run."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -93,10 +94,8 @@ def test_hanging_worker_is_restarted_after_the_deadline(tmp_path):
                                           round_timeout=4.0)
     finally:
         for pid in stopped:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
     assert result["steps"] == 24 and result["worker_restarts"] >= 1
     assert any("missed the 4s deadline" in i or "restarted" in i for i in infos)
     ref = reference(tmp_path, data_path="points", round_timeout=4.0)

@@ -12,13 +12,6 @@ from sampa_ray.models import build_model, input_shape_for
 MODELS = ("cnn", "resnet20")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

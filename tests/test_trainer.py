@@ -29,13 +29,6 @@ STATS_ROLE = {"sgd": "grad", "sam": "ascent", "sampa": "extrapolated"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _cfg(algo: str, **over: Any) -> TrainConfig:
     return make_config(
