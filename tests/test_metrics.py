@@ -447,9 +447,10 @@ def test_live_run_is_scraped_over_http(live: LiveRun):
 
 
 # -- a real Prometheus server ---------------------------------------------------------------------
-needs_prometheus = pytest.mark.skipif(
-    shutil.which("prometheus") is None or shutil.which("promtool") is None,
-    reason="prometheus/promtool not installed (scripts/setup.sh installs Debian's package as root)")
+def require_prometheus() -> None:
+    """A real Prometheus server is part of the test setup (scripts/setup.sh installs Debian's
+    package); its absence is a failure, not a skip."""
+    assert shutil.which("prometheus"), "prometheus missing: run scripts/setup.sh as root"
 
 
 def dashboard_queries() -> list[str]:
@@ -484,15 +485,6 @@ def dashboard_queries() -> list[str]:
         assert "$" not in e, e
         out.append(e)
     return out
-
-
-def test_promtool_accepts_the_deploy_config():
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed")
-    r = subprocess.run(["promtool", "check", "config",
-                        str(REPO / "deploy" / "prometheus" / "prometheus.yml")],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def api(base: str, path: str, **params: str) -> Any:
@@ -548,8 +540,9 @@ def prometheus(live: LiveRun, tmp_path_factory: pytest.TempPathFactory) -> Itera
         log.close()
 
 
-@needs_prometheus
 def test_prometheus_evaluates_every_dashboard_query(live: LiveRun, prometheus: str):
+    require_prometheus()
+
     def up() -> bool:
         targets = api(prometheus, "/api/v1/targets")["data"]["activeTargets"]
         return any(t["health"] == "up" for t in targets)

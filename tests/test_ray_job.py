@@ -40,3 +40,103 @@ def test_bad_config_inside_job_fails_with_one_line(ray_head, tmp_path):
     assert lines == ["sampa-ray: config: lam: Input should be less than or equal to 1, got 1.5"]
     assert "Traceback" not in logs
     assert not (tmp_path / "bad" / "result.json").exists()
+
+
+def test_stopped_job_resumes_to_the_uninterrupted_parameters(ray_head, tmp_path):
+    """`ray job stop` kills the driver (and with it the coordinator) mid-run: the newest
+    checkpoint is whole and verifies; the job resubmitted with --resume finishes the run and
+    lands on the same parameters, bit for bit, as an uninterrupted run of the same config."""
+    import re
+    import time
+    import urllib.error
+    import urllib.request
+
+    import torch
+    from ray.job_submission import JobStatus
+
+    from sampa_ray.checkpoint import list_checkpoints, load_latest
+    from sampa_ray.config import make_config
+    from sampa_ray.trainer import run_local
+
+    client = job_client(ray_head)
+    out = tmp_path / "resumed"
+    folder = out / "checkpoints"
+    flags = {"backend": "ray", "model": "resnet20", "dataset": "synthetic",
+             "synthetic_size": 128, "batch_size": 16, "steps": 40, "threads": 1,
+             "checkpoint_every": 5, "keep_checkpoints": 10}
+    argv = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
+    entrypoint = f"{sys.executable} -m sampa_ray.cli train {argv} --out {out}"
+    env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs"]}
+
+    def newest_step() -> int:
+        for p in list_checkpoints(folder):
+            try:
+                return int(json.loads(p.read_text())["step"])
+            except (OSError, ValueError, KeyError):
+                continue  # being replaced as we look
+        return 0
+
+    job = submit(client, entrypoint=entrypoint, runtime_env=env)
+    deadline = time.time() + 120
+    while newest_step() < 10:
+        status = client.get_job_status(job)
+        assert status in (JobStatus.PENDING, JobStatus.RUNNING), \
+            (status, client.get_job_logs(job)[-3000:])
+        assert time.time() < deadline, "no checkpoint at step >= 10 within 120 s"
+        time.sleep(0.1)
+    client.stop_job(job)
+    assert wait_job(client, job, timeout=60) == "STOPPED"
+    logs = client.get_job_logs(job)
+
+    # the coordinator went with the driver: its metrics endpoint stops answering
+    found = re.search(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", logs)
+    assert found, logs[-3000:]
+
+    def coordinator_gone() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=2)
+        except (urllib.error.URLError, ConnectionError):
+            return True
+        return False
+
+    deadline = time.time() + 30
+    while not coordinator_gone():
+        assert time.time() < deadline, "the coordinator outlived its stopped job"
+        time.sleep(0.2)
+
+    cfg = make_config({**flags, "out": str(out)})
+    newest = list_checkpoints(folder)[0]
+    meta = json.loads(newest.read_text())
+    assert meta["config_hash"] == cfg.hash()
+    ckpt = load_latest(folder, meta["config_hash"], meta["num_params"])
+    stopped_at = ckpt.step
+    assert 10 <= stopped_at < 40, "the job was not stopped mid-run"
+    assert ckpt.tensors["x"].numel() == meta["num_params"]
+    assert not (out / "result.json").exists() and not (out / "final.pt").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    job2 = submit(client, entrypoint=f"{entrypoint} --resume {out}", runtime_env=env)
+    status = wait_job(client, job2, timeout=180)
+    assert status == "SUCCEEDED", client.get_job_logs(job2)[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 40 and result["config_hash"] == cfg.hash()
+    # it went on from the checkpoint: the earlier ones were not written again
+    for p in list_checkpoints(folder):
+        step = int(json.loads(p.read_text())["step"])
+        if step <= stopped_at:
+            assert before.get(p.name) == p.stat().st_mtime_ns, p.name
+    assert newest_step() == 40
+
+    # the uninterrupted run, in this process (bitwise equal to the Ray backend on CPU)
+    threads = torch.get_num_threads()
+    try:
+        ref = run_local(cfg.model_copy(update={"out": str(tmp_path / "ref")}), tmp_path / "ref")
+    finally:
+        torch.set_num_threads(threads)
+    assert ref["steps"] == 40 and ref["num_params"] == meta["num_params"]
+    got = torch.load(out / "final.pt", weights_only=True)
+    want = torch.load(tmp_path / "ref" / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], want["x"])
+    assert got["buffers"].keys() == want["buffers"].keys()
+    for k in want["buffers"]:
+        assert torch.equal(got["buffers"][k], want["buffers"][k]), k
