@@ -32,7 +32,6 @@ else 401. With a certificate and key (PEM files) it speaks HTTPS only.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import math
 import socket
 import ssl
@@ -47,6 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from .engine import GradResult
 from .errors import UserError
+from .net import is_loopback
 
 PREFIX = "sampa_"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -74,15 +74,6 @@ def exported_series_names() -> set[str]:
                 "histogram": ("_bucket", "_sum", "_count", "_created"), "info": ("_info",)}
     return {fam.name + s for fam in RunMetrics().registry.collect() for s in suffixes[fam.type]}
 
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

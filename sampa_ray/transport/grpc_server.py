@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
-import ipaddress
 import math
 import time
 import weakref
@@ -55,6 +54,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..errors import UserError
+from ..net import is_loopback
 from ..proto.sampa.v1 import coordinator_service_pb2 as cpb
 from ..proto.sampa.v1 import coordinator_service_pb2_grpc as cgrpc
 from ..proto.sampa.v1 import parameter_service_pb2 as ppb
@@ -532,15 +532,6 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return make(deny, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _address(host: str, port: int) -> str:
