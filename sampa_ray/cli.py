@@ -33,6 +33,7 @@ CONFIG_FLAGS: dict[str, Any] = {
     "dataset": str, "data_dir": str, "synthetic_size": int, "epochs": int, "steps": int,
     "batch_size": int, "seed": int, "eval_every": int, "backend": str, "data_path": str,
     "transport": str, "control_host": str, "control_port": int, "token_file": str,
+    "control_cert": str, "control_key": str,
     "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
     "keep_checkpoints": int, "max_nonfinite": int, "metrics_port": int, "metrics_host": str,

@@ -22,7 +22,8 @@ RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address"
                   "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
                   "round_timeout", "max_restarts", "link_latency_ms", "link_gbit_s",
                   "data_path", "transport", "control_host", "control_port", "token_file",
-                  "metrics_port", "metrics_host", "metrics_cert", "metrics_key"}
+                  "metrics_port", "metrics_host", "metrics_cert", "metrics_key",
+                  "control_cert", "control_key"}
 
 
 class TrainConfig(BaseModel):
@@ -65,6 +66,9 @@ class TrainConfig(BaseModel):
                               "server (control API; data plane with --transport grpc); any "
                               "other than loopback needs a token")
     control_port: int = Field(0, ge=0, le=65535, description="its port (0: any free port)")
+    control_cert: str | None = Field(None, description="PEM certificate file: serve the gRPC "
+                                     "API over TLS (workers trust this certificate)")
+    control_key: str | None = Field(None, description="PEM private key file of --control-cert")
     token_file: str | None = Field(None, description="file holding the bearer token for the "
                                    "gRPC server (default: $SAMPA_RAY_TOKEN)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -108,6 +112,9 @@ class TrainConfig(BaseModel):
         if bool(self.metrics_cert) != bool(self.metrics_key):
             missing = "metrics_key" if self.metrics_cert else "metrics_cert"
             raise ValueError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")
+        if bool(self.control_cert) != bool(self.control_key):
+            missing = "control_key" if self.control_cert else "control_cert"
+            raise ValueError(f"{missing}: TLS needs both control_cert and control_key")
         return self
 
     @property

@@ -527,6 +527,7 @@ class Coordinator:
         self.server: Any = None
         self.control_port: int | None = None
         self.control_target: str | None = None
+        self.tls: tuple[bytes, bytes] | None = None
         self.board: RoundBoard | None = None
         self.hub = ProgressHub()
         self.live: dict[str, Any] = {"state": "starting"}
@@ -586,10 +587,11 @@ class Coordinator:
             return
         cfg = self.base
         token = read_token(cfg)
+        self.tls = read_tls(cfg)
         self.board = RoundBoard(self.session, self.infos[0]["num_params"])
         try:
             self.server, self.control_port = await start_server(
-                self.board, self, cfg.control_host, cfg.control_port, token=token)
+                self.board, self, cfg.control_host, cfg.control_port, token=token, tls=self.tls)
         except ValueError as err:
             raise UserError(f"control_host: {err}") from None
         host = cfg.control_host
@@ -599,15 +601,17 @@ class Coordinator:
                         f"(sampa-ray status --target {self.control_target})"})
         if cfg.transport == "grpc":
             target = self.control_target
-            await asyncio.gather(*[w.connect_grpc.remote(target, self.session, token, None)
+            cert = self.tls[0] if self.tls else None
+            await asyncio.gather(*[w.connect_grpc.remote(target, self.session, token, cert)
                                    for w in self.workers])
 
     async def _on_restart(self, slot: int) -> None:
         """A worker came back (a new process): reopen its gRPC channel if the run uses one."""
         self._progress({"kind": "info", "text": f"worker {ROLES[slot]} restarted"})
         if self.base.transport == "grpc" and self.control_target is not None:
-            await self.workers[slot].connect_grpc.remote(self.control_target, self.session,
-                                                        read_token(self.base), None)
+            await self.workers[slot].connect_grpc.remote(
+                self.control_target, self.session, read_token(self.base),
+                self.tls[0] if self.tls else None)
         self.infos[slot] = await self.workers[slot].info.remote()
 
     async def shutdown(self) -> None:
@@ -774,6 +778,19 @@ class Coordinator:
         await asyncio.to_thread(write_outputs, Path(out), result, state.x, buffers)
         self.live["state"] = "stopped" if self.stop_requested else "finished"
         return result
+
+
+def read_tls(cfg: TrainConfig) -> tuple[bytes, bytes] | None:
+    """(certificate PEM, key PEM) for the gRPC server, from --control-cert/--control-key."""
+    if not cfg.control_cert or not cfg.control_key:
+        return None
+    out = []
+    for field, path in (("control_cert", cfg.control_cert), ("control_key", cfg.control_key)):
+        try:
+            out.append(Path(path).read_bytes())
+        except OSError as err:
+            raise UserError(f"{field}: cannot read {path}: {err.strerror}") from None
+    return out[0], out[1]
 
 
 def read_token(cfg: TrainConfig) -> str | None:
