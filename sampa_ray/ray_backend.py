@@ -558,8 +558,7 @@ class Coordinator:
 
     # -- the control API (CoordinatorService handler) -----------------------------------------
     def status(self) -> dict[str, Any]:
-        """The run as the control API reports it; ``run_id`` is the data plane's run id, and
-        ``round`` the data plane's current round (its ``step`` field)."""
+        """The run as the control API reports it; ``run_id`` is the data plane's run id."""
         live = self.live
         return {"run_id": live.get("run_id", ""), "algorithm": live.get("algo", ""),
                 "step": live.get("step", 0), "total_steps": live.get("total", 0),

@@ -529,7 +529,8 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
              (True, False): grpc.stream_unary_rpc_method_handler,
              (True, True): grpc.stream_stream_rpc_method_handler}
     make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return make(deny, request_deserializer=handler.request_deserializer,
+    # a refused call is never decoded: nothing from an unauthenticated caller is parsed
+    return make(deny, request_deserializer=None,
                 response_serializer=handler.response_serializer)
 
 
