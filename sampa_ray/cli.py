@@ -1,5 +1,6 @@
-"""Command line: ``sampa-ray train``, ``sampa-ray compare``, and ``status``, ``watch``,
-``checkpoint``, ``stop`` for a running coordinator (``--target HOST:PORT``).
+"""Command line: ``sampa-ray train``, ``sampa-ray compare``, ``sampa-ray bench`` (the
+communication-cost study, ``sampa_ray.bench``), and ``status``, ``watch``, ``checkpoint``,
+``stop`` for a running coordinator (``--target HOST:PORT``).
 
 Every error a user can cause ends in one line on stderr and exit code 2.
 """
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .bench import add_bench_command
 from .config import TrainConfig, load_yaml, make_config
 from .control import add_control_commands
 from .errors import UserError, one_line
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     compare = sub.add_parser("compare", help="run SGD, SAM and SAMPa on the same setup")
     _add_config_flags(compare)
+    add_bench_command(sub)
     add_control_commands(sub)
     return parser
 

@@ -1,0 +1,242 @@
+"""``sampa-ray bench``: a tiny real study on an embedded Ray instance (CSV, markdown, plots, an
+emulated latency that shows up where it should), the break-even interpolation and the round
+split on known numbers, and bad flags as one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from sampa_ray import cli
+from sampa_ray.bench import (
+    COLUMNS,
+    BreakEven,
+    Stat,
+    add_bench_command,
+    aggregate,
+    break_even,
+    parse_bandwidths,
+    sampa_breakdown,
+)
+from sampa_ray.errors import UserError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+COMBOS = {("ray", "points"), ("ray", "replicated"), ("grpc", "points")}
+TINY = ["--models", "cnn", "--transports", "ray", "grpc", "--data-paths", "points",
+        "replicated", "--latency-ms", "0", "50", "--bandwidth-gbit", "none", "--repeats", "1",
+        "--steps", "4", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's parser class with only ``bench`` registered (the real parser once it is)."""
+    p = cli._Parser(prog="sampa-ray")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
+    add_bench_command(sub)
+    return p
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    """``sampa-ray bench ARGV`` through the CLI's main (its own parser once it has bench)."""
+    real = cli.build_parser()
+    if not any("bench" in (getattr(a, "choices", None) or {}) for a in real._actions):
+        monkeypatch.setattr(cli, "build_parser", parser)
+    return cli.main(["bench", *argv])
+
+
+@pytest.fixture(scope="module")
+def study(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench") / "study"
+    args = parser().parse_args(["bench", *TINY, "--out", str(out)])
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert args.func(args) == 0
+    return out, buf.getvalue()
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "bench.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _row(rows: list[dict[str, str]], transport: str, path: str, lat: float) -> dict[str, str]:
+    (r,) = [r for r in rows if (r["transport"], r["data_path"]) == (transport, path)
+            and float(r["latency_ms"]) == lat]
+    return r
+
+
+def test_csv_rows_columns_and_ratios(study: tuple[Path, str]) -> None:
+    out, _ = study
+    rows = _rows(out)
+    assert list(rows[0]) == list(COLUMNS)
+    assert len(rows) == len(COMBOS) * 2  # x 2 latencies x 1 repeat; grpc/replicated skipped
+    assert {(r["transport"], r["data_path"]) for r in rows} == COMBOS
+    for r in rows:
+        assert r["model"] == "cnn" and r["bandwidth_gbit"] == "none" and r["repeat"] == "1"
+        sgd, sam, sampa = (float(r[k]) for k in ("sgd_ms", "sam_ms", "sampa_ms"))
+        assert min(sgd, sam, sampa, float(r["sampa_compute_ms"])) > 0
+        assert float(r["sam_over_sampa"]) == pytest.approx(sam / sampa, rel=1e-12)
+        assert float(r["sampa_over_sgd"]) == pytest.approx(sampa / sgd, rel=1e-12)
+        assert 0 <= float(r["sampa_transfer_share"]) <= 1
+    # every run's result.json kept; the runs' own folders (final.pt, checkpoints) are gone
+    kept = sorted((out / "runs").glob("*/*.json"))
+    assert len(kept) == len(rows) * 3
+    assert not (out / "work").exists()
+
+
+def test_latency_lands_in_sampa_transfer(study: tuple[Path, str]) -> None:
+    """50 ms per message: SAMPa's transfer holds at least the emulated delay (points: a point
+    down and a gradient up per worker; replicated: the peer's gradient in; the workers sleep
+    it), the delay is not counted as compute or wait, and the transfer share of the step
+    grows."""
+    rows = _rows(study[0])
+    for transport, path in COMBOS:
+        fast, slow = _row(rows, transport, path, 0.0), _row(rows, transport, path, 50.0)
+        shown = {k: (fast[k], slow[k]) for k in ("sampa_ms", "sampa_round_ms",
+                                                  "sampa_transfer_ms", "sampa_transfer_share")}
+        messages = 2 if path == "points" else 1
+        assert float(slow["link_ms_per_message"]) == 50.0
+        assert float(slow["sampa_transfer_ms"]) >= 0.95 * 50 * messages, shown
+        assert float(slow["sampa_compute_ms"]) + float(slow["sampa_wait_ms"]) < 50, shown
+        assert float(slow["sampa_transfer_share"]) > float(fast["sampa_transfer_share"]), shown
+    # replicated: SGD and SAM use one worker, nothing crosses the link; SAMPa waits for the
+    # peer's gradient every step, so at 50 ms SAMPa loses to SAM
+    rep = _row(rows, "ray", "replicated", 50.0)
+    assert float(rep["sam_over_sampa"]) < 1
+
+
+def test_markdown_plots_and_break_even(study: tuple[Path, str]) -> None:
+    out, printed = study
+    md = (out / "bench.md").read_text()
+    assert "| model | transport | data path | latency (ms) |" in md
+    assert md.count("| cnn | ") >= len(COMBOS) * 2
+    assert md.split("\n## ")[0].strip().splitlines()[-1] in printed  # the table was printed
+    # the latency sweep on the replicated path: SAM/SAMPa falls below 1 by 50 ms; the
+    # break-even is interpolated linearly between the two measured speedups
+    rows = _rows(out)
+    y0, y1 = (float(_row(rows, "ray", "replicated", lat)["sam_over_sampa"]) for lat in (0, 50))
+    line = next(ln for ln in md.splitlines()
+                if ln.startswith("| cnn | ray | replicated | latency |"))
+    if y0 >= 1:
+        value = float(line.split("**")[1].split()[0])  # "**13.4 ms** (between 0 and 50 ms)"
+        assert value == pytest.approx((y0 - 1) / (y0 - y1) * 50, abs=0.05)
+        assert "(between 0 and 50 ms)" in line
+    else:  # a very busy machine: already below 1 without latency
+        assert "below 1 already" in line
+    for name in ("speedup_vs_bandwidth.png", "speedup_vs_latency.png", "breakdown.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+
+
+def test_refuses_a_folder_that_is_not_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bench.csv").write_text("earlier study\n")
+    assert run_cli(monkeypatch, *TINY, "--out", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty" in err and "--overwrite" in err
+    assert (tmp_path / "bench.csv").read_text() == "earlier study\n"
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--latency-ms", "0", "-1"], "--latency-ms"),
+    (["--latency-ms", "nan"], "--latency-ms"),
+    (["--bandwidth-gbit", "none", "0"], "--bandwidth-gbit"),
+    (["--bandwidth-gbit", "fast"], "--bandwidth-gbit"),
+    (["--models", "resnet20", "resnet9000"], "--models"),
+    (["--transports", "tcp"], "--transports"),
+    (["--transports", "grpc", "--data-paths", "replicated"], "--data-paths"),
+    (["--repeats", "0"], "--repeats"),
+    (["--steps", "1"], "--steps"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_flags_are_one_line_exit_2(flags: list[str], named: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    args = parser().parse_args(["bench", *flags, "--out", str(out)])
+    with pytest.raises(UserError, match=named):
+        args.func(args)
+    assert run_cli(monkeypatch, *flags, "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sampa-ray: {named}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+# -- pure functions on known numbers ------------------------------------------------------------
+def test_break_even_bandwidth_interpolates_in_log_space() -> None:
+    # 1.2 at 1 Gbit/s, 0.8 at 0.1: halfway in (1.2 - 1) / (1.2 - 0.8) = 0.5 of the way from
+    # log10(1) = 0 to log10(0.1) = -1, so log10(b) = -0.5 and b = 10 ** -0.5 = 0.3162 Gbit/s
+    be = break_even([10, 1, 0.1], [1.8, 1.2, 0.8], log_x=True)
+    assert be.kind == "crossed" and be.bracket == (1, 0.1)
+    assert be.value == pytest.approx(0.31622776601683794, rel=1e-12)
+    # uncapped first changes nothing; 1.0 itself is not below 1
+    be = break_even([math.inf, 10, 1, 0.1], [2.0, 1.0, 1.2, 0.8], log_x=True)
+    assert be.value == pytest.approx(10 ** -0.5, rel=1e-12)
+    # exactly 1.0 at a measured point (not below 1): the crossing starts there
+    be = break_even([1, 0.1], [1.0, 0.6], log_x=True)
+    assert be.value == pytest.approx(1.0)
+    be = break_even([10, 0.1], [1.5, 0.5], log_x=True)  # halfway in log: 10 ** 0 = 1
+    assert be.value == pytest.approx(1.0, rel=1e-12)
+
+
+def test_break_even_latency_edges_and_uncapped() -> None:
+    # 1.1 at 5 ms, 0.7 at 20 ms: 5 + (0.1 / 0.4) * 15 = 8.75 ms (linear in ms)
+    be = break_even([0, 5, 20], [1.5, 1.1, 0.7], log_x=False)
+    assert (be.kind, be.bracket) == ("crossed", (5, 20))
+    assert be.value == pytest.approx(8.75, rel=1e-12)
+    assert break_even([0, 5, 20], [1.9, 1.5, 1.01], log_x=False) == BreakEven("never")
+    assert break_even([0, 5], [0.9, 0.5], log_x=False) == BreakEven("always")
+    assert break_even([0, 5, 20], [1.5, math.nan, 0.5], log_x=False).value == \
+        pytest.approx(0 + 0.5 / 1.0 * 20)
+    # between the uncapped link and 10 Gbit/s: no position to interpolate from
+    be = break_even([math.inf, 10, 1], [1.1, 0.9, 0.7], log_x=True)
+    assert (be.kind, be.value, be.bracket) == ("crossed", None, (math.inf, 10))
+
+
+def test_bandwidth_order_and_aggregate_spread() -> None:
+    assert parse_bandwidths(["1", "none", "10", "0.1", "1"]) == [None, 10.0, 1.0, 0.1]
+    assert Stat.of([3.0, 1.0, 2.0]).fmt() == "2.0 (1.0–3.0)"
+    base = {"model": "m", "transport": "ray", "data_path": "points", "latency_ms": 0.0,
+            "bandwidth_gbit": "none"}
+    from sampa_ray.bench import METRICS
+
+    rows = [{**base, **dict.fromkeys(METRICS, v)} for v in (1.0, 5.0, 2.0)]
+    rows.append({**base, "latency_ms": 5.0, **dict.fromkeys(METRICS, 7.0)})
+    aggs = aggregate(rows)
+    assert [a.repeats for a in aggs] == [3, 1]
+    s = aggs[0].stats["sam_over_sampa"]
+    assert (s.median, s.lo, s.hi) == (2.0, 1.0, 5.0)
+
+
+def test_round_split_from_result_json() -> None:
+    """transfer = round - compute - copy - wait per role; wait from the trace's compute ends."""
+    def summ(v: float) -> dict[str, float]:
+        return {"count": 3, "median": v}
+
+    result = {
+        "timings": {
+            "round_seconds": summ(0.100), "update_seconds": summ(0.002),
+            "step_seconds": summ(0.105),
+            "workers": {
+                "perturbed": {"compute": summ(0.030), "copy_in": summ(0.001),
+                              "copy_out": summ(0.001)},
+                "extrapolated": {"compute": summ(0.040), "copy_in": summ(0.002),
+                                 "copy_out": summ(0.002)}}},
+        "trace": [  # extrapolated finishes 10 ms after perturbed in every round
+            {"round": 0, "role": "extrapolated", "start": 0.0, "end": 0.05},
+            *({"round": i, "role": role, "start": 0.0, "end": i + (0.02 if role == "perturbed"
+                                                                   else 0.03)}
+              for i in (1, 2, 3) for role in ("perturbed", "extrapolated"))],
+    }
+    b = sampa_breakdown(result)
+    assert b["perturbed_wait"] == pytest.approx(0.010)
+    assert b["extrapolated_wait"] == pytest.approx(0.0)
+    assert b["perturbed_transfer"] == pytest.approx(0.100 - 0.030 - 0.002 - 0.010)
+    assert b["extrapolated_transfer"] == pytest.approx(0.100 - 0.040 - 0.004)
+    assert b["other"] == pytest.approx(0.003)
+    assert b["transfer"] == pytest.approx((0.058 + 0.056) / 2)
