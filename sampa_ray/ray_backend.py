@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import math
 import os
+import signal
 import time
 import uuid
 import warnings
@@ -263,13 +264,15 @@ class RayExecutor(Executor):
 
     def __init__(self, workers: list[Any], stats_slot: int,
                  probe: RoundProbe | None = None, *, deadline_s: float | None = None,
-                 max_retries: int = 3, on_restart: Any = None) -> None:
+                 max_retries: int = 3, on_restart: Any = None,
+                 on_deadline: Any = None) -> None:
         self.workers = workers
         self.stats = workers[stats_slot]
         self.probe = probe  # metrics: payload sizes, dispatch and per-role arrival times
         self.deadline_s = deadline_s
         self.max_retries = max_retries
         self.on_restart = on_restart  # async (slot) -> None, after a worker came back
+        self.on_deadline = on_deadline  # (slot) -> None, before a late worker is killed
         self.last_buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.restarts = 0
         self.retried_rounds = 0
@@ -291,6 +294,8 @@ class RayExecutor(Executor):
             coro = _arrival(ref, role, self.probe) if self.probe else _resolve(ref)
             return await asyncio.wait_for(coro, timeout=self.deadline_s)
         except TimeoutError:
+            if self.on_deadline is not None:
+                self.on_deadline(slot)
             ray.kill(self.workers[slot], no_restart=False)  # Ray restarts it
             raise WorkerLost(slot, f"missed the {self.deadline_s:g}s deadline") from None
         except RayActorError:
@@ -604,6 +609,14 @@ class Coordinator:
             await asyncio.gather(*[w.connect_grpc.remote(target, self.session, token, cert)
                                    for w in self.workers])
 
+    def _force_kill(self, slot: int) -> None:
+        """A worker that missed the deadline may not even answer Ray's kill (a frozen
+        process): on this node, end its process directly; Ray then restarts the actor."""
+        info = self.infos[slot]
+        if info.get("node_id") == ray.get_runtime_context().get_node_id() and info.get("pid"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(info["pid"]), signal.SIGKILL)
+
     async def _on_restart(self, slot: int) -> None:
         """A worker came back (a new process): reopen its gRPC channel if the run uses one."""
         self._progress({"kind": "info", "text": f"worker {ROLES[slot]} restarted"})
@@ -689,7 +702,7 @@ class Coordinator:
         stats_role = make_algorithm(cfg, 1).stats_role
         plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
         kw = {"deadline_s": cfg.round_timeout, "max_retries": cfg.max_restarts,
-              "on_restart": self._on_restart}
+              "on_restart": self._on_restart, "on_deadline": self._force_kill}
         if cfg.resolved_data_path == "replicated":
             executor: RayExecutor = ReplicatedExecutor(workers, cfg, plan.total_steps,
                                                        self.probe, **kw)
