@@ -809,20 +809,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sampa_ray.bench [flags]``: the same as ``sampa-ray bench [flags]``."""
     import sys
 
-    from .cli import EXIT_USER, _Parser
-    from .errors import one_line
+    from .cli import main as cli_main
 
-    parser = _Parser(prog="sampa-ray")
-    add_bench_command(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return cmd_bench(args)
-    except UserError as err:
-        print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        print("sampa-ray: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

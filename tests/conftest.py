@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +118,28 @@ def wait_job(client, job_id: str, timeout: float = 300) -> str:  # noqa: ANN001
 
 def have(cmd: str) -> bool:
     return shutil.which(cmd) is not None
+
+
+class LoopThread:
+    """An asyncio event loop in a thread, like the coordinator actor's."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        async def inner() -> Any:
+            return fn(*args)
+        return self.run(inner())
+
+    def wait(self, fut: asyncio.Future, timeout: float = 60.0) -> Any:
+        return self.run(asyncio.wait_for(asyncio.shield(fut), timeout), timeout + 5)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()

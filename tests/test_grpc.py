@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import LoopThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -60,27 +61,6 @@ MiB = 1 << 20
 
 
 # -- an event loop in a thread, like the coordinator actor's -------------------------------------
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        async def inner() -> Any:
-            return fn(*args)
-        return self.run(inner())
-
-    def wait(self, fut: asyncio.Future, timeout: float = 60.0) -> Any:
-        return self.run(asyncio.wait_for(asyncio.shield(fut), timeout), timeout + 5)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
