@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import signal
 import time
@@ -51,6 +50,7 @@ from .trainer import (
     Progress,
     build_result,
     find_resume,
+    finite,
     make_algorithm,
     slot_for,
     train_loop,
@@ -193,7 +193,7 @@ class GradientWorker:
         fetch_s = self.client.fetch_point(step, role, self.point_buf)
         self.link.wait(self.point_buf.numel() * self.point_buf.element_size())
         r = self.engine.gradient(self.point_buf, batch, track_stats)
-        ok = math.isfinite(r.loss) and bool(torch.isfinite(r.grad.sum()))
+        ok = finite(r)
         self.link.wait(r.grad.numel() * r.grad.element_size() if ok else 0)
         push_s = self.client.push_gradient(step, role, r.grad, r.loss, r.accuracy,
                                            r.timings) if ok else 0.0
@@ -407,9 +407,12 @@ class GrpcExecutor(RayExecutor):
             self.board.step, req.role, req.batch, req.track_stats)
 
     def result(self, req: GradRequest, out: Any) -> GradResult:
+        # the gradient itself arrives through the server (round() attaches it); its size is
+        # the point's, and only a finite one was sent
+        sent = req.point.numel() * req.point.element_size() if out["finite"] else 0
         return GradResult(grad=torch.empty(0), loss=out["loss"], accuracy=out["accuracy"],
                           timings=out["timings"], start=out["start"], end=out["end"],
-                          finite=out["finite"])
+                          finite=out["finite"], nbytes=sent)
 
     async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
         board = self.board

@@ -63,6 +63,18 @@ def test_status_watch_checkpoint_stop(tmp_path):
     assert s2["step"] > s1["step"] and s2["algorithm"] == "sampa"
     assert s2["transport"] == "grpc" and s2["total_steps"] == 400 and s2["state"] == "running"
     assert len(s2["workers"]) == 2 and all(w["pid"] > 0 for w in s2["workers"])
+    # the gRPC transport counts the gradients it carried up, not only the points down
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{s2['metrics_port']}/metrics").read()
+    moved = {(s.labels["role"], s.labels["direction"]): s.value
+             for fam in text_string_to_metric_families(text.decode())
+             for s in fam.samples if s.name == "sampa_transfer_bytes_total"
+             and s.labels.get("transport") == "grpc"}
+    assert moved and all(v > 0 for v in moved.values()), moved
+    assert {d for _, d in moved} == {"up", "down"}
     # health: SERVING during the run
     with grpc.insecure_channel(target) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
