@@ -55,6 +55,7 @@ CPU_MODELS = ("resnet20", "resnet56")
 GPU_MODELS = ("resnet20", "resnet56", "wrn28_2", "wrn28_10")
 TRANSPORTS = ("ray", "grpc")
 DATA_PATHS = ("points", "replicated")
+WIRE_DTYPES = ("fp32", "bf16")
 PARTS = ("compute", "copy", "transfer", "wait", "update", "other")
 
 #: numeric columns of bench.csv that are aggregated over repeats
@@ -64,8 +65,8 @@ METRICS = ("sgd_ms", "sam_ms", "sampa_ms", "sam_over_sampa", "sampa_over_sgd",
            "sampa_compute_ms", "sampa_copy_ms", "sampa_transfer_ms", "sampa_wait_ms",
            "sampa_transfer_share", "sampa_wait_share")
 KEY = ("model", "transport", "data_path", "latency_ms", "bandwidth_gbit")
-COLUMNS = (*KEY, "repeat", "params", "grad_mb", "link_ms_per_message", "steps", "batch_size",
-           "device", "placement", "threads", *METRICS)
+COLUMNS = (*KEY, "repeat", "params", "grad_mb", "wire_dtype", "link_ms_per_message", "steps",
+           "batch_size", "device", "placement", "threads", *METRICS)
 
 
 # -- the study's settings -----------------------------------------------------------------------
@@ -100,6 +101,7 @@ class BenchSpec:
     device: str
     out: Path
     overwrite: bool = False
+    wire_dtype: str = "fp32"
 
     def links(self) -> list[LinkSetting]:
         return [LinkSetting(lat, bw) for lat in self.latencies_ms for bw in self.bandwidths]
@@ -174,7 +176,8 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         threads=args.threads, device=args.device,
         out=Path(args.out) if args.out else
         Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
-        overwrite=bool(args.overwrite))
+        overwrite=bool(args.overwrite),
+        wire_dtype=_choice("wire-dtype", [args.wire_dtype], WIRE_DTYPES)[0])
     if spec.repeats < 1:
         raise UserError(f"--repeats: must be at least 1, got {spec.repeats}")
     if spec.steps < 2:
@@ -211,6 +214,8 @@ def add_bench_command(subparsers: Any) -> None:
     p.add_argument("--bandwidth-gbit", nargs="+", default=["none", "10", "1", "0.1"],
                    metavar="GBIT", help="emulated bandwidth caps, Gbit/s; none = uncapped "
                    "(default: none 10 1 0.1)")
+    p.add_argument("--wire-dtype", default="fp32", metavar="D",
+                   help="gradients on the wire: fp32 or bf16 (default: fp32)")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (default: 3)")
     p.add_argument("--steps", type=int, default=12, help="updates per run; the first is not "
                    "timed (default: 12)")
@@ -269,13 +274,14 @@ def run_row(results: Mapping[str, Mapping[str, Any]], link: LinkSetting,
     cfg = sampa["config"]
     step = {a: _median(results[a]["timings"]["step_seconds"]) for a in ALGOS}
     b = sampa_breakdown(sampa)
-    nbytes = int(sampa["num_params"]) * 4
+    nbytes = sampa["timings"].get("gradient_bytes") or int(sampa["num_params"]) * 4
     total = sum(b[p] for p in PARTS)
     row: dict[str, Any] = {
         "model": cfg["model"], "transport": sampa["transport"], "data_path": sampa["data_path"],
         "latency_ms": link.latency_ms,
         "bandwidth_gbit": "none" if link.gbit_s is None else link.gbit_s,
         "repeat": repeat, "params": sampa["num_params"], "grad_mb": nbytes / 1e6,
+        "wire_dtype": cfg.get("wire_dtype", "fp32"),
         "link_ms_per_message": link.delay_ms(nbytes), "steps": cfg["steps"],
         "batch_size": cfg["batch_size"], "device": sampa["device"],
         "placement": sampa["placement"]["mode"], "threads": sampa["placement"]["threads"],
@@ -733,7 +739,8 @@ def run_study(spec: BenchSpec, say: Callable[[str], None] = print) -> list[dict[
                                     "device": spec.device, "eval_every": 1000,
                                     "transport": transport, "data_path": path,
                                     "link_latency_ms": link.latency_ms,
-                                    "link_gbit_s": link.gbit_s})
+                                    "link_gbit_s": link.gbit_s,
+                                    "wire_dtype": spec.wire_dtype})
                                 p = _Planned(model, transport, path, link, rep, algo,
                                              work / name / algo,
                                              spec.out / "runs" / name / f"{algo}.json")
@@ -797,6 +804,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     header = (f"{time.strftime('%Y-%m-%d %H:%M')}, device {r0['device']}, placement "
               f"{r0['placement']} ({r0['threads']} thread(s) per worker), {r0['steps']} steps "
               f"(the first not timed), batch {r0['batch_size']}, {spec.repeats} repeat(s), "
+              f"{r0['wire_dtype']} gradients on the wire, "
               "synthetic data, emulated links.")
     md = write_report(spec.out, rows, header)
     print(md)

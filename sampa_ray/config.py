@@ -21,7 +21,8 @@ ALGOS = ("sgd", "sam", "sampa")
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
                   "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
                   "round_timeout", "max_restarts", "link_latency_ms", "link_gbit_s",
-                  "data_path", "transport", "control_host", "control_port", "token_file",
+                  "data_path", "transport", "collective_backend", "control_host",
+                  "control_port", "token_file",
                   "metrics_port", "metrics_host", "metrics_cert", "metrics_key",
                   "control_cert", "control_key"}
 
@@ -57,11 +58,20 @@ class TrainConfig(BaseModel):
     transport: Literal["ray", "grpc"] = Field(
         "ray", description="ray backend: how points and gradients travel (Ray's object store, "
         "or gRPC streams to the coordinator)")
-    data_path: Literal["auto", "points", "replicated"] = Field(
+    data_path: Literal["auto", "points", "replicated", "collective"] = Field(
         "auto", description="ray backend: 'replicated' keeps the algorithm state beside the "
-        "workers and moves one gradient per worker per round; 'points' sends points down and "
-        "gradients up through the coordinator; auto: replicated on the ray transport, points "
-        "on grpc")
+        "workers and moves one gradient per worker per round, worker to worker through Ray's "
+        "object store; 'collective' does the same over torch.distributed (NCCL between GPUs, "
+        "gloo otherwise; the object store where no group can be formed); 'points' sends "
+        "points down and gradients up through the coordinator; auto: replicated on the ray "
+        "transport, points on grpc")
+    wire_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="ray backend: number format of the gradients workers send (bf16 "
+        "halves the bytes; each gradient is rounded to bf16 where it is computed, so every "
+        "replica and the coordinator apply the same values; points and state stay fp32)")
+    collective_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend of --data-path collective (auto: NCCL "
+        "when each worker has a GPU of its own, gloo otherwise)")
     control_host: str = Field("127.0.0.1", description="address of the coordinator's gRPC "
                               "server (control API; data plane with --transport grpc); any "
                               "other than loopback needs a token")
@@ -106,9 +116,10 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.dataset in ("cifar10", "cifar100") and not self.data_dir:
             raise ValueError("data_dir: required for dataset " + self.dataset)
-        if self.transport == "grpc" and self.data_path == "replicated":
-            raise ValueError("data_path: replicated moves gradients between workers through "
-                             "Ray; with --transport grpc use points (or auto)")
+        if self.transport == "grpc" and self.data_path in ("replicated", "collective"):
+            raise ValueError(f"data_path: {self.data_path} moves gradients between workers, "
+                             "not through the coordinator; with --transport grpc use points "
+                             "(or auto)")
         if bool(self.metrics_cert) != bool(self.metrics_key):
             missing = "metrics_key" if self.metrics_cert else "metrics_cert"
             raise ValueError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")

@@ -88,8 +88,7 @@ class GradientEngine:
         self.data = dataset_for(cfg)
         self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed)
         self.reset()
-        self._host_grad = (torch.empty(self.flat.numel, pin_memory=True)
-                           if self.device.type == "cuda" else None)
+        self.set_wire(cfg.wire_dtype)
         self._eval_model: nn.Module | None = None
         self._eval_flat: FlatParams | None = None
         self._eval_pool: ThreadPoolExecutor | None = None
@@ -102,6 +101,15 @@ class GradientEngine:
         self.flat = FlatParams(self.model)
         self._bns = [m for m in self.model.modules()
                      if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def set_wire(self, wire_dtype: str) -> None:
+        """The gradients' number format on the wire (``fp32`` or ``bf16``): a bf16 gradient is
+        rounded here, once, on the device, and copied to the host at half the size."""
+        self.wire = torch.bfloat16 if wire_dtype == "bf16" else torch.float32
+        self._wire_grad = (torch.empty(self.flat.numel, dtype=self.wire, device=self.device)
+                           if self.wire != torch.float32 else None)
+        self._host_grad = (torch.empty(self.flat.numel, dtype=self.wire, pin_memory=True)
+                           if self.device.type == "cuda" else None)
 
     # -- facts the coordinator needs ----------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -134,9 +142,14 @@ class GradientEngine:
                 if nbt is not None:
                     m.num_batches_tracked.copy_(nbt)
 
-    def gradient(self, point: torch.Tensor, batch: int, track_stats: bool = True) -> GradResult:
+    def gradient(self, point: torch.Tensor, batch: int, track_stats: bool = True,
+                 to_host: bool = True) -> GradResult:
         """Gradient of the (label-smoothed) cross-entropy on training batch ``batch`` at ``point``.
-        Returns a CPU tensor for CPU points; on a GPU engine the result lives in a pinned buffer."""
+        Returns a CPU tensor for CPU points; on a GPU engine the result lives in a pinned buffer.
+        With a bf16 wire the result is bf16 and the engine's own fp32 gradient
+        (``flat.grad``) is rounded to the same values, so whoever keeps it agrees with whoever
+        receives it. ``to_host=False``: a GPU engine's result stays on the device (in a buffer
+        it reuses)."""
         dev = self.device
         t0 = time.perf_counter()
         self.flat.load_(point)
@@ -158,7 +171,10 @@ class GradientEngine:
         t2 = time.perf_counter()
         end = time.time()
         grad = self.flat.grad
-        if self._host_grad is not None:
+        if self._wire_grad is not None:
+            grad = self._wire_grad.copy_(grad)  # round to nearest even, on the device
+            self.flat.grad.copy_(grad)
+        if self._host_grad is not None and to_host:
             grad = self._host_grad.copy_(grad, non_blocking=True)
             torch.cuda.current_stream(dev).synchronize()
         t3 = time.perf_counter()

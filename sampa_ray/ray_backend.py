@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult
 from .errors import UserError
 from .metrics import RoundProbe, RunMetrics
-from .replicated import Pending, Replica
+from .replicated import PeerGrads, Pending, Replica
 from .results import Recorder, write_outputs
 from .trainer import (
     ROLES,
@@ -55,6 +55,9 @@ from .trainer import (
     slot_for,
     train_loop,
 )
+from .transport.codec import from_array, to_array
+from .transport.collective import CollectiveError, PeerGroup, choose_backend, rendezvous_address
+from .transport.collective import leave as leave_group
 from .transport.grpc_client import PointClient
 from .transport.grpc_server import ProgressHub, RoundBoard, start_server, stop_server
 
@@ -138,6 +141,7 @@ class GradientWorker:
         self.name = name
         self.replica: Replica | None = None
         self.client: PointClient | None = None
+        self.group: PeerGroup | None = None
         self.link = Link(0.0, None)
         self.error: str | None = None
         try:
@@ -155,9 +159,11 @@ class GradientWorker:
     def initial_point(self) -> np.ndarray:
         return self.engine.initial_point().numpy()
 
-    def set_link(self, latency_ms: float, gbit_s: float | None) -> None:
-        """Emulate a slower link between this worker and the others (benchmarks)."""
+    def configure(self, latency_ms: float, gbit_s: float | None, wire_dtype: str) -> None:
+        """Per-run settings: an emulated slower link between this worker and the others
+        (benchmarks), and the gradients' number format on the wire."""
         self.link = Link(latency_ms, gbit_s)
+        self.engine.set_wire(wire_dtype)
 
     def gradient(self, point: np.ndarray, batch: int, track_stats: bool
                  ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -168,7 +174,7 @@ class GradientWorker:
         # may reuse its gradient buffer for the next request. A pass on the trajectory also
         # returns the model buffers (small): the coordinator keeps them to restore a restarted
         # worker exactly.
-        return r.grad.numpy(), {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
+        return to_array(r.grad), {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
                                 "start": r.start, "end": r.end,
                                 "buffers": self.engine.buffers() if track_stats else None}
 
@@ -208,29 +214,54 @@ class GradientWorker:
         self.replica.init(cfg, total_steps, tensors, step, phase)
 
     @ray.method(num_returns=2)
-    def replica_round(self, pending: list[Pending], *peer_grads: dict[str, np.ndarray]
-                      ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    def replica_round(self, pending: list[Pending], *peer_grads: PeerGrads
+                      ) -> tuple[PeerGrads, dict[str, dict[str, Any]]]:
         """Apply the rounds not applied yet, compute this worker's requests of the next one.
         Two objects: the gradients (handed on to the peer) and the facts (for the
         coordinator), so the coordinator never has to fetch a gradient."""
         assert self.replica is not None
         # each peer gradient crosses the (emulated) link once, into this worker
-        self.link.wait(sum(g.nbytes for d in peer_grads for g in d.values()))
+        self.link.wait(sum(g.nbytes for d in peer_grads for g, _ in d.values()))
+        t0 = time.perf_counter()
         self.replica.apply(pending, list(peer_grads))
+        applied = time.perf_counter() - t0
         out = self.replica.compute()
-        return {r: g for r, (g, _) in out.items()}, {r: m for r, (_, m) in out.items()}
+        for _, meta in out.values():
+            meta["timings"]["apply"] = applied  # the pending updates, on this worker
+        return ({r: (g, m["finite"]) for r, (g, m) in out.items()},
+                {r: m for r, (_, m) in out.items()})
 
-    def replica_state(self, pending: list[Pending], *peer_grads: dict[str, np.ndarray]
+    def replica_state(self, pending: list[Pending], *peer_grads: PeerGrads
                       ) -> dict[str, np.ndarray]:
         assert self.replica is not None
         self.replica.apply(pending, list(peer_grads))
         return self.replica.tensors()
 
     def replica_eval(self, step: int, pending: list[Pending],
-                     *peer_grads: dict[str, np.ndarray]) -> None:
+                     *peer_grads: PeerGrads) -> None:
         assert self.replica is not None and self.replica.state is not None
         self.replica.apply(pending, list(peer_grads))
         self.engine.start_eval(step, self.replica.state.x)
+
+    # -- the collective data path: replicas, gradients over torch.distributed ----------------
+    def collective_address(self) -> tuple[str, int]:
+        """Where this worker (rank 0) hosts the group's rendezvous."""
+        return rendezvous_address()
+
+    def collective_join(self, rank: int, world: int, host: str, port: int, backend: str,
+                        timeout_s: float) -> None:
+        self.group = PeerGroup(rank, world, host, port, backend, self.engine.device, timeout_s)
+
+    def collective_leave(self) -> None:
+        leave_group()
+        self.group = None
+
+    def collective_round(self) -> dict[str, dict[str, Any]]:
+        """Compute, exchange with the peers, apply: one whole round (see Replica)."""
+        assert self.replica is not None
+        facts = self.replica.collective_round(self.group)
+        self.link.wait(self.replica.received_bytes)  # the peers' gradients came over the link
+        return facts
 
     def load_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         self.engine.load_buffers(buffers)
@@ -285,9 +316,9 @@ class RayExecutor(Executor):
 
     def result(self, req: GradRequest, out: Any) -> GradResult:
         grad, meta = out
-        return GradResult(grad=as_tensor(grad), loss=meta["loss"], accuracy=meta["accuracy"],
+        return GradResult(grad=from_array(grad), loss=meta["loss"], accuracy=meta["accuracy"],
                           timings=meta["timings"], start=meta["start"], end=meta["end"],
-                          finite=meta.get("finite"))
+                          finite=meta.get("finite"), nbytes=grad.nbytes)  # as it travelled
 
     async def _await(self, slot: int, ref: Any, role: str | tuple[str, ...]) -> Any:
         try:
@@ -323,7 +354,8 @@ class RayExecutor(Executor):
             await self.on_restart(slot)
         self.restarts += 1
 
-    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
         if self.probe is not None:
             self.probe.dispatched([(r.role, r.point) for r in reqs])
         todo = list(reqs)
@@ -408,20 +440,21 @@ class GrpcExecutor(RayExecutor):
 
     def result(self, req: GradRequest, out: Any) -> GradResult:
         # the gradient itself arrives through the server (round() attaches it); its size is
-        # the point's, and only a finite one was sent
-        sent = req.point.numel() * req.point.element_size() if out["finite"] else 0
+        # the point's length in the wire's format, and only a finite one was sent
+        sent = req.point.numel() * self.board.grad_dtype.itemsize if out["finite"] else 0
         return GradResult(grad=torch.empty(0), loss=out["loss"], accuracy=out["accuracy"],
                           timings=out["timings"], start=out["start"], end=out["end"],
                           finite=out["finite"], nbytes=sent)
 
-    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
         board = self.board
         step = board.step + 1 if board.step is not None else 1
         self.futs = board.open_round(step, {r.role: r.point for r in reqs})
         results = await super().round(reqs)
         for role, r in results.items():
             if r.finite:  # the gradient itself came through the server
-                r.grad = (await self.futs[role])[0]
+                r.grad = (await self.futs[role])[0].float()  # bf16 widened; fp32 as it is
         return results
 
 
@@ -431,6 +464,7 @@ class ReplicatedExecutor(RayExecutor):
     peers, so gradients move worker to worker and the coordinator fetches none of them."""
 
     holds_state = True
+    runs_ahead = True
 
     def __init__(self, workers: list[Any], cfg: TrainConfig, total_steps: int,
                  probe: RoundProbe | None = None, **kw: Any) -> None:
@@ -442,8 +476,13 @@ class ReplicatedExecutor(RayExecutor):
         # per worker: the rounds it has not applied yet, (skipped?, {role: gradient ref})
         self.pending: dict[int, list[tuple[bool, dict[str, Any]]]] = {s: [] for s in self.used}
         self.last_refs: dict[str, Any] = {}
+        # the next round, dispatched before this one's results came back: (slots, calls,
+        # peer gradients each worker fetches); its workers apply this round by the rule
+        self.ahead: tuple[list[int], dict[int, Any], dict[str, int]] | None = None
+        self.ruled: set[int] = set()  # slots whose queued call applies the last round
 
     async def init_state(self, state: AlgoState) -> None:
+        self.ahead, self.ruled = None, set()  # a replay: what ran ahead is abandoned
         tensors = {k: v.detach().cpu().numpy() for k, v in state.tensors().items()}
         await asyncio.gather(*[self.workers[s].replica_init.remote(
             self.cfg.model_dump(), self.total_steps, tensors, state.step, state.phase)
@@ -462,17 +501,42 @@ class ReplicatedExecutor(RayExecutor):
         self.pending[slot] = []
         return specs, refs
 
-    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
-        slots = sorted({slot_for(r.role) for r in reqs})
-        calls = {}
-        probe, roles, peers_in = self.probe, {}, {}  # metrics: roles and gradients in, by slot
+    def _dispatch(self, slots: list[int], reqs: list[GradRequest] | None = None,
+                  calls: dict[int, Any] | None = None) -> tuple[dict[int, Any], dict[int, int]]:
+        """One call per slot with its pending rounds; with ``reqs`` and their ``calls`` (a
+        round still running), that round too, decided by the rule, on the peers' results."""
+        out, fetched = {}, {}
         for s in slots:
             specs, refs = self._take_pending(s)
-            calls[s] = self.workers[s].replica_round.remote(specs, *refs)
-            roles[s] = tuple(r.role for r in reqs if slot_for(r.role) == s)
-            peers_in[roles[s][0]] = len(refs)
-        if probe is not None:
-            probe.dispatched_peers(peers_in)
+            if reqs is not None and calls is not None:
+                peer = [r.role for r in reqs if slot_for(r.role) != s]
+                specs.append((None, peer))
+                refs.extend(calls[slot_for(role)][0] for role in peer)
+            out[s] = self.workers[s].replica_round.remote(specs, *refs)
+            fetched[s] = len(refs)
+        return out, fetched
+
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
+        slots = sorted({slot_for(r.role) for r in reqs})
+        probe = self.probe
+        if self.ahead is not None:  # dispatched during the last round
+            ahead_slots, calls, fetched = self.ahead
+            self.ahead = None
+            if ahead_slots != slots:
+                raise RuntimeError(f"the round run ahead used workers {ahead_slots}, the loop "
+                                   f"asks for {slots}")
+        else:
+            calls, fetched = self._dispatch(slots)
+        roles = {s: tuple(r.role for r in reqs if slot_for(r.role) == s) for s in slots}
+        if probe is not None:  # metrics: gradients fetched from peers, by the slot's role
+            probe.dispatched_peers({roles[s][0]: fetched[s] for s in slots})
+        self.ruled = set()
+        if ahead is not None:  # queue the next round behind this one on every worker
+            nslots = sorted({slot_for(r.role) for r in ahead})
+            ncalls, nfetched = self._dispatch(nslots, reqs, calls)
+            self.ahead = (nslots, ncalls, nfetched)
+            self.ruled = set(nslots)
         facts = await asyncio.gather(*[self._await(s, calls[s][1], roles[s]) for s in slots],
                                      return_exceptions=True)
         for f in facts:  # a lost worker takes its replica along: the coordinator replays
@@ -493,9 +557,13 @@ class ReplicatedExecutor(RayExecutor):
 
     async def commit(self, skip: bool) -> None:
         for s in self.used:
-            self.pending[s].append((skip, dict(self.last_refs)))
+            if s not in self.ruled:  # a queued call applies it by the same rule
+                self.pending[s].append((skip, dict(self.last_refs)))
+        self.ruled = set()
 
     async def full_state(self, state: AlgoState) -> AlgoState:
+        if self.ahead is not None:
+            raise RuntimeError("the state was asked for while a round runs ahead")
         s = self.stats_slot
         specs, refs = self._take_pending(s)
         t = await self.workers[s].replica_state.remote(specs, *refs)
@@ -509,7 +577,94 @@ class ReplicatedExecutor(RayExecutor):
         await self.workers[s].replica_eval.remote(step, specs, *refs)
 
 
+class CollectiveExecutor(ReplicatedExecutor):
+    """The replicated data path with the gradients exchanged over torch.distributed (see
+    ``sampa_ray.transport.collective``): every worker in use gets one call per round, computes
+    its requests, exchanges the round's gradients with its peers and applies the round by the
+    loop's rule, so no call waits on another's result and the next round can be queued behind
+    this one. Where no group can be formed it says why and uses the object store instead."""
+
+    def __init__(self, workers: list[Any], cfg: TrainConfig, total_steps: int,
+                 probe: RoundProbe | None = None, *, gpu_ids: list[list[str]],
+                 say: Any = None, **kw: Any) -> None:
+        super().__init__(workers, cfg, total_steps, probe, **kw)
+        self.gpu_ids = gpu_ids
+        self.say = say or (lambda text: None)
+        self.group = len(self.used) > 1  # one worker in use: nothing to exchange
+        self.backend: str | None = None  # of the group; None without one
+        self.fallback: str | None = None  # why the object store is used instead
+        self.calls: dict[int, Any] | None = None  # the round queued ahead
+
+    async def init_state(self, state: AlgoState) -> None:
+        self.calls = None
+        if self.group:
+            try:
+                await self._form_group()
+            except (CollectiveError, RayTaskError) as err:
+                cause = err.cause if isinstance(err, RayTaskError) else err
+                self.group, self.backend = False, None
+                self.fallback = str(cause).strip().splitlines()[0]
+                self.say(f"collective: no process group ({self.fallback}); the gradients go "
+                         "through Ray's object store instead")
+        await super().init_state(state)
+
+    async def _form_group(self) -> None:
+        device = torch.device(self.cfg.device if self.cfg.device != "auto" else
+                              ("cuda" if self.gpu_ids and all(self.gpu_ids) else "cpu"))
+        backend = self.cfg.collective_backend
+        if backend == "auto":
+            backend = choose_backend(device, [self.gpu_ids[s] for s in self.used])
+        host, port = await self.workers[self.used[0]].collective_address.remote()
+        timeout = self.deadline_s or 300.0
+        await asyncio.wait_for(asyncio.gather(*[
+            self.workers[s].collective_join.remote(rank, len(self.used), host, port, backend,
+                                                   timeout)
+            for rank, s in enumerate(self.used)]), timeout=timeout + 30)
+        self.backend = backend
+
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
+        if not self.group and len(self.used) > 1:
+            return await super().round(reqs, ahead)
+        slots, probe = self.used, self.probe
+        calls = self.calls or {s: self.workers[s].collective_round.remote() for s in slots}
+        self.calls = None
+        if ahead is not None:  # no call waits on another's result: queue the next one now
+            self.calls = {s: self.workers[s].collective_round.remote() for s in slots}
+        roles = {s: tuple(r.role for r in reqs if slot_for(r.role) == s) for s in slots}
+        if probe is not None:
+            probe.dispatched_peers({roles[s][0]: len(reqs) - len(roles[s])
+                                    for s in slots if roles[s]})
+        facts = await asyncio.gather(*[self._await(s, calls[s], roles[s]) for s in slots],
+                                     return_exceptions=True)
+        lost = [f for f in facts if isinstance(f, WorkerLost)]
+        for f in lost + list(facts):  # a peer's broken exchange follows from the lost one
+            if isinstance(f, BaseException):
+                raise f
+        results: dict[str, GradResult] = {}
+        for f in facts:
+            for role, meta in f.items():
+                results[role] = GradResult(
+                    grad=torch.empty(0), loss=meta["loss"], accuracy=meta["accuracy"],
+                    timings=meta["timings"], start=meta["start"], end=meta["end"],
+                    finite=meta["finite"], norm=meta["norm"], nbytes=meta["nbytes"])
+        if probe is not None:
+            probe.round_done(results, fanout=len(self.used) - 1)
+        return results
+
+    async def commit(self, skip: bool) -> None:
+        if self.group or len(self.used) == 1:
+            return  # the workers applied the round by the same rule
+        await super().commit(skip)
+
+    async def full_state(self, state: AlgoState) -> AlgoState:
+        if self.calls is not None:
+            raise RuntimeError("the state was asked for while a round runs ahead")
+        return await super().full_state(state)
+
+
 # -- the coordinator ----------------------------------------------------------------------------
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: config fields the workers' replicas and data depend on; runs on the same actors share them
 WORKER_FIELDS = ("model", "dropout", "dataset", "data_dir", "synthetic_size", "batch_size",
                  "seed", "label_smoothing", "device")
@@ -541,6 +696,7 @@ class Coordinator:
         self.live: dict[str, Any] = {"state": "starting"}
         self.checkpoint_waiters: list[asyncio.Future[str]] = []
         # metrics: served from this process once start() runs; see sampa_ray/metrics.py
+        self.run_cfg = self.base  # the run in progress (per-run worker settings)
         self.metrics = RunMetrics()
         self.probe = RoundProbe(self.metrics, transport="ray")
         self.metrics_port: int | None = None
@@ -627,7 +783,12 @@ class Coordinator:
             await self.workers[slot].connect_grpc.remote(
                 self.control_target, self.session, read_token(self.base),
                 self.tls[0] if self.tls else None)
+        await self._configure(self.workers[slot])  # the new process has the defaults
         self.infos[slot] = await self.workers[slot].info.remote()
+
+    async def _configure(self, worker: Any) -> None:
+        c = self.run_cfg
+        await worker.configure.remote(c.link_latency_ms, c.link_gbit_s, c.wire_dtype)
 
     async def shutdown(self) -> None:
         """Report NOT_SERVING, end watches and stop the gRPC server."""
@@ -699,16 +860,22 @@ class Coordinator:
             await self.start()
         workers = self.workers
         await asyncio.gather(*[w.reset.remote() for w in workers])
-        await asyncio.gather(*[w.set_link.remote(cfg.link_latency_ms, cfg.link_gbit_s)
-                               for w in workers])
+        self.run_cfg = cfg
+        await asyncio.gather(*[self._configure(w) for w in workers])
+        if self.board is not None:
+            self.board.set_grad_dtype(WIRE_DTYPES[cfg.wire_dtype])
         x0 = as_tensor(await workers[0].initial_point.remote()).clone()
         stats_role = make_algorithm(cfg, 1).stats_role
         plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
         kw = {"deadline_s": cfg.round_timeout, "max_retries": cfg.max_restarts,
               "on_restart": self._on_restart, "on_deadline": self._force_kill}
-        if cfg.resolved_data_path == "replicated":
-            executor: RayExecutor = ReplicatedExecutor(workers, cfg, plan.total_steps,
-                                                       self.probe, **kw)
+        if cfg.resolved_data_path == "collective":
+            executor: RayExecutor = CollectiveExecutor(
+                workers, cfg, plan.total_steps, self.probe,
+                gpu_ids=[i["gpu_ids"] for i in self.infos],
+                say=lambda text: self._progress({"kind": "info", "text": text}), **kw)
+        elif cfg.resolved_data_path == "replicated":
+            executor = ReplicatedExecutor(workers, cfg, plan.total_steps, self.probe, **kw)
         elif cfg.transport == "grpc":
             assert self.board is not None
             executor = GrpcExecutor(workers, slot_for(stats_role), self.board, self.probe,
@@ -756,7 +923,8 @@ class Coordinator:
             try:
                 state = await train_loop(cfg, executor, x0, plan, recorder, progress,
                                          lambda: self.stop_requested, resume=resume,
-                                         checkpoint=checkpointer, after_update=after_update)
+                                         checkpoint=checkpointer, after_update=after_update,
+                                         hold=lambda: bool(self.checkpoint_waiters))
                 break
             except WorkerLost as err:
                 # replicated path: the lost worker took its replica along; every replica is
@@ -787,7 +955,9 @@ class Coordinator:
             stopped_early=state.step < plan.total_steps, metrics_port=self.metrics_port,
             transport=cfg.transport, data_path=cfg.resolved_data_path,
             control_port=self.control_port, control_target=self.control_target,
-            worker_restarts=executor.restarts, retried_rounds=executor.retried_rounds)
+            worker_restarts=executor.restarts, retried_rounds=executor.retried_rounds,
+            **({"collective": {"backend": executor.backend, "fallback": executor.fallback}}
+               if isinstance(executor, CollectiveExecutor) else {}))
         if result["final_test_accuracy"] is not None:
             self.metrics.observe_eval("test", result["final_test_accuracy"])
         await asyncio.to_thread(write_outputs, Path(out), result, state.x, buffers)

@@ -34,6 +34,7 @@ class Recorder:
         self.stats_role = stats_role
         self.t_start = time.time()
         self.rounds = 0
+        self.gradient_bytes: int | None = None  # one gradient on the wire, as last seen
         self.nonfinite_rounds = 0
         self.round_s: list[float] = []
         self.update_s: list[float] = []
@@ -51,6 +52,8 @@ class Recorder:
         self.round_s.append(round_s)
         self.update_s.append(update_s)
         for role, r in results.items():
+            if r.nbytes:  # what the gradient took on the wire (none in a local run)
+                self.gradient_bytes = r.nbytes
             for k, v in r.timings.items():
                 self.worker[role][k].append(v)
             if self.rounds <= TRACE_ROUNDS:
@@ -90,6 +93,7 @@ class Recorder:
 
     def timing_summary(self) -> dict[str, Any]:
         return {"nonfinite_rounds": self.nonfinite_rounds,
+                "gradient_bytes": self.gradient_bytes,
                 "step_seconds": summary(self.step_s[1:]),  # the first holds start-up rounds
                 "round_seconds": summary(self.round_s),
                 "update_seconds": summary(self.update_s),

@@ -14,6 +14,7 @@ the outputs are the same code for both, so their trajectories can be compared bi
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
 from abc import ABC, abstractmethod
@@ -93,6 +94,8 @@ class Executor(ABC):
     """
 
     holds_state: bool = False
+    #: may dispatch the next round before this one's results are in (see ``round``)
+    runs_ahead: bool = False
 
     async def init_state(self, state: AlgoState) -> None:
         """Seed the replicas (``holds_state`` executors) with the starting state."""
@@ -107,8 +110,13 @@ class Executor(ABC):
         return state
 
     @abstractmethod
-    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
-        """The gradients of one round's requests, by role."""
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
+        """The gradients of one round's requests, by role. ``ahead``: the next round's
+        requests, given when the workers it needs do not depend on this round's outcome and no
+        checkpoint, evaluation or stop comes between: a ``runs_ahead`` executor queues it now,
+        and its workers apply this round by the loop's rule (skip when any gradient or loss is
+        non-finite) instead of waiting for ``commit``; the loop's next ``round`` call gets it."""
 
     @abstractmethod
     async def start_eval(self, step: int, state: AlgoState) -> None:
@@ -135,19 +143,42 @@ class Executor(ABC):
 Progress = Callable[[dict[str, Any]], None]
 
 
+def lookahead(algo: Algorithm, state: AlgoState, reqs: list[GradRequest], plan: Plan,
+              cfg: TrainConfig, busy: Callable[[], bool]) -> list[GradRequest] | None:
+    """The next round's requests (on a 0-length shadow state), if the workers it needs are the
+    same whether this round is applied or skipped, and nothing needs the state in between: the
+    end of the run, an epoch's end (evaluation), a checkpoint, or ``busy()`` (a stop or an
+    on-demand checkpoint is waiting)."""
+    empty = state.x.new_empty(0)
+    applied, skipped = copy.copy(state), copy.copy(state)
+    algo.update(applied, {r.role: empty for r in reqs})
+    algo.skip(skipped)
+    nexts = []
+    for s in (applied, skipped):
+        if s.step != state.step:  # this round completes an update: what follows it?
+            every = cfg.checkpoint_every
+            if s.step >= plan.total_steps or plan.epoch_end(s.step) or \
+                    (every and s.step % every == 0) or busy():
+                return None
+        nexts.append(algo.requests(s))
+    slots = [sorted({slot_for(r.role) for r in n}) for n in nexts]
+    return nexts[0] if slots[0] == slots[1] else None
+
+
 async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, plan: Plan,
                      recorder: Recorder, progress: Progress | None = None,
                      should_stop: Callable[[], bool] | None = None,
                      resume: Checkpoint | None = None,
                      checkpoint: Callable[[AlgoState], Awaitable[None]] | None = None,
-                     after_update: Callable[[AlgoState], Awaitable[None]] | None = None
-                     ) -> AlgoState:
+                     after_update: Callable[[AlgoState], Awaitable[None]] | None = None,
+                     hold: Callable[[], bool] | None = None) -> AlgoState:
     """Run the requests -> gradients -> update loop to ``plan.total_steps`` updates.
     Evaluation runs in the background on the trajectory worker and overlaps later rounds.
     ``should_stop`` is checked after each parameter update (never inside one); ``checkpoint``
     is awaited every ``cfg.checkpoint_every`` updates and at the end; ``resume`` continues from a
     checkpoint (state, worker buffers, the record so far); ``after_update`` is awaited after
-    every update (on-demand work such as a requested checkpoint)."""
+    every update (on-demand work such as a requested checkpoint); ``hold`` says such work is
+    waiting (the loop then does not run a round ahead of it)."""
     algo = make_algorithm(cfg, plan.total_steps)
     if resume is not None:
         state = resume.state()
@@ -167,10 +198,15 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
     epochs_done = len(recorder.epochs)
     nonfinite_streak = 0
     last_update = perf()
+    def busy() -> bool:
+        return (should_stop is not None and should_stop()) or \
+            (hold is not None and hold())
+
     while state.step < plan.total_steps:
         reqs = algo.requests(state)
+        ahead = lookahead(algo, state, reqs, plan, cfg, busy) if executor.runs_ahead else None
         t0 = perf()
-        results = await executor.round(reqs)
+        results = await executor.round(reqs, ahead)
         t1 = perf()
         before = state.step
         bad = [role for role, r in results.items() if not finite(r)]
@@ -218,6 +254,8 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
             if checkpoint is not None and every and state.step % every == 0 \
                     and state.step < plan.total_steps:
                 await checkpoint(await executor.full_state(state))
+            if ahead is not None:  # the next round is already under way: finish it first
+                continue
             if after_update is not None:
                 await after_update(state)
             if should_stop is not None and should_stop():
@@ -310,9 +348,15 @@ class LocalExecutor(Executor):
         self.engines = [GradientEngine(cfg) for _ in ROLES]  # two, as on Ray
         self.stats = self.engines[slot_for(algo.stats_role)]
 
-    async def round(self, reqs: list[GradRequest]) -> dict[str, GradResult]:
-        return {r.role: self.engines[slot_for(r.role)].gradient(r.point, r.batch, r.track_stats)
-                for r in reqs}
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
+        out = {}
+        for r in reqs:
+            res = self.engines[slot_for(r.role)].gradient(r.point, r.batch, r.track_stats)
+            if res.grad.dtype != torch.float32:  # a bf16 wire: what the other backends receive
+                res.grad = res.grad.float()
+            out[r.role] = res
+        return out
 
     async def start_eval(self, step: int, state: AlgoState) -> None:
         self.stats.start_eval(step, state.x)  # the engine snapshots x into its eval replica

@@ -28,7 +28,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 COMBOS = {("ray", "points"), ("ray", "replicated"), ("grpc", "points")}
 TINY = ["--models", "cnn", "--transports", "ray", "grpc", "--data-paths", "points",
         "replicated", "--latency-ms", "0", "50", "--bandwidth-gbit", "none", "--repeats", "1",
-        "--steps", "4", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
+        "--steps", "4", "--batch-size", "8", "--threads", "1", "--device", "cpu",
+        "--wire-dtype", "bf16"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,6 +80,9 @@ def test_csv_rows_columns_and_ratios(study: tuple[Path, str]) -> None:
     assert {(r["transport"], r["data_path"]) for r in rows} == COMBOS
     for r in rows:
         assert r["model"] == "cnn" and r["bandwidth_gbit"] == "none" and r["repeat"] == "1"
+        # a bf16 wire: each gradient travelled as 2 bytes per parameter
+        assert r["wire_dtype"] == "bf16"
+        assert float(r["grad_mb"]) == pytest.approx(2 * int(r["params"]) / 1e6, rel=1e-12)
         sgd, sam, sampa = (float(r[k]) for k in ("sgd_ms", "sam_ms", "sampa_ms"))
         assert min(sgd, sam, sampa, float(r["sampa_compute_ms"])) > 0
         assert float(r["sam_over_sampa"]) == pytest.approx(sam / sampa, rel=1e-12)
@@ -153,6 +157,7 @@ def test_refuses_a_folder_that_is_not_empty(tmp_path: Path, monkeypatch: pytest.
     (["--repeats", "0"], "--repeats"),
     (["--steps", "1"], "--steps"),
     (["--device", "tpu"], "--device"),
+    (["--wire-dtype", "fp16"], "--wire-dtype"),
 ])
 def test_bad_flags_are_one_line_exit_2(flags: list[str], named: str, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch,

@@ -107,6 +107,7 @@ BAD = [
     ("invalid-yaml", ["--config", "{invalid}"], "config"),
     ("unknown-config-key", ["--config", "{unknown}"], "colour"),
     ("yaml-list", ["--config", "{listy}"], "config"),
+    ("unknown-wire-dtype", ["--wire-dtype", "fp16"], "wire_dtype"),
     ("batch-larger-than-dataset", ["--batch-size", "5000"], "batch_size"),
     ("out-is-a-file", ["--out", "{file}"], "out"),
 ]
@@ -152,6 +153,15 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path:
     assert not (tmp_path / "out" / "result.json").exists()
     assert not (tmp_path / "runs").exists()
     assert (tmp_path / "a-file").read_text() == "keep me\n"
+
+
+def test_every_config_field_has_a_flag() -> None:
+    from sampa_ray.cli import CONFIG_FLAGS
+    from sampa_ray.config import TrainConfig
+
+    # resume has its own flag (an optional value: the --out folder by default)
+    assert set(TrainConfig.model_fields) - set(CONFIG_FLAGS) == {"resume"}
+    assert set(CONFIG_FLAGS) <= set(TrainConfig.model_fields)
 
 
 def test_compare_rejects_bad_input_too(tmp_path: Path) -> None:

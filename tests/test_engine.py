@@ -272,3 +272,28 @@ def test_background_eval_matches_evaluate_and_snapshots_its_inputs() -> None:
 def test_model_dataset_mismatch_is_a_user_error() -> None:
     with pytest.raises(UserError, match="model"):
         GradientEngine(make_config({**BASE, "model": "resnet20"}))
+
+
+def test_bf16_wire_gradient_is_the_fp32_gradient_rounded_once() -> None:
+    """A bf16 wire: the engine hands out a bf16 gradient (half the bytes) whose values are the
+    fp32 gradient rounded to nearest even, and rounds its own fp32 copy to the same values (a
+    replica keeping its own gradient agrees with the peer that receives it)."""
+    from sampa_ray.transport.codec import from_array, to_array
+
+    a, b = _engine(), _engine(wire_dtype="bf16")
+    p = _point(a)
+    g32 = a.gradient(p, 3, track_stats=False).grad.clone()
+    r = b.gradient(p, 3, track_stats=False)
+    assert r.grad.dtype == torch.bfloat16 and r.grad.shape == g32.shape
+    assert torch.equal(r.grad, g32.to(torch.bfloat16))
+    assert not torch.equal(r.grad.float(), g32)  # the rounding did something
+    assert torch.equal(b.flat.grad, r.grad.float())
+    rel = float((r.grad.float() - g32).norm() / g32.norm())
+    assert 0 < rel < 2**-8  # bf16 keeps 8 significant bits
+    arr = to_array(r.grad)  # what Ray's object store carries
+    assert arr.nbytes == 2 * g32.numel() and arr.nbytes * 2 == g32.numpy().nbytes
+    assert torch.equal(from_array(arr), r.grad.float())
+    assert from_array(arr).dtype == torch.float32
+    # fp32 arrays pass through without a copy
+    arr32 = to_array(g32)
+    assert from_array(arr32).data_ptr() == g32.data_ptr()

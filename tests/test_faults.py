@@ -67,7 +67,8 @@ def kill(pid: int) -> None:
 
 
 @pytest.mark.parametrize("data_path,role", [("points", "extrapolated"),
-                                            ("replicated", "perturbed")])
+                                            ("replicated", "perturbed"),
+                                            ("collective", "extrapolated")])
 def test_killed_worker_is_restarted_and_trajectory_is_unchanged(tmp_path, data_path, role):
     result, infos, victim = run_with_fault(tmp_path, kill, role, data_path=data_path)
     assert result["steps"] == 24
@@ -82,7 +83,10 @@ def test_killed_worker_is_restarted_and_trajectory_is_unchanged(tmp_path, data_p
         assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
 
 
-def test_hanging_worker_is_restarted_after_the_deadline(tmp_path):
+@pytest.mark.parametrize("data_path", ["points", "collective"])
+def test_hanging_worker_is_restarted_after_the_deadline(tmp_path, data_path):
+    """On the collective path the frozen worker's peer is stuck in the exchange with it; the
+    deadline names the frozen one, and the group is formed anew with its replacement."""
     stopped: list[int] = []
 
     def hang(pid: int) -> None:
@@ -90,7 +94,7 @@ def test_hanging_worker_is_restarted_after_the_deadline(tmp_path):
         stopped.append(pid)
 
     try:
-        result, infos, _ = run_with_fault(tmp_path, hang, "extrapolated", data_path="points",
+        result, infos, _ = run_with_fault(tmp_path, hang, "extrapolated", data_path=data_path,
                                           round_timeout=4.0)
     finally:
         for pid in stopped:
@@ -98,6 +102,6 @@ def test_hanging_worker_is_restarted_after_the_deadline(tmp_path):
                 os.kill(pid, signal.SIGCONT)
     assert result["steps"] == 24 and result["worker_restarts"] >= 1
     assert any("missed the 4s deadline" in i or "restarted" in i for i in infos)
-    ref = reference(tmp_path, data_path="points", round_timeout=4.0)
+    ref = reference(tmp_path, data_path=data_path, round_timeout=4.0)
     got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
     assert torch.equal(got["x"], ref["x"])

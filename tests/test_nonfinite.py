@@ -23,8 +23,8 @@ class Poisoned(LocalExecutor):
         super().__init__(cfg)
         self.bad_rounds, self.n = set(bad_rounds), 0
 
-    async def round(self, reqs):
-        results = await super().round(reqs)
+    async def round(self, reqs, ahead=None):
+        results = await super().round(reqs, ahead)
         if self.n in self.bad_rounds:
             next(iter(results.values())).grad[3] = float("nan")
         self.n += 1

@@ -22,7 +22,7 @@ CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2)]
 
 
 @pytest.mark.parametrize("data_path,transport", [("points", "ray"), ("replicated", "ray"),
-                                                ("points", "grpc")])
+                                                ("collective", "ray"), ("points", "grpc")])
 def test_ray_matches_local_bitwise(tmp_path, data_path, transport):
     """Same engine code, same torch thread count (1), same batches and the same update code
     (on the coordinator for 'points', on each worker's replica for 'replicated'): the
@@ -43,12 +43,55 @@ def test_ray_matches_local_bitwise(tmp_path, data_path, transport):
         assert local["final_test_accuracy"] == r["final_test_accuracy"]
         assert r["backend"] == "ray" and r["placement"]["mode"] == "cpu"
         assert r["transport"] == transport and r["data_path"] == data_path
+        if data_path == "collective":  # SAMPa's two workers formed a gloo group on CPU
+            assert r["collective"] == {"backend": "gloo" if cfg.algo == "sampa" else None,
+                                       "fallback": None}
         assert r["gradient_rounds"] == local["gradient_rounds"] and r["steps"] == 12
         assert [e["test_accuracy"] for e in r["epochs"]] == \
             [e["test_accuracy"] for e in local["epochs"]]
     # the runs moved, and differ between algorithms: not trivially equal vectors
     xs = [load(tmp_path / f"ray{i}")["x"] for i in range(len(CASES))]
     assert all(not torch.equal(xs[0], x) for x in xs[1:])
+
+
+@pytest.mark.parametrize("data_path,transport", [("points", "ray"), ("replicated", "ray"),
+                                                ("collective", "ray"), ("points", "grpc")])
+def test_bf16_wire_matches_local_bitwise_with_half_the_bytes(tmp_path, data_path, transport):
+    """A bf16 wire rounds each gradient once, where it is computed: every data path applies the
+    same values as a local run with the same setting, and each gradient takes half the bytes."""
+    base = {"algo": "sampa", "lam": 0.2, "steps": 8, "batch_size": 32, "threads": 1,
+            "backend": "ray", "data_path": data_path, "transport": transport}
+    runs = [(make_config({**base, "wire_dtype": w}), tmp_path / f"ray-{w}")
+            for w in ("bf16", "fp32")]
+    r16, r32 = run_ray_many(runs)
+    local = run_local(runs[0][0], tmp_path / "local")
+    assert torch.equal(load(tmp_path / "local")["x"], load(tmp_path / "ray-bf16")["x"])
+    assert local["final_test_accuracy"] == r16["final_test_accuracy"]
+    n = r16["num_params"]
+    assert r16["timings"]["gradient_bytes"] == 2 * n
+    assert r32["timings"]["gradient_bytes"] == 4 * n
+    assert local["timings"]["gradient_bytes"] is None  # nothing travelled
+    # not the fp32 trajectory, but close to it after 8 updates
+    x16, x32 = load(tmp_path / "ray-bf16")["x"], load(tmp_path / "ray-fp32")["x"]
+    assert not torch.equal(x16, x32)
+    x0 = load(tmp_path / "local")["x"]  # scale: how far the run moved
+    assert float((x16 - x32).norm()) < 0.05 * float(x0.norm())
+
+
+def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
+    """NCCL asked for on a CPU-only machine: the group cannot be formed, the run says why once
+    and moves the gradients through Ray's object store instead, on the same trajectory."""
+    events = []
+    cfg = make_config({"algo": "sampa", "lam": 0.2, "steps": 6, "batch_size": 32,
+                       "threads": 1, "backend": "ray", "data_path": "collective",
+                       "collective_backend": "nccl"})
+    r = run_ray(cfg, tmp_path / "ray", progress=events.append)
+    run_local(cfg, tmp_path / "local")
+    assert torch.equal(load(tmp_path / "local")["x"], load(tmp_path / "ray")["x"])
+    assert r["collective"]["backend"] is None and "nccl" in r["collective"]["fallback"].lower()
+    said = [e["text"] for e in events if e.get("kind") == "info"
+            and e["text"].startswith("collective:")]
+    assert len(said) == 1 and "object store" in said[0], said
 
 
 def test_replicas_agree_and_resume(tmp_path):

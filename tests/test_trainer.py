@@ -301,3 +301,20 @@ def test_stopping_early_closes_and_evaluates_the_partial_epoch() -> None:
     assert [r["step"] for r in rec.epochs] == [4]
     assert rec.epochs[0]["epoch"] == pytest.approx(4 / PER_EPOCH)
     assert rec.epochs[0]["test_accuracy"] is not None
+
+
+def test_bf16_wire_keeps_the_final_accuracy(tmp_path: Path) -> None:
+    """The bound a bf16 wire gets instead of bitwise equality: the default job (SAMPa-0.2,
+    8 epochs on digits) reaches the fp32 run's test accuracy within 2 points, and its
+    training loss follows the fp32 curve epoch by epoch."""
+    res = {w: run_local(make_config({"backend": "local", "threads": 1, "wire_dtype": w}),
+                        tmp_path / w) for w in ("fp32", "bf16")}
+    a32, a16 = res["fp32"]["final_test_accuracy"], res["bf16"]["final_test_accuracy"]
+    assert a32 > 0.95 and a16 > 0.95
+    assert abs(a32 - a16) <= 0.02
+    l32 = [e["train_loss"] for e in res["fp32"]["epochs"]]
+    l16 = [e["train_loss"] for e in res["bf16"]["epochs"]]
+    assert len(l32) == len(l16) == 8
+    assert l16 != l32  # the rounding changed the trajectory
+    for e32, e16 in zip(l32, l16, strict=True):
+        assert abs(e16 - e32) <= 0.1 * e32 + 0.01

@@ -103,6 +103,20 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy()
 
 
+def to_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array for Ray's object store, without copying. numpy has no
+    bfloat16: a bf16 tensor travels as its 16-bit patterns (``int16``), which :func:`from_array`
+    reads back as bf16."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def from_array(a: np.ndarray) -> torch.Tensor:
+    """The tensor :func:`to_array` made, as fp32 (a bf16 payload is widened, exactly; an fp32
+    one is a view of the array, without copying)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16).float() if t.dtype == torch.int16 else t
+
+
 def encode_chunks(t: torch.Tensor, chunk_bytes: int = MAX_CHUNK_BYTES
                   ) -> Iterator[tuple[int, memoryview]]:
     """``(offset, bytes)`` of consecutive chunks of ``t``'s memory, at most ``chunk_bytes`` each.

@@ -88,13 +88,15 @@ class RoundBoard:
     the round's futures have resolved. Use from the event loop the server runs in.
     """
 
-    def __init__(self, run_id: str, numel: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, run_id: str, numel: int, dtype: torch.dtype = torch.float32,
+                 grad_dtype: torch.dtype | None = None) -> None:
         if numel < 0:
             raise ValueError(f"numel must be >= 0, got {numel}")
         self.run_id = run_id
         self.numel = int(numel)
-        self.dtype = dtype
+        self.dtype = dtype  # of the points
         self.dtype_name = dtype_name(dtype)
+        self.set_grad_dtype(grad_dtype or dtype)
         self.shape = (self.numel,)
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
         self.nbytes = self.numel * self.itemsize
@@ -109,6 +111,12 @@ class RoundBoard:
         self._locks: dict[str, asyncio.Lock] = {}
 
     # the coordinator's side
+    def set_grad_dtype(self, dtype: torch.dtype) -> None:
+        """The gradients' dtype (bf16 with a bf16 wire); between runs only."""
+        self.grad_dtype = dtype
+        self.grad_dtype_name = dtype_name(dtype)
+        self._buffers = {}
+
     def open_round(self, step: int, points: dict[str, torch.Tensor]
                    ) -> dict[str, asyncio.Future[tuple[torch.Tensor, dict[str, Any]]]]:
         """Publish the points of round ``step`` (one per role); returns one future per role that
@@ -134,7 +142,7 @@ class RoundBoard:
         self._futures = {role: loop.create_future() for role in points}
         for role in points:
             if role not in self._buffers:
-                self._buffers[role] = torch.empty(self.numel, dtype=self.dtype)
+                self._buffers[role] = torch.empty(self.numel, dtype=self.grad_dtype)
                 self._locks[role] = asyncio.Lock()
         return dict(self._futures)
 
@@ -266,9 +274,9 @@ class ParameterServicer(pgrpc.ParameterServiceServicer):
         h = first.header
         b.check(h.run_id, h.step, h.role)
         role = h.role
-        if h.dtype != b.dtype_name:
+        if h.dtype != b.grad_dtype_name:
             raise Rejection(SC.INVALID_ARGUMENT, f"header: dtype {h.dtype!r} does not match the "
-                                                 f"expected {b.dtype_name!r}")
+                                                 f"expected {b.grad_dtype_name!r}")
         if tuple(h.shape) != b.shape:
             raise Rejection(SC.INVALID_ARGUMENT, f"header: shape {list(h.shape)} does not match "
                                                  f"the expected {list(b.shape)}")

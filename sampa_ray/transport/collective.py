@@ -1,0 +1,82 @@
+"""Worker to worker over torch.distributed: NCCL between GPUs, gloo otherwise.
+
+The replicated data path's peers exchange one gradient each per round. Through Ray's object store
+that costs a put, an owner notification and a fetch per gradient, and the next round's task
+waits for the coordinator to see the object; here the workers form a process group once and
+each gradient is one ``broadcast`` from the worker that computed it, straight into a buffer the
+others allocated once. On GPUs in different processes with NCCL the bytes go device to device;
+with gloo (CPU, or GPUs NCCL cannot pair, e.g. two workers sharing one GPU) they go through host
+memory over TCP.
+
+Bytes only: what the tensors mean is the caller's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+class CollectiveError(RuntimeError):
+    """The process group could not be formed or broke."""
+
+
+def rendezvous_address() -> tuple[str, int]:
+    """This node's address and a free TCP port on it, for rank 0 to host the group's store."""
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return host, int(s.getsockname()[1])
+
+
+def choose_backend(device: torch.device, gpu_ids: list[list[str]]) -> str:
+    """NCCL when every member has a GPU of its own (NCCL cannot pair two ranks on one GPU) and
+    NCCL is built in; gloo otherwise."""
+    distinct = all(ids for ids in gpu_ids) and \
+        len({tuple(ids) for ids in gpu_ids}) == len(gpu_ids)
+    if device.type == "cuda" and distinct and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+class PeerGroup:
+    """This process's membership in the workers' process group (one per process)."""
+
+    def __init__(self, rank: int, world: int, host: str, port: int, backend: str,
+                 device: torch.device, timeout_s: float) -> None:
+        if not dist.is_available():
+            raise CollectiveError("torch.distributed is not available in this torch build")
+        leave()  # a group from an earlier run (or a broken one) goes first
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank,
+                                    world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as err:  # noqa: BLE001 - any failure means: no group
+            raise CollectiveError(f"{backend} group {host}:{port} rank {rank}/{world}: "
+                                  f"{str(err).strip().splitlines()[0] if str(err) else err!r}"
+                                  ) from None
+        self.rank, self.world, self.backend = rank, world, backend
+        # where the exchanged tensors live: the GPU with NCCL, host memory with gloo
+        self.device = device if backend == "nccl" else torch.device("cpu")
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        """Send ``tensor`` (``src`` is this rank) or receive into it (another rank)."""
+        try:
+            dist.broadcast(tensor, src=src)
+        except Exception as err:  # noqa: BLE001 - a peer died or the link broke
+            raise CollectiveError(f"broadcast from rank {src} failed: "
+                                  f"{str(err).strip().splitlines()[0] if str(err) else err!r}"
+                                  ) from None
+
+
+def leave() -> None:
+    """Leave the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # a broken group is gone either way
+            dist.destroy_process_group()
