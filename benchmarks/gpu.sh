@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a single-GPU machine that has torch but not Ray: installs the wheels
 # carried in .whl/ (Ray and the few packages it and sampa-ray need) into /tmp/site, then prints
-# the SGD / SAM / SAMPa table per model and data path. Finishes in a few minutes on an H200.
+# the SGD / SAM / SAMPa table per model and data path (WIRES="fp32 bf16" adds the bf16 wire).
 #
 #   bash benchmarks/gpu.sh            # writes the table to stdout and, if $OUT is set, CSV there
 set -euo pipefail
@@ -20,5 +20,5 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_DISABLE_DOCKER_CPU_WARNI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" benchmarks/bench_ray.py --device cuda --batch-size 128 --steps "${STEPS:-30}" \
   --models ${MODELS:-resnet20 resnet56 wrn28_2 wrn28_10} \
-  --data-paths ${DATA_PATHS:-points replicated} --wire-dtypes ${WIRES:-fp32} \
+  --data-paths ${DATA_PATHS:-points replicated collective} --wire-dtypes ${WIRES:-fp32} \
   ${OUT:+--csv "$OUT/gpu_bench.csv"}

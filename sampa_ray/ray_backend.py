@@ -256,10 +256,11 @@ class GradientWorker:
         leave_group()
         self.group = None
 
-    def collective_round(self) -> dict[str, dict[str, Any]]:
-        """Compute, exchange with the peers, apply: one whole round (see Replica)."""
+    def collective_round(self, exchange: bool) -> dict[str, dict[str, Any]]:
+        """Compute, exchange with the peers (``exchange``: the run uses the group), apply: one
+        whole round (see Replica)."""
         assert self.replica is not None
-        facts = self.replica.collective_round(self.group)
+        facts = self.replica.collective_round(self.group if exchange else None)
         self.link.wait(self.replica.received_bytes)  # the peers' gradients came over the link
         return facts
 
@@ -627,10 +628,12 @@ class CollectiveExecutor(ReplicatedExecutor):
         if not self.group and len(self.used) > 1:
             return await super().round(reqs, ahead)
         slots, probe = self.used, self.probe
-        calls = self.calls or {s: self.workers[s].collective_round.remote() for s in slots}
+        calls = self.calls or {s: self.workers[s].collective_round.remote(self.group)
+                                 for s in slots}
         self.calls = None
         if ahead is not None:  # no call waits on another's result: queue the next one now
-            self.calls = {s: self.workers[s].collective_round.remote() for s in slots}
+            self.calls = {s: self.workers[s].collective_round.remote(self.group)
+                          for s in slots}
         roles = {s: tuple(r.role for r in reqs if slot_for(r.role) == s) for s in slots}
         if probe is not None:
             probe.dispatched_peers({roles[s][0]: len(reqs) - len(roles[s])

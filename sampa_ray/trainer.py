@@ -14,7 +14,6 @@ the outputs are the same code for both, so their trajectories can be compared bi
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import time
 from abc import ABC, abstractmethod
@@ -150,7 +149,12 @@ def lookahead(algo: Algorithm, state: AlgoState, reqs: list[GradRequest], plan: 
     end of the run, an epoch's end (evaluation), a checkpoint, or ``busy()`` (a stop or an
     on-demand checkpoint is waiting)."""
     empty = state.x.new_empty(0)
-    applied, skipped = copy.copy(state), copy.copy(state)
+
+    def shadow() -> AlgoState:  # a 0-length copy: the same rounds, no arithmetic
+        return AlgoState(x=empty, step=state.step, phase=state.phase,
+                         g_y=None if state.g_y is None else empty)
+
+    applied, skipped = shadow(), shadow()
     algo.update(applied, {r.role: empty for r in reqs})
     algo.skip(skipped)
     nexts = []

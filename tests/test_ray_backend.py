@@ -78,6 +78,19 @@ def test_bf16_wire_matches_local_bitwise_with_half_the_bytes(tmp_path, data_path
     assert float((x16 - x32).norm()) < 0.05 * float(x0.norm())
 
 
+def test_collective_runs_after_a_grouped_run_on_the_same_actors(tmp_path):
+    """SAMPa forms the workers' group; SGD and SAM after it on the same actors use one worker
+    and must not try to exchange with the idle one (they would wait for it forever)."""
+    base = {"lam": 0.2, "steps": 5, "batch_size": 32, "threads": 1, "backend": "ray",
+            "data_path": "collective"}
+    cfgs = [make_config({**base, "algo": a}) for a in ("sampa", "sgd", "sam", "sampa")]
+    res = run_ray_many([(c, tmp_path / f"ray{i}") for i, c in enumerate(cfgs)])
+    assert [r["collective"]["backend"] for r in res] == ["gloo", None, None, "gloo"]
+    for i, c in enumerate(cfgs):
+        run_local(c, tmp_path / f"local{i}")
+        assert torch.equal(load(tmp_path / f"local{i}")["x"], load(tmp_path / f"ray{i}")["x"])
+
+
 def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
     """NCCL asked for on a CPU-only machine: the group cannot be formed, the run says why once
     and moves the gradients through Ray's object store instead, on the same trajectory."""

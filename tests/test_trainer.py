@@ -318,3 +318,44 @@ def test_bf16_wire_keeps_the_final_accuracy(tmp_path: Path) -> None:
     assert l16 != l32  # the rounding changed the trajectory
     for e32, e16 in zip(l32, l16, strict=True):
         assert abs(e16 - e32) <= 0.1 * e32 + 0.01
+
+
+class _Recording(LocalExecutor):
+    """The local executor, claiming it runs rounds ahead: records what the loop offers."""
+
+    runs_ahead = True
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.offered: list[tuple[str, ...] | None] = []
+
+    async def round(self, reqs, ahead=None):
+        self.offered.append(None if ahead is None else tuple(r.role for r in ahead))
+        return await super().round(reqs, ahead)
+
+
+def test_the_loop_offers_the_next_round_except_where_the_state_is_needed(tmp_path) -> None:
+    """SAMPa, 25 updates, 22 batches per epoch, a checkpoint every 10: round r makes update r
+    (round 0 is the bootstrap). No round is offered ahead after the bootstrap (the next round's
+    workers depend on whether it is applied), before an epoch's end (evaluation), a
+    checkpoint, the last update, or while ``hold`` says on-demand work is waiting; every other
+    round is, and the trajectory is the one a plain loop takes."""
+    cfg = _cfg("sampa", steps=25, checkpoint_every=10)
+    ex = _Recording(cfg)
+    plan = Plan.of(cfg, PER_EPOCH)
+    saved: list[int] = []
+
+    async def checkpoint(state) -> None:
+        saved.append(state.step)
+
+    state = asyncio.run(train_loop(cfg, ex, ex.engines[0].initial_point(), plan,
+                                   Recorder("extrapolated"), checkpoint=checkpoint,
+                                   hold=lambda: len(ex.offered) == 6))
+    assert state.step == 25 and saved == [10, 20, 25]
+    both = ("perturbed", "extrapolated")
+    closed = {0, 6, 10, 20, 22, 25}  # bootstrap, held, checkpoints, epoch end, last
+    assert ex.offered == [None if r in closed else both for r in range(26)]
+    plain = run_local(cfg, tmp_path / "plain")
+    assert torch.equal(state.x, torch.load(tmp_path / "plain" / "final.pt",
+                                           weights_only=True)["x"])
+    assert plain["steps"] == 25
