@@ -20,5 +20,5 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_DISABLE_DOCKER_CPU_WARNI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" benchmarks/bench_ray.py --device cuda --batch-size 128 --steps "${STEPS:-30}" \
   --models ${MODELS:-resnet20 resnet56 wrn28_2 wrn28_10} \
-  --data-paths ${DATA_PATHS:-points replicated collective} --wire-dtypes ${WIRES:-fp32} \
+  --data-paths ${DATA_PATHS:-points replicated collective} --repeats ${REPEATS:-2} --wire-dtypes ${WIRES:-fp32} \
   ${OUT:+--csv "$OUT/gpu_bench.csv"}

@@ -54,7 +54,7 @@ ROLES = ("perturbed", "extrapolated")
 CPU_MODELS = ("resnet20", "resnet56")
 GPU_MODELS = ("resnet20", "resnet56", "wrn28_2", "wrn28_10")
 TRANSPORTS = ("ray", "grpc")
-DATA_PATHS = ("points", "replicated")
+DATA_PATHS = ("points", "replicated", "collective")
 WIRE_DTYPES = ("fp32", "bf16")
 PARTS = ("compute", "copy", "transfer", "wait", "update", "other")
 
@@ -109,7 +109,7 @@ class BenchSpec:
     def combos(self) -> list[tuple[str, str]]:
         """(transport, data path) pairs that exist: gRPC carries points only."""
         return [(t, p) for t in self.transports for p in self.data_paths
-                if not (t == "grpc" and p == "replicated")]
+                if not (t == "grpc" and p != "points")]
 
 
 def _unique(values: Iterable[Any]) -> list[Any]:

@@ -130,3 +130,41 @@ def test_control_api_with_tls_and_token(tmp_path):
     t.join(timeout=120)
     assert not t.is_alive() and "error" not in box, box.get("error")
     assert box["result"]["stopped_early"] and box["result"]["steps"] > 0
+
+
+def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path):
+    """The collective path queues each round behind the one in flight. A checkpoint asked for
+    and a stop still give the state and BatchNorm statistics of one and the same update: each
+    equals a local run of exactly that many updates (constant learning rate, so a shorter run
+    follows the same trajectory)."""
+    import torch
+
+    from sampa_ray.checkpoint import list_checkpoints, load_checkpoint
+    from sampa_ray.trainer import run_local
+
+    over = {"transport": "ray", "data_path": "collective", "lr_schedule": "constant",
+            "lam": 0.2, "checkpoint_every": 0, "keep_checkpoints": 5}
+    t, box, target = start_run(tmp_path, **over)
+    wait_step(target, 4)
+    request_checkpoint(target)
+    assert request_stop(target)["accepted"]
+    t.join(timeout=120)
+    assert not t.is_alive() and "error" not in box, box.get("error")
+    result = box["result"]
+    assert result["stopped_early"] and result["collective"]["backend"] == "gloo"
+    ckpts = [load_checkpoint(p) for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    first = min(ckpts, key=lambda c: c.step)
+    assert 4 <= first.step < result["steps"]
+    base = {"algo": "sampa", "model": "resnet20", "dataset": "synthetic", "synthetic_size": 256,
+            "batch_size": 16, "threads": 1, "backend": "local", "lr_schedule": "constant",
+            "lam": 0.2}
+    for steps, x, buffers in ((first.step, first.tensors["x"], first.buffers[1]),
+                              (result["steps"], None, None)):
+        out = tmp_path / f"local{steps}"
+        run_local(make_config({**base, "steps": steps}), out)
+        want = torch.load(out / "final.pt", weights_only=True)
+        if x is None:  # the stop: the run's own final.pt
+            got = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+            x, buffers = got["x"], got["buffers"]
+        assert torch.equal(x, want["x"]), steps
+        assert all(torch.equal(buffers[k], want["buffers"][k]) for k in want["buffers"])
