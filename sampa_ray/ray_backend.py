@@ -601,8 +601,9 @@ class CollectiveExecutor(ReplicatedExecutor):
         if self.group:
             try:
                 await self._form_group()
-            except (CollectiveError, RayTaskError) as err:
-                cause = err.cause if isinstance(err, RayTaskError) else err
+            except (CollectiveError, RayTaskError, TimeoutError) as err:
+                cause = err.cause if isinstance(err, RayTaskError) else \
+                    err if str(err) else "the workers did not meet in time"
                 self.group, self.backend = False, None
                 self.fallback = str(cause).strip().splitlines()[0]
                 self.say(f"collective: no process group ({self.fallback}); the gradients go "
@@ -929,17 +930,31 @@ class Coordinator:
                                          checkpoint=checkpointer, after_update=after_update,
                                          hold=lambda: bool(self.checkpoint_waiters))
                 break
-            except WorkerLost as err:
+            except (WorkerLost, RayActorError) as err:
                 # replicated path: the lost worker took its replica along; every replica is
-                # rebuilt from the newest snapshot and the rounds since are replayed exactly
+                # rebuilt from the newest snapshot and the rounds since are replayed exactly.
+                # A peer may go down with it (a collective exchange broken mid-way), noticed
+                # here or only by a later call (RayActorError): every worker that is down comes
+                # back before the replay.
                 replays += 1
                 if replays > cfg.max_restarts:
                     raise UserError(f"{err}; {replays} times in this run, giving up") from None
-                await executor.recover(err.slot)
+                for slot in range(len(workers)):
+                    if isinstance(err, WorkerLost) and slot == err.slot:
+                        await executor.recover(slot)
+                        continue
+                    try:  # down, or already restarted by Ray (a new process)
+                        info = await workers[slot].info.remote()
+                        lost = info.get("pid") != self.infos[slot].get("pid")
+                    except RayActorError:
+                        lost = True
+                    if lost:
+                        await executor.recover(slot)
                 executor.retried_rounds += 1
                 resume = checkpointer.last
                 assert resume is not None
-                self._progress({"kind": "info", "text": f"{err}: restarted; replaying from "
+                what = err if isinstance(err, WorkerLost) else "a worker went down"
+                self._progress({"kind": "info", "text": f"{what}: restarted; replaying from "
                                 f"step {resume.step}"})
         await checkpointer.flush()
         self.metrics.worker_restarts.inc(executor.restarts)

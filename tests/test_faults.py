@@ -50,8 +50,9 @@ def run_with_fault(tmp_path, fault, role: str, **over):
     while (not steps or steps[-1] < 6) and time.time() < deadline and t.is_alive():
         time.sleep(0.05)
     assert steps and steps[-1] < 24, "the run ended before the fault"
-    victim = pids[role]
-    fault(victim)
+    victim = pids[role] if role != "both" else -1
+    for pid in (pids.values() if role == "both" else [victim]):
+        fault(pid)
     t.join(timeout=300)
     assert not t.is_alive()
     return box["result"], infos, victim
@@ -77,6 +78,19 @@ def test_killed_worker_is_restarted_and_trajectory_is_unchanged(tmp_path, data_p
     new_pid = next(w["pid"] for w in result["workers"] if w["name"] == role)
     assert new_pid != victim
     ref = reference(tmp_path, data_path=data_path)
+    got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], ref["x"])
+    for k in ref["buffers"]:
+        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+
+
+def test_both_workers_killed_at_once_on_the_collective_path(tmp_path):
+    """Both workers SIGKILLed together: every worker that is down comes back, the group is
+    formed anew, the rounds since the last snapshot are replayed, the result is unchanged."""
+    result, infos, _ = run_with_fault(tmp_path, kill, "both", data_path="collective")
+    assert result["steps"] == 24 and result["worker_restarts"] >= 2
+    assert result["collective"]["backend"] == "gloo"
+    ref = reference(tmp_path, data_path="collective")
     got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
     assert torch.equal(got["x"], ref["x"])
     for k in ref["buffers"]:
