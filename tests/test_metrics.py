@@ -3,6 +3,7 @@ Prometheus server evaluating every query of the Grafana dashboard against that r
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -273,8 +274,8 @@ def test_fixed_metrics_port_is_reported_and_released(ray_local: None, tmp_path: 
     def released() -> bool:  # the coordinator's process is gone, and its endpoint with it
         try:
             scrape(port)
-        except (urllib.error.URLError, ConnectionError):
-            return True
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+            return True  # refused, reset, or cut off mid-answer as the process went
         return False
 
     wait_for(released, 30, "the metrics port to be released")
