@@ -459,6 +459,23 @@ class GrpcExecutor(RayExecutor):
         return results
 
 
+def raise_lost(outcomes: list[Any]) -> None:
+    """Raise the first failure among a round's outcomes, a lost worker before anything else (a
+    peer's broken exchange or missing input follows from the lost one)."""
+    lost = [o for o in outcomes if isinstance(o, WorkerLost)]
+    for o in lost + list(outcomes):
+        if isinstance(o, BaseException):
+            raise o
+
+
+def kept_gradient(meta: dict[str, Any]) -> GradResult:
+    """The result of a gradient that stayed with its worker: the facts the worker sent, no
+    tensor (``grad`` is empty)."""
+    return GradResult(grad=torch.empty(0), loss=meta["loss"], accuracy=meta["accuracy"],
+                      timings=meta["timings"], start=meta["start"], end=meta["end"],
+                      finite=meta["finite"], norm=meta["norm"], nbytes=meta["nbytes"])
+
+
 class ReplicatedExecutor(RayExecutor):
     """Coordinator side of the replicated data path (see ``sampa_ray.replicated``): dispatches
     rounds to the replica-holding workers and hands each worker's gradient reference on to its
@@ -540,17 +557,12 @@ class ReplicatedExecutor(RayExecutor):
             self.ruled = set(nslots)
         facts = await asyncio.gather(*[self._await(s, calls[s][1], roles[s]) for s in slots],
                                      return_exceptions=True)
-        for f in facts:  # a lost worker takes its replica along: the coordinator replays
-            if isinstance(f, BaseException):
-                raise f
+        raise_lost(facts)  # a lost worker takes its replica along: the coordinator replays
         results: dict[str, GradResult] = {}
         self.last_refs = {}
         for s, f in zip(slots, facts, strict=True):
             for role, meta in f.items():
-                results[role] = GradResult(
-                    grad=torch.empty(0), loss=meta["loss"], accuracy=meta["accuracy"],
-                    timings=meta["timings"], start=meta["start"], end=meta["end"],
-                    finite=meta["finite"], norm=meta["norm"], nbytes=meta["nbytes"])
+                results[role] = kept_gradient(meta)
                 self.last_refs[role] = calls[s][0]  # that worker's {role: gradient} object
         if probe is not None:  # each gradient goes to every other worker in use
             probe.round_done(results, fanout=len(self.used) - 1)
@@ -629,32 +641,28 @@ class CollectiveExecutor(ReplicatedExecutor):
         if not self.group and len(self.used) > 1:
             return await super().round(reqs, ahead)
         slots, probe = self.used, self.probe
-        calls = self.calls or {s: self.workers[s].collective_round.remote(self.group)
-                                 for s in slots}
+        calls = self.calls or self._queue()
         self.calls = None
         if ahead is not None:  # no call waits on another's result: queue the next one now
-            self.calls = {s: self.workers[s].collective_round.remote(self.group)
-                          for s in slots}
+            self.calls = self._queue()
         roles = {s: tuple(r.role for r in reqs if slot_for(r.role) == s) for s in slots}
         if probe is not None:
             probe.dispatched_peers({roles[s][0]: len(reqs) - len(roles[s])
                                     for s in slots if roles[s]})
         facts = await asyncio.gather(*[self._await(s, calls[s], roles[s]) for s in slots],
                                      return_exceptions=True)
-        lost = [f for f in facts if isinstance(f, WorkerLost)]
-        for f in lost + list(facts):  # a peer's broken exchange follows from the lost one
-            if isinstance(f, BaseException):
-                raise f
+        raise_lost(facts)
         results: dict[str, GradResult] = {}
         for f in facts:
             for role, meta in f.items():
-                results[role] = GradResult(
-                    grad=torch.empty(0), loss=meta["loss"], accuracy=meta["accuracy"],
-                    timings=meta["timings"], start=meta["start"], end=meta["end"],
-                    finite=meta["finite"], norm=meta["norm"], nbytes=meta["nbytes"])
+                results[role] = kept_gradient(meta)
         if probe is not None:
             probe.round_done(results, fanout=len(self.used) - 1)
         return results
+
+    def _queue(self) -> dict[int, Any]:
+        """One round's call on every worker in use."""
+        return {s: self.workers[s].collective_round.remote(self.group) for s in self.used}
 
     async def commit(self, skip: bool) -> None:
         if self.group or len(self.used) == 1:

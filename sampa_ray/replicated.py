@@ -24,7 +24,7 @@ import torch
 
 from .algorithms import AlgoState, GradRequest
 from .config import TrainConfig
-from .engine import GradientEngine
+from .engine import GradientEngine, GradResult
 from .trainer import make_algorithm, slot_for
 from .transport.codec import from_array, to_array
 from .transport.collective import PeerGroup
@@ -92,18 +92,25 @@ class Replica:
                                    if slot_for(r.role) == self.slot]
         out = {}
         for req in mine:
-            r = self.engine.gradient(req.point, req.batch, req.track_stats)
-            dev_grad = self.engine.flat.grad
-            self.own[req.role] = dev_grad.clone() if len(mine) > 1 else dev_grad
-            norm = float(torch.linalg.vector_norm(dev_grad))
-            ok = math.isfinite(norm) and math.isfinite(r.loss)
-            self.own_ok[req.role] = ok
+            r, facts = self._own_gradient(req, keep=len(mine) > 1)
             out[req.role] = (to_array(r.grad).copy() if len(mine) > 1 else to_array(r.grad),
-                             {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
-                              "start": r.start, "end": r.end, "norm": norm,
-                              "finite": ok,
-                              "nbytes": r.grad.numel() * r.grad.element_size()})
+                             facts)
         return out
+
+    def _own_gradient(self, req: GradRequest, keep: bool,
+                      to_host: bool = True) -> tuple[GradResult, dict[str, Any]]:
+        """Compute one of this worker's requests; remember its device gradient (a copy with
+        ``keep``: the engine reuses its buffer) and whether it is usable; return the result
+        and the facts the coordinator gets."""
+        r = self.engine.gradient(req.point, req.batch, req.track_stats, to_host=to_host)
+        dev_grad = self.engine.flat.grad
+        self.own[req.role] = dev_grad.clone() if keep else dev_grad
+        norm = float(torch.linalg.vector_norm(dev_grad))
+        ok = math.isfinite(norm) and math.isfinite(r.loss)
+        self.own_ok[req.role] = ok
+        return r, {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
+                   "start": r.start, "end": r.end, "norm": norm, "finite": ok,
+                   "nbytes": r.grad.numel() * r.grad.element_size()}
 
     def collective_round(self, group: PeerGroup | None) -> dict[str, dict[str, Any]]:
         """One whole round on the collective path: compute this worker's requests, exchange
@@ -120,20 +127,12 @@ class Replica:
         facts: dict[str, dict[str, Any]] = {}
         sends: dict[str, torch.Tensor] = {}
         for req in mine:
-            r = engine.gradient(req.point, req.batch, req.track_stats, to_host=on_host)
-            dev_grad = engine.flat.grad
-            self.own[req.role] = dev_grad.clone() if len(mine) > 1 else dev_grad
-            norm = float(torch.linalg.vector_norm(dev_grad))
-            ok = math.isfinite(norm) and math.isfinite(r.loss)
-            self.own_ok[req.role] = ok
+            r, facts[req.role] = self._own_gradient(req, keep=len(mine) > 1, to_host=on_host)
             if group is not None:  # the gradient and its verdict in one message
                 buf = self._buffer(f"send/{req.role}", n + 1, r.grad.dtype, group.device)
                 buf[:n].copy_(r.grad)
-                buf[n] = 1.0 if ok else 0.0
+                buf[n] = 1.0 if facts[req.role]["finite"] else 0.0
                 sends[req.role] = buf
-            facts[req.role] = {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
-                               "start": r.start, "end": r.end, "norm": norm, "finite": ok,
-                               "nbytes": n * r.grad.element_size()}
         peers: dict[str, tuple[torch.Tensor, bool]] = {}
         self.received_bytes = 0
         if group is not None:

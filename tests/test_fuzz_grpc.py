@@ -177,6 +177,19 @@ def view_of(lt: LoopThread, board: RoundBoard) -> View:
                                 board.numel))
 
 
+def expect_round(run_id: str, step: int, role: str,
+                 v: View) -> tuple[grpc.StatusCode, str] | None:
+    """What the server answers to a message naming a run, step and role that is not the open
+    round's (None: it is)."""
+    if run_id != v.run_id:
+        return NF, "unknown run"
+    if v.step is None or step != v.step:
+        return FP, "not the current step"
+    if role not in v.roles:
+        return NF, "unknown role"
+    return None
+
+
 def expect_push(msgs: list[bytes], v: View) -> tuple[grpc.StatusCode, str]:
     """The code the documented validation gives a PushGradient stream of these raw messages."""
     if not msgs:
@@ -194,12 +207,9 @@ def expect_push(msgs: list[bytes], v: View) -> tuple[grpc.StatusCode, str]:
             if not m.HasField("header"):
                 return IA, "no header"
             h = m.header
-            if h.run_id != v.run_id:
-                return NF, "unknown run"
-            if v.step is None or h.step != v.step:
-                return FP, "not the current step"
-            if h.role not in v.roles:
-                return NF, "unknown role"
+            refused = expect_round(h.run_id, h.step, h.role, v)
+            if refused is not None:
+                return refused
             if h.dtype != "float32" or list(h.shape) != [v.numel] or h.numel != v.numel:
                 return IA, "header dtype/shape/numel"
             if not math.isfinite(h.loss):
@@ -240,12 +250,9 @@ def expect_fetch(raw: bytes, v: View) -> tuple[grpc.StatusCode, str]:
         r = ppb.PointRequest.FromString(raw)
     except DecodeError:
         return UNDECODABLE, "undecodable"
-    if r.run_id != v.run_id:
-        return NF, "unknown run"
-    if v.step is None or r.step != v.step:
-        return FP, "not the current step"
-    if r.role not in v.roles:
-        return NF, "unknown role"
+    refused = expect_round(r.run_id, r.step, r.role, v)
+    if refused is not None:
+        return refused
     if r.role in v.received:
         return FP, "already received"
     return OK, "valid"
