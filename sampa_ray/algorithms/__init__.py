@@ -1,10 +1,69 @@
-"""The algorithm family, as pure math on flat tensors (see ``base`` for the protocol)."""
+"""The algorithm family, as pure math on flat tensors (see ``base`` for the protocol), and the one
+registry every backend, the configuration and the CLI find algorithms through.
 
-from .base import Algorithm, AlgoState, GradRequest
+A new algorithm is one class (a subclass of :class:`Algorithm` that says which worker serves each
+of its roles in ``slots``) and one :func:`register` call; nothing else changes. Hyperparameters
+are passed by name: :func:`create` gives the class the configuration values its ``__init__``
+asks for (``lr`` is the schedule; ``momentum``, ``weight_decay``, ``rho``, ``lam`` ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from .base import LR, Algorithm, AlgoState, GradRequest
 from .sam import SAM
 from .sampa import SAMPa
 from .sgd import SGD
 
-ALGORITHMS = {"sgd": SGD, "sam": SAM, "sampa": SAMPa}
+#: the built-in algorithms, in the order comparisons show them
+BUILTIN: tuple[str, ...] = ("sgd", "sam", "sampa")
 
-__all__ = ["ALGORITHMS", "SAM", "SGD", "AlgoState", "Algorithm", "GradRequest", "SAMPa"]
+_REGISTRY: dict[str, type[Algorithm]] = {"sgd": SGD, "sam": SAM, "sampa": SAMPa}
+
+
+def register(name: str, cls: type[Algorithm]) -> None:
+    """Make ``cls`` available as ``algo: name`` (config, CLI, every backend)."""
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise TypeError(f"register({name!r}): {cls!r} is not an Algorithm subclass")
+    if not cls.slots:
+        raise TypeError(f"register({name!r}): {cls.__name__}.slots names no role")
+    _REGISTRY[name] = cls
+
+
+def unregister(name: str) -> None:
+    """Forget a registered algorithm (the built-ins stay)."""
+    if name not in BUILTIN:
+        _REGISTRY.pop(name, None)
+
+
+def registered() -> dict[str, type[Algorithm]]:
+    """Every registered algorithm by name, the built-ins first."""
+    return dict(_REGISTRY)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def lookup(name: str) -> type[Algorithm]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"algo: unknown algorithm {name!r} (known: "
+                         f"{', '.join(_REGISTRY)})") from None
+
+
+def create(name: str, lr: LR, hyper: Mapping[str, Any]) -> Algorithm:
+    """An instance of the algorithm ``name`` with learning rate ``lr`` and, of ``hyper``, the
+    values its ``__init__`` takes by name."""
+    cls = lookup(name)
+    params = inspect.signature(cls.__init__).parameters
+    kw = {k: hyper[k] for k in params if k not in ("self", "lr") and k in hyper}
+    return cls(lr=lr, **kw)
+
+
+__all__ = ["BUILTIN", "SAM", "SGD", "AlgoState", "Algorithm", "GradRequest", "SAMPa", "create",
+           "lookup", "names", "register", "registered", "unregister"]

@@ -61,6 +61,19 @@ class AlgoState:
             out["g_y"] = self.g_y
         return out
 
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], step: int, phase: int) -> AlgoState:
+        """The state :meth:`tensors` describes, at ``step`` / ``phase`` (the tensors are taken
+        as they are: copy them first if they must stay untouched)."""
+        return cls(x=tensors["x"], step=step, phase=phase, buf=tensors.get("buf"),
+                   g_y=tensors.get("g_y"))
+
+    def shadow(self) -> AlgoState:
+        """A 0-length copy: the same step, phase and which tensors exist, no numbers. An
+        algorithm driven on it runs the same rounds, batches and phases without arithmetic."""
+        empty = self.x.new_empty(0)
+        return AlgoState.from_tensors({k: empty for k in self.tensors()}, self.step, self.phase)
+
 
 def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool,
                  hi_open: bool) -> None:
@@ -80,8 +93,9 @@ class Algorithm(ABC):
     name: str = ""
     #: role whose passes lie on the trajectory; its worker keeps the BatchNorm statistics
     stats_role: str = ""
-    #: every role the algorithm ever requests
-    all_roles: tuple[str, ...] = ()
+    #: every role the algorithm ever requests, and which worker (0 or 1) serves it: roles in
+    #: one round on different workers run in parallel
+    slots: Mapping[str, int] = {}
 
     def __init__(self, lr: LR, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         if not callable(lr):
@@ -91,6 +105,19 @@ class Algorithm(ABC):
         self.lr = lr
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
+
+    @property
+    def all_roles(self) -> tuple[str, ...]:
+        """Every role the algorithm ever requests."""
+        return tuple(self.slots)
+
+    def slot_of(self, role: str) -> int:
+        """The worker that serves ``role``."""
+        return self.slots[role]
+
+    def workers_used(self) -> list[int]:
+        """The workers the algorithm ever uses, in order."""
+        return sorted(set(self.slots.values()))
 
     # -- the protocol -------------------------------------------------------------------------
     def init(self, x0: torch.Tensor) -> AlgoState:

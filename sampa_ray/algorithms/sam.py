@@ -16,7 +16,7 @@ class SAM(Algorithm):
 
     name = "sam"
     stats_role = "ascent"
-    all_roles = ("ascent", "perturbed")
+    slots = {"ascent": 0, "perturbed": 0}  # sequential: one worker
 
     def __init__(self, lr: LR, rho: float, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> None:

@@ -25,7 +25,7 @@ class SAMPa(Algorithm):
 
     name = "sampa"
     stats_role = "extrapolated"
-    all_roles = ("perturbed", "extrapolated")
+    slots = {"perturbed": 0, "extrapolated": 1}  # independent: two workers at once
 
     def __init__(self, lr: LR, rho: float, lam: float = 0.0, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> None:

@@ -14,7 +14,7 @@ class SGD(Algorithm):
 
     name = "sgd"
     stats_role = "grad"
-    all_roles = ("grad",)
+    slots = {"grad": 0}
 
     def roles(self, state: AlgoState) -> tuple[str, ...]:
         return ("grad",)
