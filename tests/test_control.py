@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sampa_ray.config import make_config
-from sampa_ray.control import get_status, request_checkpoint, request_stop, watch
-from sampa_ray.ray_backend import run_ray
+from sampa_ray.ray import run_ray
+from sampa_ray.transport.grpc.client import get_status, request_checkpoint, request_stop, watch
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -140,7 +140,7 @@ def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path):
     import torch
 
     from sampa_ray.checkpoint import list_checkpoints, load_checkpoint
-    from sampa_ray.trainer import run_local
+    from sampa_ray.local import run_local
 
     over = {"transport": "ray", "data_path": "collective", "lr_schedule": "constant",
             "lam": 0.2, "checkpoint_every": 0, "keep_checkpoints": 5}

@@ -18,7 +18,7 @@ import yaml
 from conftest import BIN, REPO
 
 from sampa_ray.cli import build_parser, config_from_args
-from sampa_ray.metrics import exported_series_names
+from sampa_ray.telemetry.metrics import exported_series_names
 
 COMPOSE = REPO / "docker-compose.yml"
 DEPLOY = REPO / "deploy"

@@ -7,7 +7,7 @@ wrong tokens) each get their exact status code; after every batch the server sti
 health SERVING and the round, the handler and the final parameters are exactly as before.
 
 Expected codes come from a reference model of the documented validation order (the table in
-``sampa_ray/transport/grpc_server.py``), applied to the very bytes sent: the first message that
+``sampa_ray/transport/grpc/data_plane.py``), applied to the very bytes sent: the first message that
 the server reads and finds wrong decides the code. Generation is derandomized, so every run sends
 the same messages.
 """
@@ -39,23 +39,20 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from sampa_ray.config import make_config
-from sampa_ray.control import get_status
+from sampa_ray.local import run_local
 from sampa_ray.proto.sampa.v1 import coordinator_service_pb2 as cpb
 from sampa_ray.proto.sampa.v1 import parameter_service_pb2 as ppb
 from sampa_ray.proto.sampa.v1 import tensor_pb2
-from sampa_ray.ray_backend import run_ray
-from sampa_ray.trainer import run_local
+from sampa_ray.ray import run_ray
 from sampa_ray.transport.codec import DTYPES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
-from sampa_ray.transport.grpc_client import auth_metadata
-from sampa_ray.transport.grpc_server import (
+from sampa_ray.transport.grpc.client import auth_metadata, get_status
+from sampa_ray.transport.grpc.control_plane import (
     COORDINATOR_SERVICE,
-    PARAMETER_SERVICE,
-    RoundBoard,
     event_message,
-    start_server,
     status_message,
-    stop_server,
 )
+from sampa_ray.transport.grpc.data_plane import PARAMETER_SERVICE, RoundBoard
+from sampa_ray.transport.grpc.server import start_server, stop_server
 
 SC = grpc.StatusCode
 OK, IA, NF, FP = SC.OK, SC.INVALID_ARGUMENT, SC.NOT_FOUND, SC.FAILED_PRECONDITION

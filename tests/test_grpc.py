@@ -1,6 +1,6 @@
 """The gRPC layer on real servers on loopback with real channels: codec, data plane (bitwise round
 trips, a WRN-28-10-sized gradient, every rejection and its status code), health, reflection,
-token, TLS, and the control plane with control.py's client functions."""
+token, TLS, and the control plane with the control-API client functions."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from conftest import LoopThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from sampa_ray import control
+from sampa_ray.cli.control import add_control_commands
 from sampa_ray.errors import UserError
 from sampa_ray.proto.sampa.v1 import parameter_service_pb2 as ppb
 from sampa_ray.proto.sampa.v1 import parameter_service_pb2_grpc as pgrpc
@@ -43,17 +43,11 @@ from sampa_ray.transport.codec import (
     encode_chunks,
     tensor_chunks,
 )
-from sampa_ray.transport.grpc_client import PointClient, TransportError
-from sampa_ray.transport.grpc_server import (
-    COORDINATOR_SERVICE,
-    PARAMETER_SERVICE,
-    ProgressHub,
-    RoundBoard,
-    set_not_serving,
-    start_server,
-    status_message,
-    stop_server,
-)
+from sampa_ray.transport.grpc import client as control
+from sampa_ray.transport.grpc.client import PointClient, TransportError
+from sampa_ray.transport.grpc.control_plane import COORDINATOR_SERVICE, ProgressHub, status_message
+from sampa_ray.transport.grpc.data_plane import PARAMETER_SERVICE, RoundBoard
+from sampa_ray.transport.grpc.server import set_not_serving, start_server, stop_server
 
 RUN = "run-1"
 SC = grpc.StatusCode
@@ -547,7 +541,7 @@ def test_control_plane(lt: LoopThread, capsys: pytest.CaptureFixture[str]) -> No
         assert not watcher.is_alive() and [e["kind"] for e in got] == ["done"]
         # the command-line handlers
         parser = argparse.ArgumentParser()
-        control.add_control_commands(parser.add_subparsers(dest="command"))
+        add_control_commands(parser.add_subparsers(dest="command"))
         args = parser.parse_args(["status", "--target", target])
         assert args.func(args) == 0
         out = capsys.readouterr().out
@@ -579,7 +573,7 @@ def test_control_unreachable_and_bad_target() -> None:
         with pytest.raises(UserError, match="expected HOST:PORT"):
             control.get_status(bad)
     parser = argparse.ArgumentParser()
-    control.add_control_commands(parser.add_subparsers(dest="command"))
+    add_control_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["status", "--target", f"127.0.0.1:{port}", "--token-file",
                               "/nonexistent/token"])
     with pytest.raises(UserError, match="token-file: cannot read /nonexistent/token"):

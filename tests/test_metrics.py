@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sampa_ray.config import make_config
 from sampa_ray.engine import GradResult
-from sampa_ray.metrics import METRIC_NAMES, RoundProbe, RunMetrics, exported_series_names
+from sampa_ray.telemetry.metrics import METRIC_NAMES, RoundProbe, RunMetrics, exported_series_names
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "sampa-communication.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -242,7 +242,7 @@ def test_round_probe_feeds_round_update_and_train_accuracy():
 def test_fixed_metrics_port_is_reported_and_released(ray_local: None, tmp_path: Path):
     """The points data path: points down, gradients up through the coordinator; scraped from
     the progress callback while the coordinator is alive."""
-    from sampa_ray.ray_backend import run_ray
+    from sampa_ray.ray import run_ray
 
     port = free_port()
     cfg = make_config({"steps": 6, "batch_size": 32, "threads": 1, "backend": "ray",
@@ -285,7 +285,7 @@ def test_a_taken_metrics_port_is_one_clear_error(ray_local: None, tmp_path: Path
     import socket
 
     from sampa_ray.errors import UserError
-    from sampa_ray.ray_backend import run_ray
+    from sampa_ray.ray import run_ray
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -367,7 +367,7 @@ class LiveRun:
             raise _Stop
 
     def _run(self) -> None:
-        from sampa_ray.ray_backend import run_ray
+        from sampa_ray.ray import run_ray
 
         try:
             run_ray(self.cfg, self.out, progress=self._progress)

@@ -19,7 +19,7 @@ import pytest
 from sampa_ray.cli import build_parser, config_from_args
 from sampa_ray.config import make_config
 from sampa_ray.errors import UserError
-from sampa_ray.metrics import RunMetrics
+from sampa_ray.telemetry.metrics import RunMetrics
 
 TOKEN = "s3cret-t0ken"
 FAILED = (urllib.error.URLError, ConnectionError, http.client.HTTPException, ssl.SSLError)

@@ -20,36 +20,25 @@ Bytes: on the ``points`` data path, down = the point sent to a worker, up = the 
 the coordinator. On the ``replicated`` path (the algorithm state lives beside the workers),
 down = the peers' gradients a worker fetches, up = its gradient times the peers that fetch it.
 
-:class:`RunMetrics` owns the registry and the HTTP endpoint; :class:`RoundProbe` is the small
+:class:`RunMetrics` owns the registry and its HTTP endpoint; :class:`RoundProbe` is the small
 helper an executor and a progress callback use to feed it.
 
-Security of the endpoint: it listens on 127.0.0.1 unless told otherwise, and listening anywhere
-else requires a bearer token (the gRPC server's: ``--token-file`` or ``$SAMPA_RAY_TOKEN``). With a
-token, every request must carry ``Authorization: Bearer <token>`` (compared in constant time),
-else 401. With a certificate and key (PEM files) it speaks HTTPS only.
+The endpoint itself (HTTP or HTTPS, its bearer token) is :mod:`.http`.
 """
 
 from __future__ import annotations
 
-import hmac
 import math
-import socket
-import ssl
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from socketserver import ThreadingMixIn
+from collections.abc import Mapping, Sequence
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from .engine import GradResult
-from .errors import UserError
-from .net import is_loopback
+from ..engine import GradResult
+from .http import MetricsServer, serve_registry
 
 PREFIX = "sampa_"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 #: seconds: from 50 µs (small updates, copies) to a minute (large models on CPUs)
 TIME_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
@@ -73,80 +62,6 @@ def exported_series_names() -> set[str]:
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
                 "histogram": ("_bucket", "_sum", "_count", "_created"), "info": ("_info",)}
     return {fam.name + s for fam in RunMetrics().registry.collect() for s in suffixes[fam.type]}
-
-
-
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-class BearerAuth:
-    """WSGI middleware: passes a request on only if it carries ``Authorization: Bearer
-    <token>``; anything else gets 401. The token is compared in constant time."""
-
-    def __init__(self, app: WSGIApp, token: str) -> None:
-        if not token:
-            raise ValueError("token: must not be empty")
-        self.app = app
-        self._expected = token.encode("utf-8")
-
-    def allowed(self, header: str) -> bool:
-        # WSGI hands headers over as latin-1 strings: back to the bytes that were sent
-        scheme, _, credentials = header.strip().partition(" ")
-        got = credentials.strip().encode("latin-1", "replace")
-        match = hmac.compare_digest(got, self._expected)
-        return match and scheme.lower() == "bearer"
-
-    def __call__(self, environ: dict[str, Any],
-                 start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if self.allowed(environ.get("HTTP_AUTHORIZATION", "")):
-            return self.app(environ, start_response)
-        body = b"missing or wrong bearer token\n"
-        start_response("401 Unauthorized", [
-            ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-            ("WWW-Authenticate", 'Bearer realm="metrics"')])
-        return [body]
-
-
-class _Handler(WSGIRequestHandler):
-    """One request per connection, no access log; an idle or stalled client is dropped after
-    ``timeout`` seconds. On a TLS socket the handshake happens here, in the request's own
-    thread, so a client that never completes it cannot hold up the accept loop."""
-
-    timeout = 10.0
-
-    def setup(self) -> None:
-        super().setup()
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        pass
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    """A thread per request; connection-level failures (a failed TLS handshake, a reset, a
-    timeout) end that connection quietly."""
-
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        super().handle_error(request, client_address)
-
-
-def _tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(certfile=certfile, keyfile=keyfile)
-    except (OSError, ValueError) as err:
-        why = getattr(err, "strerror", None) or getattr(err, "reason", None) or err
-        raise UserError(f"metrics_cert: cannot load certificate {certfile} with key {keyfile}: "
-                        f"{why}") from None
-    return ctx
 
 
 def _clip01(v: float) -> float:
@@ -207,8 +122,7 @@ class RunMetrics:
         self._children: dict[tuple[Any, ...], Any] = {}
         self._last_step = 0
         self._last_samples = 0
-        self._server: Any = None
-        self._thread: Any = None
+        self._server: MetricsServer | None = None
         self.host: str | None = None
         self.port: int | None = None
         self.scheme = "http"
@@ -227,55 +141,21 @@ class RunMetrics:
         free one). Listening beyond loopback takes an explicit ``host`` such as 0.0.0.0 and a
         ``token``; with a token every request must carry ``Authorization: Bearer <token>``.
         ``certfile`` and ``keyfile`` (PEM) switch to HTTPS. A user-caused problem is a one-line
-        :class:`UserError`; failing to bind is the ``OSError``.
+        ``UserError``; failing to bind is the ``OSError``. See :func:`.http.serve_registry`.
         """
-        from prometheus_client import make_wsgi_app
-
         if self._server is not None:
             raise RuntimeError(f"metrics: already serving on {self.host}:{self.port}")
-        token = token or None
-        if not is_loopback(host) and token is None:
-            raise UserError(f"metrics_host: listening on {host or 'every interface'} (not "
-                            "loopback) requires a token (--token-file or $SAMPA_RAY_TOKEN)")
-        if bool(certfile) != bool(keyfile):
-            missing = "metrics_key" if certfile else "metrics_cert"
-            raise UserError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")
-        ctx = _tls_context(certfile, keyfile) if certfile and keyfile else None
-        app: WSGIApp = make_wsgi_app(self.registry)
-        if token is not None:
-            app = BearerAuth(app, token)
-
-        class Server(_Server):
-            pass
-
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
-        Server.address_family = family
-        server = Server((sockaddr[0], port), _Handler)
-        try:
-            server.set_app(app)
-            if ctx is not None:
-                server.socket = ctx.wrap_socket(server.socket, server_side=True,
-                                                do_handshake_on_connect=False)
-        except BaseException:
-            server.server_close()
-            raise
-        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
-        thread.start()
-        self._server, self._thread = server, thread
-        self.host, self.port = host, int(server.server_address[1])
-        self.scheme = "https" if ctx is not None else "http"
+        server = serve_registry(self.registry, host, port, token=token, certfile=certfile,
+                                keyfile=keyfile)
+        self._server = server
+        self.host, self.port, self.scheme = host, server.port, server.scheme
         return self.port
 
     def shutdown(self) -> None:
         """Stop serving (idempotent)."""
         if self._server is not None:
             self._server.shutdown()
-            self._server.server_close()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-        self._server = self._thread = None
+        self._server = None
 
     def text(self) -> str:
         """The exposition, as a scrape would see it."""
@@ -467,3 +347,13 @@ class RoundProbe:
     def end_epoch(self) -> None:
         """The train accuracy averages over the current epoch."""
         self._acc_sum, self._acc_n = 0.0, 0
+
+
+__all__ = [
+    "METRIC_NAMES",
+    "PREFIX",
+    "TIME_BUCKETS",
+    "RoundProbe",
+    "RunMetrics",
+    "exported_series_names",
+]
