@@ -18,7 +18,7 @@ OUT=${1:-runs/study-$(date +%Y%m%d-%H%M%S)}
 [ $# -gt 0 ] && shift
 export RAY_USAGE_STATS_ENABLED=0 RAY_DISABLE_DOCKER_CPU_WARNING=1 PYTHONUNBUFFERED=1
 echo "study: outputs go to $OUT"
-.venv/bin/python -m sampa_ray.bench \
+.venv/bin/python -m sampa_ray.cli bench \
   --models resnet20 resnet56 --transports ray grpc --data-paths points replicated \
   --latency-ms 0 5 20 --bandwidth-gbit none 1 0.1 --repeats 2 --steps 10 --batch-size 32 \
   --out "$OUT" "$@"

@@ -4,25 +4,24 @@ split on known numbers, and bad flags as one line with exit code 2."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from pathlib import Path
 
 import pytest
 
-from sampa_ray import cli
-from sampa_ray.bench import (
+from sampa_ray.cli import build_parser, main
+from sampa_ray.errors import UserError
+from sampa_ray.study.report import (
     COLUMNS,
+    METRICS,
     BreakEven,
     Stat,
-    add_bench_command,
     aggregate,
     break_even,
-    parse_bandwidths,
     sampa_breakdown,
 )
-from sampa_ray.errors import UserError
+from sampa_ray.study.spec import parse_bandwidths
 
 PNG = b"\x89PNG\r\n\x1a\n"
 COMBOS = {("ray", "points"), ("ray", "replicated"), ("grpc", "points")}
@@ -32,26 +31,15 @@ TINY = ["--models", "cnn", "--transports", "ray", "grpc", "--data-paths", "point
         "--wire-dtype", "bf16"]
 
 
-def parser() -> argparse.ArgumentParser:
-    """The CLI's parser class with only ``bench`` registered (the real parser once it is)."""
-    p = cli._Parser(prog="sampa-ray")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
-    add_bench_command(sub)
-    return p
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
-    """``sampa-ray bench ARGV`` through the CLI's main (its own parser once it has bench)."""
-    real = cli.build_parser()
-    if not any("bench" in (getattr(a, "choices", None) or {}) for a in real._actions):
-        monkeypatch.setattr(cli, "build_parser", parser)
-    return cli.main(["bench", *argv])
+def run_cli(*argv: str) -> int:
+    """``sampa-ray bench ARGV`` through the CLI's main."""
+    return main(["bench", *argv])
 
 
 @pytest.fixture(scope="module")
 def study(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench") / "study"
-    args = parser().parse_args(["bench", *TINY, "--out", str(out)])
+    args = build_parser().parse_args(["bench", *TINY, "--out", str(out)])
     import contextlib
     import io
 
@@ -137,10 +125,10 @@ def test_markdown_plots_and_break_even(study: tuple[Path, str]) -> None:
         assert (out / name).read_bytes()[:8] == PNG, name
 
 
-def test_refuses_a_folder_that_is_not_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_refuses_a_folder_that_is_not_empty(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bench.csv").write_text("earlier study\n")
-    assert run_cli(monkeypatch, *TINY, "--out", str(tmp_path)) == 2
+    assert run_cli(*TINY, "--out", str(tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not empty" in err and "--overwrite" in err
     assert (tmp_path / "bench.csv").read_text() == "earlier study\n"
@@ -160,13 +148,12 @@ def test_refuses_a_folder_that_is_not_empty(tmp_path: Path, monkeypatch: pytest.
     (["--wire-dtype", "fp16"], "--wire-dtype"),
 ])
 def test_bad_flags_are_one_line_exit_2(flags: list[str], named: str, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "never"
-    args = parser().parse_args(["bench", *flags, "--out", str(out)])
+    args = build_parser().parse_args(["bench", *flags, "--out", str(out)])
     with pytest.raises(UserError, match=named):
         args.func(args)
-    assert run_cli(monkeypatch, *flags, "--out", str(out)) == 2
+    assert run_cli(*flags, "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sampa-ray: {named}") and err.count("\n") == 1
     assert not out.exists()
@@ -208,8 +195,6 @@ def test_bandwidth_order_and_aggregate_spread() -> None:
     assert Stat.of([3.0, 1.0, 2.0]).fmt() == "2.0 (1.0–3.0)"
     base = {"model": "m", "transport": "ray", "data_path": "points", "latency_ms": 0.0,
             "bandwidth_gbit": "none"}
-    from sampa_ray.bench import METRICS
-
     rows = [{**base, **dict.fromkeys(METRICS, v)} for v in (1.0, 5.0, 2.0)]
     rows.append({**base, "latency_ms": 5.0, **dict.fromkeys(METRICS, 7.0)})
     aggs = aggregate(rows)
@@ -245,3 +230,30 @@ def test_round_split_from_result_json() -> None:
     assert b["extrapolated_transfer"] == pytest.approx(0.100 - 0.040 - 0.004)
     assert b["other"] == pytest.approx(0.003)
     assert b["transfer"] == pytest.approx((0.058 + 0.056) / 2)
+
+
+def test_round_costs_from_result_json() -> None:
+    """The per-round costs (``BenchSpec.round_costs``, benchmarks/bench_ray.py): the slower
+    role's compute, and per round the time from one round's last gradient to the next one's
+    less that round's longest compute, the first two rounds left out."""
+    from sampa_ray.study.report import round_costs
+
+    def run(roles: dict[str, float], trace: list[tuple[int, float, float]]) -> dict:
+        return {"timings": {"workers": {r: {"compute": {"count": 3, "median": c}}
+                                        for r, c in roles.items()}},
+                "trace": [{"round": k, "role": "perturbed", "start": s, "end": e}
+                          for k, s, e in trace]}
+
+    # rounds 2, 3, 4 end at 1.0, 1.5, 2.1; their longest computes are 0.4 and 0.5 after round 2
+    trace = [(0, 0.0, 0.1), (1, 0.2, 0.5), (2, 0.6, 1.0), (3, 1.1, 1.5), (4, 1.6, 2.1)]
+    c = round_costs({"sgd": run({"perturbed": 0.03}, trace),
+                     "sampa": {**run({"perturbed": 0.03, "extrapolated": 0.05}, trace),
+                               "collective": {"backend": "gloo"}}})
+    assert c["one_busy_compute_ms"] == pytest.approx(30.0)
+    assert c["both_busy_compute_ms"] == pytest.approx(50.0)
+    # gaps: (1.5 - 1.0 - 0.4) = 0.1 and (2.1 - 1.5 - 0.5) = 0.1
+    assert c["sgd_overhead_ms"] == pytest.approx(100.0)
+    assert c["sampa_overhead_ms"] == pytest.approx(100.0)
+    assert c["collective"] == "gloo"
+    assert math.isnan(round_costs({"sgd": run({"p": 0.0}, trace[:3]),
+                                   "sampa": run({"p": 0.0}, trace[:3])})["sgd_overhead_ms"])

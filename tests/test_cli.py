@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ALGOS = ("sgd", "sam", "sampa")
+from sampa_ray.algorithms import BUILTIN
+
+ALGOS = BUILTIN
 EPOCHS = 3
 PER_EPOCH = 1437 // 64  # default batch size 64
 PNG = b"\x89PNG\r\n\x1a\n"

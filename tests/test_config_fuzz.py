@@ -9,6 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sampa_ray.algorithms import BUILTIN
 from sampa_ray.cli import main
 from sampa_ray.config import TrainConfig
 
@@ -27,7 +28,7 @@ BAD_BY_FIELD = {
     "epochs": st.integers(max_value=0),
     "steps": st.integers(max_value=0),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**31)),
-    "algo": st.text(min_size=1).filter(lambda s: s not in ("sgd", "sam", "sampa")),
+    "algo": st.text(min_size=1).filter(lambda s: s not in BUILTIN),
     "model": st.text(min_size=1).filter(lambda s: s not in TrainConfig.model_fields["model"]
                                         .annotation.__args__),
     "backend": st.text().filter(lambda s: s not in ("local", "ray")),

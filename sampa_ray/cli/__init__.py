@@ -1,0 +1,109 @@
+"""Command line: ``sampa-ray train``, ``sampa-ray compare`` (``.train``), ``sampa-ray bench``
+(the communication-cost study, ``sampa_ray.study``; ``.bench``), and ``status``, ``watch``,
+``checkpoint``, ``stop`` for a running coordinator (``--target HOST:PORT``; ``.control``).
+
+This module registers the commands and dispatches to them; each command's flags and handler
+live in its own module, imported when the parser is built so ``import sampa_ray.cli`` stays
+light. Every error a user can cause ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from ..config import TrainConfig, load_yaml, make_config
+from ..errors import UserError, one_line
+
+EXIT_USER = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(EXIT_USER, f"sampa-ray: {one_line(message)}\n")
+
+
+# Flags that map one-to-one onto TrainConfig fields (flag -> type).
+CONFIG_FLAGS: dict[str, Any] = {
+    "algo": str, "lr": float, "lr_schedule": str, "rho": float, "lam": float, "momentum": float,
+    "weight_decay": float, "label_smoothing": float, "model": str, "dropout": float,
+    "dataset": str, "data_dir": str, "synthetic_size": int, "epochs": int, "steps": int,
+    "batch_size": int, "seed": int, "eval_every": int, "backend": str, "data_path": str,
+    "transport": str, "wire_dtype": str, "collective_backend": str, "control_host": str,
+    "control_port": int, "token_file": str,
+    "control_cert": str, "control_key": str,
+    "device": str,
+    "threads": int, "out": str, "address": str, "checkpoint_every": int,
+    "keep_checkpoints": int, "max_nonfinite": int, "metrics_port": int, "metrics_host": str,
+    "metrics_cert": str, "metrics_key": str,
+    "round_timeout": float, "max_restarts": int, "link_latency_ms": float,
+    "link_gbit_s": float,
+}
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """``--config``, one flag per :data:`CONFIG_FLAGS` field, ``--resume`` and ``--overwrite``."""
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
+    for name, typ in CONFIG_FLAGS.items():
+        field = TrainConfig.model_fields[name]
+        default = field.default
+        help_ = field.description or ""
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       metavar=name.upper(), help=f"{help_} (default: {default})".strip())
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the newest valid checkpoint of run folder DIR "
+                   "(default: the --out folder); outputs go to that folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out to name a folder that already holds a run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sampa-ray`` parser; every command sets ``func`` (args -> exit code)."""
+    from .bench import add_bench_command
+    from .control import add_control_commands
+    from .train import add_train_commands
+
+    parser = _Parser(prog="sampa-ray", description="SAMPa / SAM / SGD training, local or on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_train_commands(sub)
+    add_bench_command(sub)
+    add_control_commands(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """YAML (if given) first, then flags on top; validated once."""
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for name in CONFIG_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            data[name] = value
+    if args.resume is not None:
+        data["resume"] = args.resume or data.get("out")
+        if not data["resume"]:
+            raise UserError("resume: name the run folder (--resume DIR or --out DIR)")
+        data.setdefault("out", data["resume"])
+    if "address" not in data and os.environ.get("RAY_ADDRESS"):
+        data["address"] = os.environ["RAY_ADDRESS"]
+    return make_config(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``sampa-ray [command] [flags]``: the exit code (2 for a user's error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("sampa-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["CONFIG_FLAGS", "EXIT_USER", "add_config_flags", "build_parser", "config_from_args",
+           "main"]

@@ -1,0 +1,81 @@
+"""``sampa-ray train`` (one model) and ``sampa-ray compare`` (every built-in algorithm on the
+same setup; on Ray on the same coordinator and workers, so the comparison is like for like).
+
+Training itself is ``sampa_ray.ray.run_ray`` / ``run_ray_many`` or ``sampa_ray.local.run_local``,
+imported when a command runs so that building the parser does not load a backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..outdir import default_out, prepare_out
+from . import add_config_flags, config_from_args
+
+
+def add_train_commands(subparsers: Any) -> None:
+    """Register ``train`` and ``compare`` on the CLI's subparsers."""
+    train = subparsers.add_parser("train", help="train one model")
+    add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+    compare = subparsers.add_parser("compare", help="run SGD, SAM and SAMPa on the same setup")
+    add_config_flags(compare)
+    compare.set_defaults(func=cmd_compare)
+
+
+def run_one(cfg: TrainConfig, out: Path, label: str = "") -> dict[str, Any]:
+    """One run on the configured backend, its progress shown live; returns its result."""
+    from ..ui import ProgressView
+
+    with ProgressView(label or cfg.algo) as view:
+        if cfg.backend == "ray":
+            from ..ray import run_ray
+
+            return run_ray(cfg, out, progress=view)
+        from ..local import run_local
+
+        return run_local(cfg, out, progress=view)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``sampa-ray train``: one run into ``--out`` (or ``runs/train-<algo>-<timestamp>``)."""
+    cfg = config_from_args(args)
+    out = Path(cfg.out) if cfg.out else default_out(cfg, "train")
+    resuming_here = cfg.resume is not None and out.resolve() == Path(cfg.resume).resolve()
+    out = prepare_out(out, args.overwrite or resuming_here)
+    result = run_one(cfg, out)
+    from ..ui import print_result
+
+    print_result(result, out)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``sampa-ray compare``: each built-in algorithm into ``--out/<algo>``, then a table,
+    ``compare.png`` and ``compare.json``."""
+    from ..algorithms import BUILTIN
+    from ..results import plot_runs, write_json_atomic
+    from ..ui import print_comparison
+
+    base = config_from_args(args)
+    out = prepare_out(Path(base.out) if base.out else default_out(base, "compare"),
+                      args.overwrite)
+    runs = [(base.model_copy(update={"algo": a, "out": str(out / a)}),
+             prepare_out(out / a, args.overwrite)) for a in BUILTIN]
+    if base.backend == "ray":  # one set of actors for all three: like for like
+        from ..ray import run_ray_many
+        from ..ui import ProgressView
+
+        with ProgressView("compare") as view:
+            results = dict(zip(BUILTIN, run_ray_many(runs, progress=view), strict=True))
+    else:
+        results = {a: run_one(cfg, sub, label=a) for a, (cfg, sub) in zip(BUILTIN, runs,
+                                                                          strict=True)}
+    rows = print_comparison(results)
+    plot_runs(out / "compare.png", {a: r["epochs"] for a, r in results.items()})
+    write_json_atomic(out / "compare.json", {"config": base.model_dump(), "rows": rows})
+    print(f"wrote {out / 'compare.png'} and {out / 'compare.json'}")
+    return 0

@@ -1,0 +1,66 @@
+"""The communication-cost study (``sampa-ray bench``): what communication costs SAMPa, measured
+side by side with SGD and SAM.
+
+For every model, transport (ray | grpc), data path (points | replicated | collective) and
+emulated link (latency x bandwidth, applied per point/gradient message by the workers; see
+``sampa_ray.transport.link.Link``) it runs SGD, SAM and SAMPa one after the other on the same
+coordinator and workers (``run_ray_many``) on synthetic data shaped for the model, ``--repeats``
+times, and writes into ``--out``:
+
+- ``bench.csv``: one row per run (configuration x repeat): the median time per parameter update
+  of each algorithm, the ratios SAM/SAMPa and SAMPa/SGD, and SAMPa's round split per role;
+- ``bench.md``: medians over the repeats with their spread (min-max), the SAMPa round split and
+  the break-even links (where SAM/SAMPa drops below 1);
+- ``speedup_vs_bandwidth.png``, ``speedup_vs_latency.png``: SAM/SAMPa against the link, one line
+  per model, transport and data path, a line at 1.0 and the break-even points marked;
+- ``breakdown.png``: SAMPa's step split into compute / copy / transfer / wait / update per
+  configuration;
+- ``runs/<configuration>-r<repeat>/<algo>.json``: each run's ``result.json``.
+
+Repeats are separate runs on the same actors: one ``run_ray_many`` call per (model, transport)
+holds every data path, link and repeat, ordered repeat by repeat, so slow drifts of the machine
+spread over all configurations instead of landing on one.
+
+How SAMPa's round is split (per role, from ``result.json`` medians, as ``sampa_ray.metrics``
+splits it): compute = the worker's forward + backward; copy = host<->device copies of point,
+batch and gradient; wait = how long the role's gradient waited for the slowest of the round;
+transfer = round time - compute - copy - wait (everything else on that role's round trip: the
+emulated link, serialisation, the object store or the gRPC streams, and on the replicated path
+the replica's update, which runs inside the worker); update = the coordinator's update after the
+round; other = step time - round - update (the loop's own overhead). ``result.json`` carries no
+arrival times, so wait is estimated from its trace: per round, the latest compute end of the
+round minus this role's compute end (both roles' results travel the same way after compute).
+
+Layout: ``spec`` (the settings and their checks), ``run`` (running it on Ray), ``report``
+(rows, aggregation, break-even, ``bench.csv`` and ``bench.md``), ``plots``. The ``bench``
+command (``sampa_ray.cli.bench``) and ``benchmarks/bench_ray.py`` are front ends to these.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it; loaded on first use, so that the CLI can read
+#: ``spec`` (no torch, no Ray) without loading the report's and the runner's dependencies
+_EXPORTS = {
+    **dict.fromkeys(("COLUMNS", "KEY", "METRICS", "PARTS", "ROLES", "ROUND_COLUMNS",
+                     "ROUND_METRICS", "Aggregate", "BreakEven", "Stat", "aggregate",
+                     "break_even", "break_evens", "describe_break_even", "markdown",
+                     "round_costs", "run_row", "sampa_breakdown", "write_csv", "write_report"),
+                    "report"),
+    **dict.fromkeys(("prepare", "run_study"), "run"),
+    **dict.fromkeys(("CPU_MODELS", "DATA_PATHS", "GPU_MODELS", "TRANSPORTS", "WIRE_DTYPES",
+                     "BenchSpec", "LinkSetting", "make_spec", "parse_bandwidths",
+                     "parse_latencies"), "spec"),
+    **dict.fromkeys(("plot_breakdown", "plot_speedup"), "plots"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,388 @@
+"""What the study says: one row per run from its ``result.json`` files, medians and spread over
+the repeats, the break-even links, and ``bench.csv`` / ``bench.md`` (the plots: ``plots``).
+
+How SAMPa's round is split is described in the package docstring (``sampa_ray.study``); the
+split is computed here from ``result.json`` alone, so a finished study can be re-reported
+without running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..algorithms import BUILTIN, SAMPa
+from .spec import LinkSetting
+
+#: SAMPa's roles: its round is split per role
+ROLES = tuple(SAMPa.slots)
+PARTS = ("compute", "copy", "transfer", "wait", "update", "other")
+
+#: numeric columns of bench.csv that are aggregated over repeats
+METRICS = ("sgd_ms", "sam_ms", "sampa_ms", "sam_over_sampa", "sampa_over_sgd",
+           "sampa_round_ms", "sampa_update_ms", "sampa_other_ms",
+           *(f"sampa_{r}_{k}_ms" for r in ROLES for k in ("compute", "copy", "transfer", "wait")),
+           "sampa_compute_ms", "sampa_copy_ms", "sampa_transfer_ms", "sampa_wait_ms",
+           "sampa_transfer_share", "sampa_wait_share")
+KEY = ("model", "transport", "data_path", "latency_ms", "bandwidth_gbit")
+COLUMNS = (*KEY, "repeat", "params", "grad_mb", "wire_dtype", "link_ms_per_message", "steps",
+           "batch_size", "device", "placement", "threads", *METRICS)
+#: the optional per-round costs (``BenchSpec.round_costs``): numeric ones are aggregated too
+ROUND_METRICS = ("one_busy_compute_ms", "both_busy_compute_ms", "sgd_overhead_ms",
+                 "sampa_overhead_ms")
+ROUND_COLUMNS = (*ROUND_METRICS, "collective")
+
+
+# -- what one run says ----------------------------------------------------------------------------
+def _median(summary: Mapping[str, Any] | None) -> float:
+    if not summary or not summary.get("count"):
+        return 0.0
+    return float(summary["median"])
+
+
+def step_seconds(result: Mapping[str, Any]) -> float:
+    """A run's median wall time per parameter update (0.0 when nothing was timed)."""
+    return _median(result["timings"]["step_seconds"])
+
+
+def sampa_breakdown(result: Mapping[str, Any]) -> dict[str, float]:
+    """SAMPa's round split (seconds) from one run's ``result.json``: per role compute / copy /
+    transfer / wait, and round, update, other, step (see the package docstring)."""
+    t = result["timings"]
+    round_s = _median(t["round_seconds"])
+    update_s = _median(t["update_seconds"])
+    step_s = _median(t["step_seconds"])
+    roles = [r for r in ROLES if r in t["workers"]]
+    ends: dict[int, dict[str, float]] = defaultdict(dict)
+    for e in result.get("trace", []):
+        ends[e["round"]][e["role"]] = e["end"]
+    both = [d for d in ends.values() if all(r in d for r in roles)]
+    out = {"round": round_s, "update": update_s, "step": step_s,
+           "other": max(0.0, step_s - round_s - update_s)}
+    for role in roles:
+        w = t["workers"][role]
+        compute = _median(w.get("compute"))
+        copy = _median(w.get("copy_in")) + _median(w.get("copy_out"))
+        wait = statistics.median(max(d.values()) - d[role] for d in both) if both else 0.0
+        out[f"{role}_compute"] = compute
+        out[f"{role}_copy"] = copy
+        out[f"{role}_wait"] = wait
+        out[f"{role}_transfer"] = max(0.0, round_s - compute - copy - wait)
+    for k in ("compute", "copy", "transfer", "wait"):
+        vals = [out[f"{r}_{k}"] for r in roles]
+        out[k] = statistics.fmean(vals) if vals else 0.0
+    return out
+
+
+def slowest_compute(result: Mapping[str, Any]) -> float:
+    """The slower role's median compute (forward + backward) per gradient, seconds; a run with
+    one role (SGD, SAM) has one worker busy, SAMPa both."""
+    return max(_median(w.get("compute")) for w in result["timings"]["workers"].values())
+
+
+def round_overhead(result: Mapping[str, Any]) -> float:
+    """Median, over rounds, of what a round took beyond its slower gradient, seconds: the time
+    from the last gradient of one round to the last of the next, less the next one's longest
+    compute (from the per-round trace in result.json; the first rounds, with start-up, are left
+    out). NaN when the trace holds too few rounds."""
+    rounds: dict[int, list[Mapping[str, float]]] = {}
+    for t in result.get("trace", []):
+        rounds.setdefault(t["round"], []).append(t)
+    ks = sorted(rounds)[2:]
+    gaps = [max(t["end"] for t in rounds[k]) - max(t["end"] for t in rounds[j])
+            - max(t["end"] - t["start"] for t in rounds[k])
+            for j, k in zip(ks, ks[1:], strict=False)]
+    return statistics.median(gaps) if gaps else math.nan
+
+
+def round_costs(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The :data:`ROUND_COLUMNS` of a configuration: the workers' compute per gradient with one
+    worker busy (SGD) and both busy (SAMPa, the slower role) -- what the machine allows -- and
+    what the data path adds per round for SGD and SAMPa; ``collective``: SAMPa's peer-group
+    backend, if it ran one."""
+    return {"one_busy_compute_ms": slowest_compute(results["sgd"]) * 1e3,
+            "both_busy_compute_ms": slowest_compute(results["sampa"]) * 1e3,
+            "sgd_overhead_ms": round_overhead(results["sgd"]) * 1e3,
+            "sampa_overhead_ms": round_overhead(results["sampa"]) * 1e3,
+            "collective": (results["sampa"].get("collective") or {}).get("backend") or ""}
+
+
+def run_row(results: Mapping[str, Mapping[str, Any]], link: LinkSetting,
+            repeat: int) -> dict[str, Any]:
+    """One CSV row from the three result.json of a configuration (keys: sgd, sam, sampa);
+    ``repeat`` counts from 1."""
+    sampa = results["sampa"]
+    cfg = sampa["config"]
+    step = {a: step_seconds(results[a]) for a in BUILTIN}
+    b = sampa_breakdown(sampa)
+    nbytes = sampa["timings"].get("gradient_bytes") or int(sampa["num_params"]) * 4
+    total = sum(b[p] for p in PARTS)
+    row: dict[str, Any] = {
+        "model": cfg["model"], "transport": sampa["transport"], "data_path": sampa["data_path"],
+        "latency_ms": link.latency_ms,
+        "bandwidth_gbit": "none" if link.gbit_s is None else link.gbit_s,
+        "repeat": repeat, "params": sampa["num_params"], "grad_mb": nbytes / 1e6,
+        "wire_dtype": cfg.get("wire_dtype", "fp32"),
+        "link_ms_per_message": link.delay_ms(nbytes), "steps": cfg["steps"],
+        "batch_size": cfg["batch_size"], "device": sampa["device"],
+        "placement": sampa["placement"]["mode"], "threads": sampa["placement"]["threads"],
+        "sgd_ms": step["sgd"] * 1e3, "sam_ms": step["sam"] * 1e3, "sampa_ms": step["sampa"] * 1e3,
+        "sam_over_sampa": step["sam"] / step["sampa"] if step["sampa"] else math.nan,
+        "sampa_over_sgd": step["sampa"] / step["sgd"] if step["sgd"] else math.nan,
+        "sampa_round_ms": b["round"] * 1e3, "sampa_update_ms": b["update"] * 1e3,
+        "sampa_other_ms": b["other"] * 1e3,
+    }
+    for r in ROLES:
+        for k in ("compute", "copy", "transfer", "wait"):
+            row[f"sampa_{r}_{k}_ms"] = b.get(f"{r}_{k}", 0.0) * 1e3
+    for k in ("compute", "copy", "transfer", "wait"):
+        row[f"sampa_{k}_ms"] = b[k] * 1e3
+    row["sampa_transfer_share"] = b["transfer"] / total if total else 0.0
+    row["sampa_wait_share"] = b["wait"] / total if total else 0.0
+    return row
+
+
+# -- aggregation over repeats ---------------------------------------------------------------------
+@dataclass
+class Stat:
+    """Median and spread (min-max) of one metric over the repeats."""
+
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        """The summary of ``values``, NaNs left out (``n`` = 0 when nothing is left)."""
+        v = [float(x) for x in values if not math.isnan(float(x))]
+        if not v:
+            return cls(math.nan, math.nan, math.nan, 0)
+        return cls(statistics.median(v), min(v), max(v), len(v))
+
+    def fmt(self, spec: str = ".1f") -> str:
+        """``median (lo–hi)``; just the median when there is no spread; ``-`` when empty."""
+        if self.n == 0:
+            return "-"
+        if self.n == 1 or self.lo == self.hi:
+            return format(self.median, spec)
+        return f"{self.median:{spec}} ({self.lo:{spec}}–{self.hi:{spec}})"
+
+
+@dataclass
+class Aggregate:
+    """One configuration: its key fields and each metric's :class:`Stat` over the repeats."""
+
+    key: dict[str, Any]
+    stats: dict[str, Stat] = field(default_factory=dict)
+    repeats: int = 0
+
+    @property
+    def gbit_s(self) -> float | None:
+        bw = self.key["bandwidth_gbit"]
+        return None if bw in (None, "none", "") else float(bw)
+
+    @property
+    def series(self) -> tuple[str, str, str]:
+        return (self.key["model"], self.key["transport"], self.key["data_path"])
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]],
+              metrics: Sequence[str] = METRICS) -> list[Aggregate]:
+    """Group the per-run rows by configuration (first-seen order) and summarise each of
+    ``metrics`` (with ``BenchSpec.round_costs``: add :data:`ROUND_METRICS`)."""
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        key = tuple(str(row[k]) if k == "bandwidth_gbit" else row[k] for k in KEY)
+        groups.setdefault(key, []).append(row)
+    out = []
+    for key, rs in groups.items():
+        agg = Aggregate(dict(zip(KEY, key, strict=True)), repeats=len(rs))
+        for m in metrics:
+            agg.stats[m] = Stat.of([float(r[m]) for r in rs])
+        out.append(agg)
+    return out
+
+
+# -- break-even -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BreakEven:
+    """Where SAM/SAMPa first drops below 1 along a sweep ordered from the best link to the worst.
+
+    kind: ``crossed`` (``value`` interpolated between the measured ``bracket``; ``value`` is None
+    when the bracket starts at the uncapped link, which has no position to interpolate from),
+    ``never`` (>= 1 at every measured point), ``always`` (< 1 already at the best link).
+    """
+
+    kind: Literal["crossed", "never", "always"]
+    value: float | None = None
+    bracket: tuple[float, float] | None = None
+
+
+def break_even(xs: Sequence[float], speedups: Sequence[float], *, log_x: bool) -> BreakEven:
+    """The x at which the speedup first drops below 1, walking ``xs`` in the given order (from
+    the best link to the worst: bandwidth from high to low, latency from low to high).
+
+    Linear interpolation between the two measured points around the crossing; with ``log_x``
+    in log10(x) (bandwidths: the sweep is geometric), otherwise in x itself (latencies). An x of
+    ``math.inf`` stands for the uncapped link. NaN speedups are skipped.
+    """
+    pts = [(float(x), float(y)) for x, y in zip(xs, speedups, strict=True) if not math.isnan(y)]
+    if not pts:
+        return BreakEven("never")
+    if pts[0][1] < 1.0:
+        return BreakEven("always")
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if y1 < 1.0 <= y0:
+            t = (y0 - 1.0) / (y0 - y1)
+            if math.isinf(x0) or math.isinf(x1):
+                return BreakEven("crossed", None, (x0, x1))
+            if log_x:
+                value = 10 ** (math.log10(x0) + t * (math.log10(x1) - math.log10(x0)))
+            else:
+                value = x0 + t * (x1 - x0)
+            return BreakEven("crossed", value, (x0, x1))
+    return BreakEven("never")
+
+
+def _fmt_bw(x: float) -> str:
+    return "uncapped" if math.isinf(x) else f"{x:.3g} Gbit/s"
+
+
+def describe_break_even(be: BreakEven, unit: str) -> str:
+    """One cell of bench.md: ``unit`` is ``Gbit/s`` (bandwidth sweep) or ``ms`` (latency)."""
+    bw = unit == "Gbit/s"
+    if be.kind == "never":
+        return "never below 1 in the measured range"
+    if be.kind == "always":
+        return "below 1 already at the best measured link"
+    assert be.bracket is not None
+    lo, hi = be.bracket
+    if be.value is None:
+        return f"between {_fmt_bw(lo)} and {_fmt_bw(hi)}"
+    where = f"{_fmt_bw(lo)} and {_fmt_bw(hi)}" if bw else f"{lo:g} and {hi:g} ms"
+    val = _fmt_bw(be.value) if bw else f"{be.value:.3g} ms"
+    return f"**{val}** (between {where})"
+
+
+def sweeps(aggs: Sequence[Aggregate], over: str
+           ) -> dict[tuple[tuple[str, str, str], Any], list[Aggregate]]:
+    """Sweeps of one link dimension with the other fixed: {(series, fixed value): aggregates
+    ordered from the best link to the worst}."""
+    out: dict[tuple[tuple[str, str, str], Any], list[Aggregate]] = defaultdict(list)
+    for a in aggs:
+        fixed = a.key["latency_ms"] if over == "bandwidth" else a.gbit_s
+        out[(a.series, fixed)].append(a)
+    for v in out.values():
+        if over == "bandwidth":
+            v.sort(key=lambda a: -math.inf if a.gbit_s is None else -a.gbit_s)
+        else:
+            v.sort(key=lambda a: a.key["latency_ms"])
+    return out
+
+
+def break_evens(aggs: Sequence[Aggregate], over: str
+                ) -> dict[tuple[tuple[str, str, str], Any], BreakEven]:
+    """Break-even of each sweep (``over`` = bandwidth | latency) on the median speedups."""
+    out = {}
+    for k, sweep in sweeps(aggs, over).items():
+        if len(sweep) < 2:  # one link setting along this axis: nothing to cross
+            continue
+        ys = [a.stats["sam_over_sampa"].median for a in sweep]
+        if over == "bandwidth":
+            xs = [math.inf if a.gbit_s is None else a.gbit_s for a in sweep]
+            out[k] = break_even(xs, ys, log_x=True)
+        else:
+            out[k] = break_even([a.key["latency_ms"] for a in sweep], ys, log_x=False)
+    return out
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def _bw_text(a: Aggregate) -> str:
+    return "none" if a.gbit_s is None else f"{a.gbit_s:g}"
+
+
+def label(a: Aggregate) -> str:
+    """A configuration in words: ``model transport/data path, latency, bandwidth``."""
+    bw = "uncapped" if a.gbit_s is None else f"{a.gbit_s:g} Gbit/s"
+    return (f"{a.key['model']} {a.key['transport']}/{a.key['data_path']}, "
+            f"{a.key['latency_ms']:g} ms, {bw}")
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """bench.csv: :data:`COLUMNS`, and :data:`ROUND_COLUMNS` when the rows carry them."""
+    extra = ROUND_COLUMNS if rows and all(c in rows[0] for c in ROUND_COLUMNS) else ()
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def markdown(aggs: Sequence[Aggregate], header: str = "") -> str:
+    """bench.md: the step-time table, SAMPa's round split and the break-even links."""
+    lines = ["# sampa-ray bench", ""]
+    if header:
+        lines += [header, ""]
+    lines += ["Median over the repeats, (min–max) in brackets. Step = wall time per parameter "
+              "update; SAM/SAMPa > 1: SAMPa's parallel gradients pay off.", "",
+              "| model | transport | data path | latency (ms) | bandwidth (Gbit/s) | repeats | "
+              "SGD step (ms) | SAM step (ms) | SAMPa step (ms) | SAM/SAMPa | SAMPa/SGD | "
+              "SAMPa transfer share |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in aggs:
+        s = a.stats
+        lines.append(
+            f"| {a.key['model']} | {a.key['transport']} | {a.key['data_path']} | "
+            f"{a.key['latency_ms']:g} | {_bw_text(a)} | {a.repeats} | {s['sgd_ms'].fmt()} | "
+            f"{s['sam_ms'].fmt()} | {s['sampa_ms'].fmt()} | {s['sam_over_sampa'].fmt('.2f')} | "
+            f"{s['sampa_over_sgd'].fmt('.2f')} | {s['sampa_transfer_share'].fmt('.2f')} |")
+    lines += ["", "## SAMPa's step, split (median ms; mean of the two roles)", "",
+              "compute = forward + backward, copy = host↔device, transfer = the rest of the "
+              "role's round trip, wait = for the slower role, update = the coordinator's "
+              "update, other = the loop's overhead.", "",
+              "| configuration | compute | copy | transfer | wait | update | other | step |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in aggs:
+        s = a.stats
+        lines.append(
+            f"| {label(a)} | {s['sampa_compute_ms'].fmt('.2f')} | "
+            f"{s['sampa_copy_ms'].fmt('.2f')} | {s['sampa_transfer_ms'].fmt('.2f')} | "
+            f"{s['sampa_wait_ms'].fmt('.2f')} | {s['sampa_update_ms'].fmt('.2f')} | "
+            f"{s['sampa_other_ms'].fmt('.2f')} | {s['sampa_ms'].fmt('.2f')} |")
+    lines += ["", "## Break-even: where SAM/SAMPa drops below 1", "",
+              "Walking from the best link to the worst, the first crossing of 1 by the median "
+              "SAM/SAMPa, interpolated linearly between the two measured points around it: in "
+              "log10(bandwidth) for bandwidth, in milliseconds for latency.", "",
+              "| model | transport | data path | sweep | with | break-even |",
+              "|---|---|---|---|---|---|"]
+    by_bw, by_lat = break_evens(aggs, "bandwidth"), break_evens(aggs, "latency")
+    if not by_bw and not by_lat:
+        lines[-2:] = ["One link setting per configuration: no sweep, no break-even."]
+    for (series, lat), be in by_bw.items():
+        lines.append(f"| {' | '.join(series)} | bandwidth | latency {lat:g} ms | "
+                     f"{describe_break_even(be, 'Gbit/s')} |")
+    for (series, bw), be in by_lat.items():
+        with_ = "uncapped" if bw is None else f"{bw:g} Gbit/s"
+        lines.append(f"| {' | '.join(series)} | latency | bandwidth {with_} | "
+                     f"{describe_break_even(be, 'ms')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, rows: Sequence[Mapping[str, Any]], header: str = "") -> str:
+    """bench.csv, bench.md and the plots from the per-run rows; returns the markdown."""
+    from .plots import plot_breakdown, plot_speedup
+
+    write_csv(out / "bench.csv", rows)
+    aggs = aggregate(rows)
+    md = markdown(aggs, header)
+    (out / "bench.md").write_text(md)
+    plot_speedup(out / "speedup_vs_bandwidth.png", aggs, "bandwidth")
+    plot_speedup(out / "speedup_vs_latency.png", aggs, "latency")
+    plot_breakdown(out / "breakdown.png", aggs)
+    return md
