@@ -11,19 +11,26 @@ its config hash and parameter count match the run; only then is the ``.pt`` read
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .algorithms import AlgoState
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .loop import Executor
+    from .results import Recorder
 
 PREFIX = "ckpt-"
 
@@ -49,10 +56,8 @@ class Checkpoint:
                    buffers=buffers, meta=meta)
 
     def state(self) -> AlgoState:
-        t = self.tensors
-        return AlgoState(x=t["x"].clone(), step=self.step, phase=self.phase,
-                         buf=t["buf"].clone() if "buf" in t else None,
-                         g_y=t["g_y"].clone() if "g_y" in t else None)
+        return AlgoState.from_tensors({k: v.clone() for k, v in self.tensors.items()},
+                                      self.step, self.phase)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -154,3 +159,43 @@ def load_latest(folder: Path, config_hash: str | None, num_params: int | None,
         except CheckpointError as err:
             warn(f"{err}; trying an older one")
     raise UserError(f"resume: no valid checkpoint in {folder} ({len(candidates)} refused)")
+
+
+class Checkpointer:
+    """Snapshots the state and every worker's buffers after an update and writes them in a
+    background thread (one write at a time, in order), off the critical path."""
+
+    def __init__(self, cfg: TrainConfig, folder: Path, executor: Executor, recorder: Recorder,
+                 num_params: int) -> None:
+        self.cfg, self.folder, self.executor, self.recorder = cfg, folder, executor, recorder
+        self.num_params = num_params
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending: list[asyncio.Future[Path]] = []
+        self.written: list[Path] = []
+        self.last: Checkpoint | None = None  # the newest snapshot, kept in memory
+
+    async def __call__(self, state: AlgoState) -> None:
+        buffers = await self.executor.all_buffers()
+        meta = {"config": self.cfg.model_dump(), "config_hash": self.cfg.hash(),
+                "num_params": self.num_params, "record": self.recorder.state_dict()}
+        ckpt = Checkpoint.of(state, buffers, meta)
+        self.last = ckpt
+        loop = asyncio.get_running_loop()
+        self.pending.append(loop.run_in_executor(
+            self.pool, save_checkpoint, self.folder, ckpt, self.cfg.keep_checkpoints))
+
+    async def flush(self) -> list[Path]:
+        """Wait for every write; returns the files written."""
+        for fut in self.pending:
+            self.written.append(await fut)
+        self.pending.clear()
+        return self.written
+
+
+def find_resume(cfg: TrainConfig, num_params: int, warn: Callable[[str], None]) -> Checkpoint:
+    """The checkpoint ``cfg.resume`` names: a run folder (its checkpoints/) or a folder of
+    checkpoints; the newest valid one, older ones when newer ones are refused."""
+    assert cfg.resume is not None
+    root = Path(cfg.resume)
+    folder = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    return load_latest(folder, cfg.hash(), num_params, warn)

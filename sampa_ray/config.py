@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UserError
 
-ALGOS = ("sgd", "sam", "sampa")
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
                   "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
@@ -33,7 +39,8 @@ class TrainConfig(BaseModel):
     # strict: no silent coercion (true is not 1.0, "3" is not 3)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
-    algo: Literal["sgd", "sam", "sampa"] = "sampa"
+    algo: str = Field("sampa", description="algorithm: sgd, sam, sampa or any registered "
+                      "with sampa_ray.algorithms.register")
     lr: float = Field(0.05, gt=0, allow_inf_nan=False)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     rho: float = Field(0.05, ge=0, allow_inf_nan=False)
@@ -111,6 +118,15 @@ class TrainConfig(BaseModel):
     metrics_cert: str | None = Field(None, description="PEM certificate file: serve metrics "
                                      "over HTTPS (with --metrics-key)")
     metrics_key: str | None = Field(None, description="PEM private key file of --metrics-cert")
+
+    @field_validator("algo")
+    @classmethod
+    def _known_algo(cls, v: str) -> str:
+        from . import algorithms  # the registry (imports torch: only when a config is built)
+
+        if v not in algorithms.names():
+            raise ValueError(f"unknown algorithm {v!r} (known: {', '.join(algorithms.names())})")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -9,11 +9,16 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import __version__
 from .engine import EvalResult, GradResult
+
+if TYPE_CHECKING:
+    from .algorithms import Algorithm, AlgoState
+    from .config import TrainConfig
 
 TRACE_ROUNDS = 64  # rounds whose per-worker compute intervals are kept in result.json
 
@@ -99,6 +104,32 @@ class Recorder:
                 "update_seconds": summary(self.update_s),
                 "workers": {role: {k: summary(v) for k, v in d.items()}
                             for role, d in self.worker.items()}}
+
+
+def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: AlgoState,
+                 total_steps: int, batches_per_epoch: int, info: dict[str, Any], wall_s: float,
+                 **extra: Any) -> dict[str, Any]:
+    """The content of result.json."""
+    last = next((r for r in reversed(recorder.epochs) if r["test_accuracy"] is not None), None)
+    return {
+        "version": __version__,
+        "config": cfg.model_dump(),
+        "config_hash": cfg.hash(),
+        "algorithm": {**algo.config(), "lr": cfg.lr, "lr_schedule": cfg.lr_schedule},
+        "num_params": info["num_params"],
+        "steps": state.step,
+        "planned_steps": total_steps,
+        "batches_per_epoch": batches_per_epoch,
+        "gradient_rounds": recorder.rounds,
+        "rounds_per_update": algo.rounds_per_update(),
+        "wall_time_s": wall_s,
+        "final_test_accuracy": last["test_accuracy"] if last else None,
+        "final_test_loss": last["test_loss"] if last else None,
+        "epochs": recorder.epochs,
+        "timings": recorder.timing_summary(),
+        "trace": recorder.trace,
+        **extra,
+    }
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -22,7 +22,7 @@ from sampa_ray.checkpoint import (
 )
 from sampa_ray.config import make_config
 from sampa_ray.errors import UserError
-from sampa_ray.trainer import run_local
+from sampa_ray.local import run_local
 
 
 def make_ckpt(step: int, n: int = 10) -> Checkpoint:

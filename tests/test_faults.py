@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sampa_ray.config import make_config
-from sampa_ray.ray_backend import run_ray
+from sampa_ray.ray import run_ray
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -12,8 +12,9 @@ import torch
 
 from sampa_ray.algorithms import SAM, SGD, SAMPa
 from sampa_ray.config import make_config
+from sampa_ray.local import LocalExecutor
+from sampa_ray.loop import NonFiniteError, Plan, make_algorithm, train_loop
 from sampa_ray.results import Recorder
-from sampa_ray.trainer import LocalExecutor, NonFiniteError, Plan, make_algorithm, train_loop
 
 
 class Poisoned(LocalExecutor):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sampa_ray.config import make_config
-from sampa_ray.ray_backend import run_ray, run_ray_many
-from sampa_ray.trainer import run_local
+from sampa_ray.local import run_local
+from sampa_ray.ray import run_ray, run_ray_many
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

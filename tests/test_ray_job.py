@@ -56,7 +56,7 @@ def test_stopped_job_resumes_to_the_uninterrupted_parameters(ray_head, tmp_path)
 
     from sampa_ray.checkpoint import list_checkpoints, load_latest
     from sampa_ray.config import make_config
-    from sampa_ray.trainer import run_local
+    from sampa_ray.local import run_local
 
     client = job_client(ray_head)
     out = tmp_path / "resumed"

@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from sampa_ray.algorithms import SAM, SGD, SAMPa
+from sampa_ray.algorithms import BUILTIN, SAM, SGD, SAMPa
 from sampa_ray.config import TrainConfig, make_config
 from sampa_ray.engine import GradientEngine
+from sampa_ray.local import LocalExecutor, run_local
+from sampa_ray.loop import Plan, train_loop
 from sampa_ray.results import Recorder
-from sampa_ray.trainer import LocalExecutor, Plan, run_local, slot_for, train_loop
 
-ALGOS = ("sgd", "sam", "sampa")
+ALGOS = BUILTIN
 STEPS = 25
 BATCH = 64
 PER_EPOCH = 1437 // BATCH  # 22
@@ -74,7 +75,8 @@ def _nbt(buffers: dict[str, torch.Tensor]) -> set[int]:
 
 
 def _hand_loop(cfg: TrainConfig) -> tuple[torch.Tensor, list[GradientEngine], str]:
-    """requests -> gradients -> update, written out over two engines routed by slot_for."""
+    """requests -> gradients -> update, written out over two engines: the extrapolated role on
+    the second, every other on the first."""
     total = cfg.steps
     assert total is not None
 
@@ -100,11 +102,17 @@ def _hand_loop(cfg: TrainConfig) -> tuple[torch.Tensor, list[GradientEngine], st
     return state.x.clone(), engines, algo.stats_role
 
 
-def test_slot_for_routes_roles() -> None:
-    assert slot_for("extrapolated") == 1
-    assert slot_for("perturbed") == 0
-    assert slot_for("grad") == 0
-    assert slot_for("ascent") == 0
+def slot_for(role: str) -> int:
+    return 1 if role == "extrapolated" else 0
+
+
+def test_algorithms_put_their_roles_on_workers() -> None:
+    """SAMPa's two gradients on two workers (in parallel); SGD's and SAM's on the first, the
+    worker SAMPa's perturbed gradient uses."""
+    for cls in (SGD, SAM, SAMPa):
+        assert cls.slots == {role: slot_for(role) for role in cls.slots}
+    assert SAMPa.slots == {"perturbed": 0, "extrapolated": 1}
+    assert set(SAM.slots) == ROLES["sam"] and set(SGD.slots) == ROLES["sgd"]
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -1,0 +1,185 @@
+"""The collective data path: the replicated path with the gradients exchanged over
+torch.distributed (``sampa_ray.transport.collective``: NCCL between GPUs, gloo otherwise).
+
+Every worker in use gets one call per round: it computes its requests, exchanges the round's
+gradients with its peers (one broadcast per role, from the worker that computed it) and applies
+the round by the loop's rule, so no call waits on another's result and the next round can be
+queued behind this one. Where no group can be formed the run says why once and uses the object
+store instead (the replicated path's calls, on the same worker halves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import torch
+from ray.exceptions import RayTaskError
+
+from ...algorithms import AlgoState, GradRequest
+from ...engine import GradResult
+from ...loop import round_applies
+from ...transport.collective import CollectiveError, PeerGroup, choose_backend, rendezvous_address
+from ..recovery import raise_lost
+from ..worker import WorkerHost
+from .base import kept_gradient
+from .replicated import ReplicatedPath, ReplicaWorker
+
+
+class CollectiveWorker(ReplicaWorker):
+    """Worker half: a replica (as on the replicated path) and this process's membership in the
+    workers' process group."""
+
+    def __init__(self, host: WorkerHost) -> None:
+        super().__init__(host)
+        self.group: PeerGroup | None = None
+        self.buffers: dict[str, torch.Tensor] = {}  # message buffers, allocated once
+
+    def address(self) -> tuple[str, int]:
+        """Where this worker (rank 0) hosts the group's rendezvous."""
+        return rendezvous_address()
+
+    def join(self, rank: int, world: int, host: str, port: int, backend: str,
+             timeout_s: float) -> None:
+        self.group = PeerGroup(rank, world, host, port, backend, self.engine.device, timeout_s)
+
+    def exchange_round(self, exchange: bool) -> dict[str, dict[str, Any]]:
+        """One whole round: compute this worker's requests, exchange the round's gradients with
+        the peers (one broadcast per role, from the worker that computed it, in request order:
+        every replica derives the same order from the same state), then apply the round by the
+        loop's rule. Returns the facts of this worker's roles. Without ``exchange`` (one worker
+        in use) there is nothing to exchange."""
+        assert self.state is not None
+        group = self.group if exchange else None
+        n = self.engine.flat.numel
+        reqs = self.algo.requests(self.state)
+        mine = self.mine(reqs)
+        on_host = group is None or group.device.type == "cpu"
+        facts: dict[str, dict[str, Any]] = {}
+        sends: dict[str, torch.Tensor] = {}
+        for req in mine:
+            r, facts[req.role] = self.own_gradient(req, keep=len(mine) > 1, to_host=on_host)
+            if group is not None:  # the gradient and its verdict in one message
+                buf = self._buffer(f"send/{req.role}", n + 1, r.grad.dtype, group.device)
+                buf[:n].copy_(r.grad)
+                buf[n] = 1.0 if facts[req.role]["finite"] else 0.0
+                sends[req.role] = buf
+        peers: dict[str, torch.Tensor] = {}
+        verdicts = list(self.own_ok.values())
+        received = 0
+        if group is not None:
+            t0 = time.perf_counter()
+            for req in reqs:
+                src = self.algo.slot_of(req.role)
+                if src == self.slot:
+                    group.broadcast(sends[req.role], src)
+                else:
+                    buf = self._buffer(f"recv/{req.role}", n + 1, self.engine.wire,
+                                       group.device)
+                    group.broadcast(buf, src)
+                    peers[req.role] = buf[:n].to(self.engine.device, torch.float32)
+                    verdicts.append(bool(buf[n] != 0))
+                    received += n * buf.element_size()
+            exchange_s = time.perf_counter() - t0
+            for f in facts.values():
+                f["timings"]["exchange"] = exchange_s
+        self.host.link.wait(received)  # the peers' gradients came over the (emulated) link
+        t0 = time.perf_counter()
+        self.finish_round(not round_applies(verdicts), peers)
+        for f in facts.values():
+            f["timings"]["apply"] = time.perf_counter() - t0
+        return facts
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A message buffer allocated once and reused every round."""
+        b = self.buffers.get(name)
+        if b is None or b.dtype != dtype or b.device != device or b.numel() != numel:
+            b = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return b
+
+
+class CollectivePath(ReplicatedPath):
+    """Coordinator half: forms the group when the state is seeded (each run, each replay),
+    queues one call per worker per round, and falls back to the replicated path's calls
+    where no group forms."""
+
+    worker_half = CollectiveWorker
+    name = "collective"
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.group = len(self.used) > 1  # one worker in use: nothing to exchange
+        self.backend: str | None = None  # of the group; None without one
+        self.fallback: str | None = None  # why the object store is used instead
+        self.calls: dict[int, Any] | None = None  # the round queued ahead
+
+    def summary(self) -> dict[str, Any]:
+        return {"collective": {"backend": self.backend, "fallback": self.fallback}}
+
+    async def init_state(self, state: AlgoState) -> None:
+        self.calls = None
+        if self.group:
+            try:
+                await self._form_group()
+            except (CollectiveError, RayTaskError, TimeoutError) as err:
+                cause = err.cause if isinstance(err, RayTaskError) else \
+                    err if str(err) else "the workers did not meet in time"
+                self.group, self.backend = False, None
+                self.fallback = str(cause).strip().splitlines()[0]
+                self.ctx.say(f"collective: no process group ({self.fallback}); the gradients "
+                             "go through Ray's object store instead")
+        await super().init_state(state)
+
+    async def _form_group(self) -> None:
+        gpu_ids = [i.get("gpu_ids") or [] for i in self.pool.infos]
+        device = torch.device(self.cfg.device if self.cfg.device != "auto" else
+                              ("cuda" if gpu_ids and all(gpu_ids) else "cpu"))
+        backend = self.cfg.collective_backend
+        if backend == "auto":
+            backend = choose_backend(device, [gpu_ids[s] for s in self.used])
+        host, port = await self.call(self.used[0], "address")
+        timeout = self.pool.deadline_s or 300.0
+        await asyncio.wait_for(asyncio.gather(*[
+            self.call(s, "join", rank, len(self.used), host, port, backend, timeout)
+            for rank, s in enumerate(self.used)]), timeout=timeout + 30)
+        self.backend = backend
+
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
+        if not self.group and len(self.used) > 1:
+            return await super().round(reqs, ahead)
+        slots, probe = self.used, self.probe
+        calls = self.calls or self._queue()
+        self.calls = None
+        if ahead is not None:  # no call waits on another's result: queue the next one now
+            self.calls = self._queue()
+        roles = {s: tuple(r.role for r in reqs if self.slot_of(r.role) == s) for s in slots}
+        if probe is not None:
+            probe.dispatched_peers({roles[s][0]: len(reqs) - len(roles[s])
+                                    for s in slots if roles[s]})
+        facts = await asyncio.gather(*[self.pool.wait(s, calls[s], roles[s], probe)
+                                       for s in slots], return_exceptions=True)
+        raise_lost(facts)
+        results: dict[str, GradResult] = {}
+        for f in facts:
+            for role, meta in f.items():
+                results[role] = kept_gradient(meta)
+        if probe is not None:
+            probe.round_done(results, fanout=len(self.used) - 1)
+        return results
+
+    def _queue(self) -> dict[int, Any]:
+        """One round's call on every worker in use."""
+        return {s: self.call(s, "exchange_round", self.group) for s in self.used}
+
+    async def commit(self, skip: bool) -> None:
+        if self.group or len(self.used) == 1:
+            return  # the workers applied the round by the same rule
+        await super().commit(skip)
+
+    async def full_state(self, state: AlgoState) -> AlgoState:
+        if self.calls is not None:
+            raise RuntimeError("the state was asked for while a round runs ahead")
+        return await super().full_state(state)

@@ -1,0 +1,260 @@
+"""The replicated data path: the algorithm's state lives beside the workers.
+
+With the points path the coordinator holds x, sends every point down and takes every gradient up,
+so each SAMPa round moves four full vectors through the coordinator and waits for its update.
+Here each worker that serves a role keeps a replica of the algorithm state (x, momentum buffer,
+g_y) on its own device and applies the same deterministic update; a round moves one gradient from
+each worker to its peer (the object store hands over a reference; the bytes move once, worker to
+worker) and no points at all. The coordinator follows the same algorithm on a 0-length shadow
+state (so it knows every round's roles, batches and phases), decides each round (apply or skip),
+and pulls the real state from a replica for checkpoints, evaluation and the final outputs.
+
+Workers still know no algorithm: :class:`ReplicaWorker` composes an algorithm replica with the
+gradient engine inside the worker process; the engine only ever computes ∇f at a point on a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...algorithms import AlgoState, GradRequest
+from ...config import TrainConfig
+from ...engine import GradResult
+from ...loop import make_algorithm, round_applies, usable
+from ...transport.codec import from_array, to_array
+from ..recovery import raise_lost
+from ..worker import WorkerHost
+from .base import DataPath, kept_gradient
+
+#: one pending round for a worker: (skipped?, roles whose gradients come from peers); skipped
+#: None: decide by the loop's rule (:func:`round_applies`), for a round the coordinator ran
+#: ahead of
+Pending = tuple[bool | None, list[str]]
+#: what a worker hands its peers: per role, the gradient (a wire array) and whether it is usable
+PeerGrads = dict[str, tuple[np.ndarray, bool]]
+
+
+class ReplicaWorker:
+    """Worker half: a replica of the algorithm state next to the worker's gradient engine."""
+
+    def __init__(self, host: WorkerHost) -> None:
+        self.host = host
+        self.engine = host.engine
+        self.slot = host.slot
+        self.state: AlgoState | None = None
+        self.own: dict[str, torch.Tensor] = {}  # this worker's gradients of its last round
+        self.own_ok: dict[str, bool] = {}  # and whether each is usable
+
+    def init(self, cfg: dict[str, Any], total_steps: int, tensors: dict[str, np.ndarray],
+             step: int, phase: int) -> None:
+        """Seed the replica: the run's algorithm, at the given state."""
+        self.algo = make_algorithm(TrainConfig(**cfg), total_steps)
+        dev = self.engine.device
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, copy=True)
+             for k, v in tensors.items()}
+        self.state = AlgoState.from_tensors(t, step, phase)
+        self.own, self.own_ok = {}, {}
+
+    def mine(self, reqs: list[GradRequest]) -> list[GradRequest]:
+        """The requests this worker serves."""
+        return [r for r in reqs if self.algo.slot_of(r.role) == self.slot]
+
+    # -- the calls of the coordinator half ----------------------------------------------------
+    def round(self, pending: list[Pending], *peer_grads: PeerGrads
+              ) -> tuple[PeerGrads, dict[str, dict[str, Any]]]:
+        """Apply the rounds not applied yet, compute this worker's requests of the next one.
+        Two objects: the gradients (handed on to the peer) and the facts (for the
+        coordinator), so the coordinator never has to fetch a gradient."""
+        # each peer gradient crosses the (emulated) link once, into this worker
+        self.host.link.wait(sum(g.nbytes for d in peer_grads for g, _ in d.values()))
+        t0 = time.perf_counter()
+        self.apply(pending, list(peer_grads))
+        applied = time.perf_counter() - t0
+        out = self.compute()
+        for _, meta in out.values():
+            meta["timings"]["apply"] = applied  # the pending updates, on this worker
+        return ({r: (g, m["finite"]) for r, (g, m) in out.items()},
+                {r: m for r, (_, m) in out.items()})
+
+    def state_tensors(self, pending: list[Pending], *peer_grads: PeerGrads
+                      ) -> dict[str, np.ndarray]:
+        """The replica's state after the pending rounds, as host arrays."""
+        self.apply(pending, list(peer_grads))
+        return self.tensors()
+
+    def evaluate(self, step: int, pending: list[Pending], *peer_grads: PeerGrads) -> None:
+        """Start evaluating the replica's parameters after the pending rounds."""
+        self.apply(pending, list(peer_grads))
+        assert self.state is not None
+        self.engine.start_eval(step, self.state.x)
+
+    # -- the work -----------------------------------------------------------------------------
+    def apply(self, pending: list[Pending], peer_grads: list[PeerGrads]) -> None:
+        """Apply the rounds this replica has not applied yet, in order. Gradients of this
+        worker's own roles are still on its device; the peers' arrive as arrays."""
+        assert self.state is not None
+        dev = self.engine.device
+        it = iter(peer_grads)
+        for skip, peer_roles in pending:
+            # each peer ref resolves to that worker's {role: (gradient, usable)} of the round
+            got = {role: next(it)[role] for role in peer_roles}
+            if skip is None:  # the loop's rule, on the same facts the coordinator sees
+                skip = not round_applies([ok for _, ok in got.values()] +
+                                         list(self.own_ok.values()))
+            self.finish_round(skip, {r: from_array(g).to(dev, non_blocking=True)
+                                     for r, (g, _) in got.items()})
+
+    def finish_round(self, skip: bool, peers: dict[str, torch.Tensor]) -> None:
+        """Apply (or skip) one round with the peers' gradients and this worker's own."""
+        assert self.state is not None
+        if skip:
+            self.algo.skip(self.state)
+        else:
+            self.algo.update(self.state, {**peers, **self.own})
+        self.own, self.own_ok = {}, {}
+
+    def compute(self) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """This worker's requests of the next round: gradient (host array) and facts."""
+        assert self.state is not None
+        mine = self.mine(self.algo.requests(self.state))
+        out = {}
+        for req in mine:
+            r, facts = self.own_gradient(req, keep=len(mine) > 1)
+            out[req.role] = (to_array(r.grad).copy() if len(mine) > 1 else to_array(r.grad),
+                             facts)
+        return out
+
+    def own_gradient(self, req: GradRequest, keep: bool,
+                     to_host: bool = True) -> tuple[GradResult, dict[str, Any]]:
+        """Compute one of this worker's requests; remember its device gradient (a copy with
+        ``keep``: the engine reuses its buffer) and whether it is usable; return the result
+        and the facts the coordinator gets."""
+        r = self.engine.gradient(req.point, req.batch, req.track_stats, to_host=to_host)
+        dev_grad = self.engine.flat.grad
+        self.own[req.role] = dev_grad.clone() if keep else dev_grad
+        norm = float(torch.linalg.vector_norm(dev_grad))
+        ok = usable(r.loss, norm=norm)
+        self.own_ok[req.role] = ok
+        return r, {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
+                   "start": r.start, "end": r.end, "norm": norm, "finite": ok,
+                   "nbytes": r.grad.numel() * r.grad.element_size()}
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        assert self.state is not None
+        return {k: v.detach().to("cpu").numpy() for k, v in self.state.tensors().items()}
+
+
+class ReplicatedPath(DataPath):
+    """Coordinator half: dispatches rounds to the replica-holding workers and hands each
+    worker's gradient reference on to its peers, so gradients move worker to worker and the
+    coordinator fetches none of them."""
+
+    worker_half = ReplicaWorker
+    name = "replicated"
+    holds_state = True
+    runs_ahead = True
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # per worker: the rounds it has not applied yet, (skipped?, {role: gradient ref})
+        self.pending: dict[int, list[tuple[bool, dict[str, Any]]]] = {s: [] for s in self.used}
+        self.last_refs: dict[str, Any] = {}
+        # the next round, dispatched before this one's results came back: (slots, calls,
+        # peer gradients each worker fetches); its workers apply this round by the rule
+        self.ahead: tuple[list[int], dict[int, Any], dict[int, int]] | None = None
+        self.ruled: set[int] = set()  # slots whose queued call applies the last round
+
+    async def init_state(self, state: AlgoState) -> None:
+        self.ahead, self.ruled = None, set()  # a replay: what ran ahead is abandoned
+        tensors = {k: v.detach().cpu().numpy() for k, v in state.tensors().items()}
+        await asyncio.gather(*[self.ask(s, self.call(s, "init", self.cfg.model_dump(),
+                                                     self.ctx.total_steps, tensors, state.step,
+                                                     state.phase))
+                               for s in self.used])
+        for s in self.used:
+            self.pending[s].clear()
+
+    def _take_pending(self, slot: int) -> tuple[list[Pending], list[Any]]:
+        """The rounds a worker has not applied: specs, and the peers' gradient refs in order."""
+        specs: list[Pending] = []
+        refs: list[Any] = []
+        for skip, by_role in self.pending[slot]:
+            peer = [role for role in by_role if self.slot_of(role) != slot]
+            specs.append((skip, peer))
+            refs.extend(by_role[role] for role in peer)
+        self.pending[slot] = []
+        return specs, refs
+
+    def _dispatch(self, slots: list[int], reqs: list[GradRequest] | None = None,
+                  calls: dict[int, Any] | None = None) -> tuple[dict[int, Any], dict[int, int]]:
+        """One call per slot with its pending rounds; with ``reqs`` and their ``calls`` (a
+        round still running), that round too, decided by the rule, on the peers' results."""
+        out, fetched = {}, {}
+        for s in slots:
+            specs, refs = self._take_pending(s)
+            if reqs is not None and calls is not None:
+                peer = [r.role for r in reqs if self.slot_of(r.role) != s]
+                specs.append((None, peer))
+                refs.extend(calls[self.slot_of(role)][0] for role in peer)
+            out[s] = self.call(s, "round", specs, *refs, num_returns=2)
+            fetched[s] = len(refs)
+        return out, fetched
+
+    async def round(self, reqs: list[GradRequest],
+                    ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
+        slots = sorted({self.slot_of(r.role) for r in reqs})
+        probe = self.probe
+        if self.ahead is not None:  # dispatched during the last round
+            ahead_slots, calls, fetched = self.ahead
+            self.ahead = None
+            if ahead_slots != slots:
+                raise RuntimeError(f"the round run ahead used workers {ahead_slots}, the loop "
+                                   f"asks for {slots}")
+        else:
+            calls, fetched = self._dispatch(slots)
+        roles = {s: tuple(r.role for r in reqs if self.slot_of(r.role) == s) for s in slots}
+        if probe is not None:  # metrics: gradients fetched from peers, by the slot's role
+            probe.dispatched_peers({roles[s][0]: fetched[s] for s in slots})
+        self.ruled = set()
+        if ahead is not None:  # queue the next round behind this one on every worker
+            nslots = sorted({self.slot_of(r.role) for r in ahead})
+            ncalls, nfetched = self._dispatch(nslots, reqs, calls)
+            self.ahead = (nslots, ncalls, nfetched)
+            self.ruled = set(nslots)
+        facts = await asyncio.gather(*[self.pool.wait(s, calls[s][1], roles[s], probe)
+                                       for s in slots], return_exceptions=True)
+        raise_lost(facts)  # a lost worker takes its replica along: the coordinator replays
+        results: dict[str, GradResult] = {}
+        self.last_refs = {}
+        for s, f in zip(slots, facts, strict=True):
+            for role, meta in f.items():
+                results[role] = kept_gradient(meta)
+                self.last_refs[role] = calls[s][0]  # that worker's {role: gradient} object
+        if probe is not None:  # each gradient goes to every other worker in use
+            probe.round_done(results, fanout=len(self.used) - 1)
+        return results
+
+    async def commit(self, skip: bool) -> None:
+        for s in self.used:
+            if s not in self.ruled:  # a queued call applies it by the same rule
+                self.pending[s].append((skip, dict(self.last_refs)))
+        self.ruled = set()
+
+    async def full_state(self, state: AlgoState) -> AlgoState:
+        if self.ahead is not None:
+            raise RuntimeError("the state was asked for while a round runs ahead")
+        s = self.stats_slot
+        specs, refs = self._take_pending(s)
+        t = await self.ask(s, self.call(s, "state_tensors", specs, *refs))
+        return AlgoState.from_tensors({k: torch.from_numpy(v) for k, v in t.items()},
+                                      state.step, state.phase)
+
+    async def start_eval(self, step: int, state: AlgoState) -> None:
+        s = self.stats_slot
+        specs, refs = self._take_pending(s)
+        await self.ask(s, self.call(s, "evaluate", step, specs, *refs))

@@ -1,0 +1,149 @@
+"""Worker loss: deadlines, restarts, and replaying rounds after a lost replica.
+
+Ray restarts a dead worker actor (``max_restarts``), which reloads the model and the data. What
+is ours: noticing a worker that is dead or missed ``--round-timeout`` (it is killed, then
+restarted), giving a restarted worker its model buffers and its data path back, and, where a lost
+worker took algorithm state along (replicated and collective paths), rebuilding every replica from
+the newest snapshot and replaying the rounds since. Either way the trajectory is the one an
+uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from ..algorithms import AlgoState
+from ..checkpoint import Checkpoint, Checkpointer
+from ..errors import UserError
+from ..telemetry.metrics import RoundProbe
+from .placement import WORKER_NAMES
+
+
+class WorkerLost(Exception):
+    """A gradient worker died or missed the round deadline."""
+
+    def __init__(self, slot: int, why: str) -> None:
+        super().__init__(f"worker {WORKER_NAMES[slot]} {why}")
+        self.slot = slot
+
+
+def raise_lost(outcomes: Sequence[Any]) -> None:
+    """Raise the first failure among a round's outcomes, a lost worker before anything else (a
+    peer's broken exchange or missing input follows from the lost one)."""
+    lost = [o for o in outcomes if isinstance(o, WorkerLost)]
+    for o in lost + list(outcomes):
+        if isinstance(o, BaseException):
+            raise o
+
+
+class WorkerPool:
+    """The run's worker actors and their liveness: awaiting results under the deadline, and
+    bringing lost workers back. ``infos`` (one dict per worker, as ``info()`` reports) is kept
+    current across restarts. ``on_restart(slot)`` is awaited once a worker is back (the
+    coordinator gives it its run settings and data path); ``on_deadline(slot)`` is called before
+    a late worker is killed."""
+
+    def __init__(self, workers: list[Any], infos: list[dict[str, Any]], *,
+                 deadline_s: float | None = None, max_retries: int = 3,
+                 on_restart: Callable[[int], Awaitable[None]] | None = None,
+                 on_deadline: Callable[[int], None] | None = None) -> None:
+        self.workers = workers
+        self.infos = infos
+        self.deadline_s = deadline_s
+        self.max_retries = max_retries
+        self.on_restart = on_restart
+        self.on_deadline = on_deadline
+        #: by slot: the model buffers a restarted worker gets back (its last trajectory pass)
+        self.last_buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self.restarts = 0
+        self.retried_rounds = 0
+
+    async def wait(self, slot: int, ref: Any, roles: str | tuple[str, ...] = (),
+                   probe: RoundProbe | None = None) -> Any:
+        """The result of one call on worker ``slot``; ``WorkerLost`` when it dies or misses the
+        deadline (it is then killed, and Ray restarts it). With a ``probe``, the arrival is
+        noted for each role (metrics: transfer and wait)."""
+        async def arrival() -> Any:
+            out = await ref
+            if probe is not None:
+                for role in (roles,) if isinstance(roles, str) else roles:
+                    probe.arrived(role)
+            return out
+
+        try:
+            return await asyncio.wait_for(arrival(), timeout=self.deadline_s)
+        except TimeoutError:
+            if self.on_deadline is not None:
+                self.on_deadline(slot)
+            ray.kill(self.workers[slot], no_restart=False)  # Ray restarts it
+            raise WorkerLost(slot, f"missed the {self.deadline_s:g}s deadline") from None
+        except RayActorError:
+            raise WorkerLost(slot, "died") from None
+
+    async def recover(self, slot: int, timeout_s: float = 180.0) -> None:
+        """Wait for Ray to restart the worker, then give it back its buffers and run."""
+        w = self.workers[slot]
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                info = await w.info.remote()
+                if "error" in info:
+                    raise UserError(info["error"])
+                break
+            except RayActorError:
+                if time.time() > deadline:
+                    raise UserError(f"worker {WORKER_NAMES[slot]} did not come back within "
+                                    f"{timeout_s:.0f}s") from None
+                await asyncio.sleep(0.5)
+        self.infos[slot] = info
+        await w.reset.remote()
+        if slot in self.last_buffers:
+            await w.load_buffers.remote(self.last_buffers[slot])
+        if self.on_restart is not None:
+            await self.on_restart(slot)
+        self.restarts += 1
+
+    async def restarted(self, slot: int) -> bool:
+        """Whether worker ``slot`` is down or is a new process since it was last seen."""
+        try:
+            info = await self.workers[slot].info.remote()
+        except RayActorError:
+            return True
+        return info.get("pid") != self.infos[slot].get("pid")
+
+    async def bring_back(self, err: BaseException) -> None:
+        """After a failure: recover the lost worker and every other that is down or was
+        restarted (a collective exchange broken mid-way can take the peer along, noticed here
+        or only by a later call)."""
+        for slot in range(len(self.workers)):
+            if (isinstance(err, WorkerLost) and slot == err.slot) or await self.restarted(slot):
+                await self.recover(slot)
+
+
+async def with_replay(train: Callable[[Checkpoint | None], Awaitable[AlgoState]],
+                      resume: Checkpoint | None, pool: WorkerPool, checkpointer: Checkpointer,
+                      max_restarts: int, say: Callable[[str], None]) -> AlgoState:
+    """Run ``train`` (the loop, from ``resume``); when a worker is lost with state that lived
+    only in the workers, bring the workers back and replay from the newest snapshot
+    (``checkpointer.last``), at most ``max_restarts`` times."""
+    replays = 0
+    while True:
+        try:
+            return await train(resume)
+        except (WorkerLost, RayActorError) as err:
+            replays += 1
+            if replays > max_restarts:
+                raise UserError(f"{err}; {replays} times in this run, giving up") from None
+            await pool.bring_back(err)
+            pool.retried_rounds += 1
+            resume = checkpointer.last
+            assert resume is not None
+            what = err if isinstance(err, WorkerLost) else "a worker went down"
+            say(f"{what}: restarted; replaying from step {resume.step}")

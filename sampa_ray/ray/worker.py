@@ -1,0 +1,115 @@
+"""The gradient-worker actor: a model replica and the data on one device, and the worker half of
+whichever data path the run uses.
+
+The actor itself knows no algorithm and no data path. It owns a :class:`WorkerHost` (the gradient
+engine, which worker it is, the emulated link) and hosts one *worker half* at a time: an object of
+the class the data path's coordinator half names in :meth:`GradientWorker.attach` (see
+``sampa_ray.ray.paths``), whose methods the coordinator half calls through
+:meth:`GradientWorker.call`. Adding a data path adds no method here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from .. import algorithms
+from ..algorithms import Algorithm
+from ..config import TrainConfig
+from ..engine import EvalResult, GradientEngine
+from ..errors import UserError
+from ..transport.link import Link
+
+
+@dataclass
+class WorkerHost:
+    """What a worker half runs on: the engine, this worker's slot, and the (emulated) link its
+    messages cross. ``link`` changes per run, so halves read it when they use it."""
+
+    engine: GradientEngine
+    slot: int
+    link: Link
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a (possibly read-only) numpy array from the object store, without
+    copying; it is only ever copied from."""
+    return torch.from_numpy(a)
+
+
+@ray.remote(max_restarts=0)
+class GradientWorker:
+    """A model replica and the data on one device: the gradient at a point on a batch, through
+    the worker half of the run's data path."""
+
+    def __init__(self, cfg: dict[str, Any], name: str, slot: int, threads: int,
+                 plugins: dict[str, type[Algorithm]] | None = None) -> None:
+        torch.set_num_threads(threads)
+        for algo_name, cls in (plugins or {}).items():  # registered in the driver
+            algorithms.register(algo_name, cls)
+        self.name = name
+        self.half: Any = None
+        self.error: str | None = None
+        try:
+            engine = GradientEngine(TrainConfig(**cfg))
+        except UserError as err:  # reported by info(): one line, not a traceback
+            self.error = str(err)
+            return
+        self.host = WorkerHost(engine, slot, Link(0.0, None))
+        self.engine = engine
+
+    def info(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        ctx = ray.get_runtime_context()
+        return {**self.engine.info(), "name": self.name, "pid": os.getpid(),
+                "node_id": ctx.get_node_id(), "gpu_ids": ray.get_gpu_ids()}
+
+    def initial_point(self) -> np.ndarray:
+        return self.engine.initial_point().numpy()
+
+    def configure(self, latency_ms: float, gbit_s: float | None, wire_dtype: str) -> None:
+        """Per-run settings: an emulated slower link between this worker and the others
+        (benchmarks), and the gradients' number format on the wire."""
+        self.host.link = Link(latency_ms, gbit_s)
+        self.engine.set_wire(wire_dtype)
+
+    def reset(self) -> None:
+        """A fresh replica at the run's initial parameters and statistics; no data path."""
+        self.engine.reset()
+        self._detach()
+
+    def attach(self, half: type, *args: Any) -> None:
+        """Host a data path's worker half: ``half(host, *args)`` (replacing any other)."""
+        self._detach()
+        self.half = half(self.host, *args)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call the worker half (object references among ``args`` arrive resolved)."""
+        if self.half is None:
+            raise RuntimeError(f"worker {self.name}: no data path attached")
+        return getattr(self.half, method)(*args)
+
+    def _detach(self) -> None:
+        close = getattr(self.half, "close", None)
+        if close is not None:
+            close()
+        self.half = None
+
+    # -- what every data path needs of the engine ---------------------------------------------
+    def load_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        self.engine.load_buffers(buffers)
+
+    def start_eval(self, step: int, point: np.ndarray) -> None:
+        self.engine.start_eval(step, as_tensor(point))
+
+    def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
+        return self.engine.finished_evals(wait)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return self.engine.buffers()
