@@ -17,7 +17,7 @@ import io
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ import torch
 
 from .algorithms import AlgoState
 from .errors import UserError
+from .outdir import write_atomic
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -60,15 +61,6 @@ class Checkpoint:
                                       self.step, self.phase)
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -81,7 +73,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 3) -> Path:
-    """Write ``ckpt`` into ``folder`` atomically; keep the newest ``keep`` checkpoints."""
+    """Write ``ckpt`` into ``folder`` atomically; keep the newest ``keep`` checkpoints.
+
+    A failed write (a full disk) raises a one-line ``WriteError`` naming the file and leaves no
+    trace of this checkpoint (no ``.tmp``, no ``.pt`` without its JSON), and deletes nothing
+    older: the newest checkpoint written before stays whole and usable."""
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"step": ckpt.step, "phase": ckpt.phase, "tensors": ckpt.tensors,
@@ -89,10 +85,14 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 3) -> Path:
     data = buf.getvalue()
     stem = f"{PREFIX}{ckpt.step:08d}"
     pt = folder / f"{stem}.pt"
-    _fsync_write(pt, data)
+    write_atomic(pt, data)
     meta = {**ckpt.meta, "step": ckpt.step, "file": pt.name, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
-    _fsync_write(folder / f"{stem}.json", json.dumps(meta, indent=1, default=str).encode())
+    try:
+        write_atomic(folder / f"{stem}.json", json.dumps(meta, indent=1, default=str).encode())
+    except UserError:
+        pt.unlink(missing_ok=True)  # never committed
+        raise
     _fsync_dir(folder)
     for old in list_checkpoints(folder)[keep:]:
         for p in (old, old.with_suffix(".pt")):
@@ -163,39 +163,139 @@ def load_latest(folder: Path, config_hash: str | None, num_params: int | None,
 
 class Checkpointer:
     """Snapshots the state and every worker's buffers after an update and writes them in a
-    background thread (one write at a time, in order), off the critical path."""
+    background thread (one write at a time, in order), off the critical path.
+
+    A write that fails (a full disk) ends the run at the next update: the loop awaits
+    :meth:`check` after every update, and a run that can no longer save its progress should not
+    go on unprotected for hours. The error is one line naming the file, the OS error and the
+    newest checkpoint that is left to resume from."""
 
     def __init__(self, cfg: TrainConfig, folder: Path, executor: Executor, recorder: Recorder,
                  num_params: int) -> None:
         self.cfg, self.folder, self.executor, self.recorder = cfg, folder, executor, recorder
         self.num_params = num_params
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self.pending: list[asyncio.Future[Path]] = []
+        self.pending: list[Future[Path]] = []  # the thread's own futures: their state is
+        # set by the thread, so a loop that never yields (the local backend) still sees it
         self.written: list[Path] = []
         self.last: Checkpoint | None = None  # the newest snapshot, kept in memory
+        newest = list_checkpoints(folder)  # a resumed run's folder holds its earlier ones
+        self.newest = newest[0] if newest else None  # the newest checkpoint on disk
+        self.error: UserError | None = None  # the first failed write
 
     async def __call__(self, state: AlgoState) -> None:
+        await self.check()
         buffers = await self.executor.all_buffers()
         meta = {"config": self.cfg.model_dump(), "config_hash": self.cfg.hash(),
                 "num_params": self.num_params, "record": self.recorder.state_dict()}
         ckpt = Checkpoint.of(state, buffers, meta)
         self.last = ckpt
-        loop = asyncio.get_running_loop()
-        self.pending.append(loop.run_in_executor(
-            self.pool, save_checkpoint, self.folder, ckpt, self.cfg.keep_checkpoints))
+        self.pending.append(self.pool.submit(self._save, ckpt))
+
+    def _save(self, ckpt: Checkpoint) -> Path:
+        path = save_checkpoint(self.folder, ckpt, self.cfg.keep_checkpoints)
+        self.newest = path
+        return path
+
+    def _fail(self, err: BaseException | None) -> None:
+        if self.error is not None or err is None:
+            return
+        what = str(err) if isinstance(err, UserError) else \
+            f"cannot write into {self.folder}: {type(err).__name__}: {err}"
+        run = self.folder.parent if self.folder.name == "checkpoints" else self.folder
+        left = (f"{self.newest.stem} is the newest checkpoint (make room, then --resume {run})"
+                if self.newest is not None else "no checkpoint of this run was written")
+        self.error = UserError(f"checkpoint: {what.removeprefix('out: ')}; run stopped, {left}")
+
+    async def check(self) -> None:
+        """Raise the first failed write, once the writes still queued have ended (none is cut
+        off half-way, so none leaves a ``.tmp``)."""
+        for fut in [f for f in self.pending if f.done()]:
+            if fut.exception() is not None:
+                self._fail(fut.exception())
+            else:  # written: no need to keep the future
+                self.written.append(fut.result())
+                self.pending.remove(fut)
+        if self.error is None:
+            return
+        await self._wait()
+        raise self.error
+
+    async def _wait(self) -> list[Path | BaseException]:
+        pending, self.pending = self.pending, []
+        return await asyncio.gather(*(asyncio.wrap_future(f) for f in pending),
+                                    return_exceptions=True)
 
     async def flush(self) -> list[Path]:
-        """Wait for every write; returns the files written."""
-        for fut in self.pending:
-            self.written.append(await fut)
-        self.pending.clear()
+        """Wait for every write; returns the files written (raises the first failed write)."""
+        for r in await self._wait():
+            if isinstance(r, BaseException):
+                self._fail(r)
+            else:
+                self.written.append(r)
+        await self.check()
         return self.written
+
+
+def resume_folder(root: Path) -> Path:
+    """Where the checkpoints of ``root`` are: a run folder's ``checkpoints/``, or ``root``."""
+    return root / "checkpoints" if (root / "checkpoints").is_dir() else root
 
 
 def find_resume(cfg: TrainConfig, num_params: int, warn: Callable[[str], None]) -> Checkpoint:
     """The checkpoint ``cfg.resume`` names: a run folder (its checkpoints/) or a folder of
     checkpoints; the newest valid one, older ones when newer ones are refused."""
     assert cfg.resume is not None
-    root = Path(cfg.resume)
-    folder = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    return load_latest(folder, cfg.hash(), num_params, warn)
+    return load_latest(resume_folder(Path(cfg.resume)), cfg.hash(), num_params, warn)
+
+
+def stored_config(root: Path) -> tuple[dict[str, Any], Path]:
+    """The config kept in the newest checkpoint of ``root`` whose JSON holds one, and that
+    JSON's path (a damaged newest one is passed over here; ``find_resume`` reports it)."""
+    if not root.is_dir():
+        raise UserError(f"resume: {root} is not a folder" if root.exists() else
+                        f"resume: {root} does not exist")
+    folder = resume_folder(root)
+    candidates = list_checkpoints(folder)
+    if not candidates:
+        raise UserError(f"resume: no checkpoint in {folder}")
+    for p in candidates:
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            return meta["config"], p
+    raise UserError(f"resume: no readable checkpoint in {folder} ({len(candidates)} refused)")
+
+
+def config_for_resume(root: str | Path, given: dict[str, Any]) -> TrainConfig:
+    """The config a resumed run continues with: the one its newest checkpoint stores, so a bare
+    ``--resume DIR`` needs no flag repeated, with ``given`` (YAML and flags) on top. Fields that
+    say how and where it runs (``RUNTIME_FIELDS``: threads, backend, out, ...) may change; a
+    trajectory field may only be repeated, since another value could not continue the same run:
+    it is refused with one line naming the field and both values."""
+    from pydantic import ValidationError
+
+    from .config import RUNTIME_FIELDS, TrainConfig, make_config
+
+    root = Path(root)
+    stored, source = stored_config(root)
+    try:  # JSON mode: the stored values went through JSON
+        old = TrainConfig.model_validate_json(json.dumps(stored))
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        raise UserError(f"resume: {source} holds a config this version cannot use ({where}: "
+                        f"{e['msg']})") from None
+    data = {**old.model_dump(), **given, "resume": str(root)}
+    data["out"] = given.get("out", str(root))
+    new = make_config(data)
+    for name in given:
+        if name in RUNTIME_FIELDS or name not in TrainConfig.model_fields:
+            continue
+        was, now = getattr(old, name), getattr(new, name)
+        if was != now:
+            raise UserError(f"resume: {name} is {was!r} in the checkpoint, {now!r} on the "
+                            "command line (a run with another value needs its own --out)")
+    return new

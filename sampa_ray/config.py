@@ -32,6 +32,12 @@ RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address"
                   "metrics_port", "metrics_host", "metrics_cert", "metrics_key",
                   "control_cert", "control_key"}
 
+#: trajectory fields added after runs were first hashed (the paper's recipe): left out of the
+#: hash at their defaults, so a run that does not use them keeps its hash, and its checkpoints
+#: from before stay resumable
+LATER_FIELDS = ("label_smoothing_mode", "bn_stats", "val_split", "last_batch", "cutout_p",
+                "pad_fill")
+
 
 class TrainConfig(BaseModel):
     """Everything that defines a run. Defaults: SAMPa-0.2 on the bundled digits data."""
@@ -42,18 +48,42 @@ class TrainConfig(BaseModel):
     algo: str = Field("sampa", description="algorithm: sgd, sam, sampa or any registered "
                       "with sampa_ray.algorithms.register")
     lr: float = Field(0.05, gt=0, allow_inf_nan=False)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "cosine", "cosine-epoch"] = Field(
+        "cosine", description="cosine: annealed every update; cosine-epoch: annealed once per "
+        "epoch over the run's epochs (torch's CosineAnnealingLR(T_max=epochs) stepped after "
+        "each epoch, as the paper's code does); constant")
     rho: float = Field(0.05, ge=0, allow_inf_nan=False)
     lam: float = Field(0.2, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing_mode: Literal["torch", "official"] = Field(
+        "torch", description="torch: cross-entropy with label_smoothing=s (s/K on every "
+        "class); official: the paper's code, 1-s on the true class and s/(K-1) on each other "
+        "one, as KL divergence to that target")
+    bn_stats: Literal["extrapolated", "perturbed"] = Field(
+        "extrapolated", description="whose BatchNorm statistics evaluation and final.pt use: "
+        "the trajectory worker's (SAMPa's extrapolated one; SGD's and SAM's only one), or the "
+        "perturbed role's worker, whose perturbed passes then update its statistics (as the "
+        "paper's code evaluates with its perturbed rank); without a perturbed role (SGD) the "
+        "trajectory worker's")
 
     model: Literal["resnet20", "resnet56", "wrn28_2", "wrn28_10", "vgg19_bn", "mlp", "cnn"] = "cnn"
     dropout: float = Field(0.0, ge=0, lt=1)
     dataset: Literal["digits", "cifar10", "cifar100", "synthetic"] = "digits"
     data_dir: str | None = None
     synthetic_size: int = Field(1024, ge=1)
+    val_split: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="fraction of "
+                             "the training set held out for validation (0.1: the paper's 45k / "
+                             "5k, the same images); each evaluation then also scores it, and "
+                             "the test accuracy reported is the best validation epoch's")
+    last_batch: Literal["drop", "keep"] = Field(
+        "drop", description="the epoch's last, partial batch: dropped, or kept (smaller)")
+    cutout_p: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="CIFAR "
+                            "augmentation: probability that an image gets its 16x16 cutout")
+    pad_fill: Literal["mean", "black"] = Field(
+        "mean", description="CIFAR augmentation: the random crop's padding, 0 after "
+        "normalisation (the mean colour) or black pixels before it")
 
     epochs: int = Field(8, ge=1)
     steps: int | None = Field(None, ge=1, description="total updates; overrides epochs")
@@ -153,12 +183,25 @@ class TrainConfig(BaseModel):
     def hash(self) -> str:
         """Hash of the fields that define the trajectory (not where outputs go or how it runs)."""
         keep = self.model_dump(exclude=RUNTIME_FIELDS)
+        for name in LATER_FIELDS:  # at their defaults: the hash runs had before they existed
+            if keep[name] == type(self).model_fields[name].default:
+                del keep[name]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
-    def lr_at(self, step: int, total: int) -> float:
-        """Learning rate of update ``step`` out of ``total``."""
+    def lr_at(self, step: int, total: int, batches_per_epoch: int | None = None) -> float:
+        """Learning rate of update ``step`` out of ``total``. ``cosine-epoch`` needs
+        ``batches_per_epoch``: update ``step`` belongs to epoch ``step // batches_per_epoch``
+        of ``ceil(total / batches_per_epoch)`` (``epochs`` unless ``steps`` is set), and the
+        whole epoch uses that epoch's rate, as torch's CosineAnnealingLR(T_max=epochs) stepped
+        once per epoch gives it."""
         if self.lr_schedule == "constant":
             return self.lr
+        if self.lr_schedule == "cosine-epoch":
+            if not batches_per_epoch:
+                raise ValueError("lr_schedule cosine-epoch: batches_per_epoch is required")
+            epochs = -(-total // batches_per_epoch)
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (step // batches_per_epoch)
+                                                   / epochs))
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 

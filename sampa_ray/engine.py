@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .data import BatchSchedule, Dataset, load_dataset
+from .data import Augment, BatchSchedule, Dataset, load_dataset
 from .errors import UserError
 from .flat import FlatParams, flat_buffers, load_buffers
 from .models import build_model, input_shape_for
@@ -45,6 +45,35 @@ class EvalResult:
     loss: float
     accuracy: float
     seconds: float
+    # on the held-out validation images, where the run keeps some (``val_split``)
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+
+@dataclass
+class Snapshot:
+    """The parameters and model buffers of the evaluation with the best validation accuracy so
+    far, at update ``step`` (what ``best.pt`` holds)."""
+
+    step: int
+    val_accuracy: float
+    x: torch.Tensor
+    buffers: dict[str, torch.Tensor]
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
+                  mode: str = "torch") -> torch.Tensor:
+    """The mean training loss of a batch. ``torch``: cross-entropy with torch's label smoothing
+    (``smoothing / K`` on every class). ``official``: the paper's code's loss, the KL divergence
+    from the target ``1 - smoothing`` on the true class and ``smoothing / (K - 1)`` on each
+    other one; its gradient is torch's with ``smoothing * K / (K - 1)``, its value lower by the
+    target's entropy (a constant)."""
+    if mode == "torch":
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+    k = logits.shape[1]
+    target = torch.full_like(logits, smoothing / (k - 1))
+    target.scatter_(1, y.unsqueeze(1), 1.0 - smoothing)
+    return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="none").sum(-1).mean()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +93,7 @@ def dataset_for(cfg: TrainConfig) -> Dataset:
     if tuple(ds.input_shape) != tuple(shape):
         raise UserError(f"model: {cfg.model} expects inputs {shape}, dataset {cfg.dataset} "
                         f"gives {tuple(ds.input_shape)}")
-    return ds
+    return ds.split_validation(cfg.val_split) if cfg.val_split > 0 else ds
 
 
 def build_replica(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -86,7 +115,10 @@ class GradientEngine:
         self.cfg = cfg
         self.device = resolve_device(device or cfg.device)
         self.data = dataset_for(cfg)
-        self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed)
+        self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed,
+                                      drop_last=cfg.last_batch == "drop")
+        self.aug = Augment(cutout_p=cfg.cutout_p,
+                           pad_value=self.data.black if cfg.pad_fill == "black" else None)
         self.reset()
         self.set_wire(cfg.wire_dtype)
         self._eval_model: nn.Module | None = None
@@ -101,6 +133,7 @@ class GradientEngine:
         self.flat = FlatParams(self.model)
         self._bns = [m for m in self.model.modules()
                      if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._best: Snapshot | None = None  # see start_eval
 
     def set_wire(self, wire_dtype: str) -> None:
         """The gradients' number format on the wire (``fp32`` or ``bf16``): a bf16 gradient is
@@ -115,6 +148,7 @@ class GradientEngine:
     def info(self) -> dict[str, Any]:
         return {"num_params": self.flat.numel, "num_train": len(self.data.y_train),
                 "num_test": len(self.data.y_test), "num_classes": self.data.num_classes,
+                "num_val": 0 if self.data.y_val is None else len(self.data.y_val),
                 "batches_per_epoch": self.schedule.batches_per_epoch,
                 "device": str(self.device), "threads": torch.get_num_threads()}
 
@@ -154,7 +188,7 @@ class GradientEngine:
         t0 = time.perf_counter()
         self.flat.load_(point)
         idx = self.schedule.indices(batch)
-        xb, yb = self.data.batch(idx, self.cfg.seed, batch)
+        xb, yb = self.data.batch(idx, self.cfg.seed, batch, self.aug)
         xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
         _sync(dev)
         t1 = time.perf_counter()
@@ -164,7 +198,8 @@ class GradientEngine:
         self.flat.zero_grad_()
         with self._frozen_stats(track_stats):
             logits = self.model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+            loss = training_loss(logits, yb, self.cfg.label_smoothing,
+                                 self.cfg.label_smoothing_mode)
             loss.backward()
         correct = (logits.detach().argmax(1) == yb).sum()
         _sync(dev)
@@ -189,7 +224,10 @@ class GradientEngine:
 
     def start_eval(self, step: int, point: torch.Tensor) -> None:
         """Snapshot ``point`` and the current BatchNorm statistics into a second replica and
-        evaluate it on the test split in a background thread, overlapping the next rounds."""
+        evaluate it on the test split (and the validation split, where there is one) in a
+        background thread, overlapping the next rounds. An evaluation whose validation accuracy
+        beats every earlier one's keeps a copy of its parameters and buffers (:meth:`best`):
+        the run's model selection, made where the numbers already are."""
         if self._eval_model is None:
             self._eval_model = build_replica(self.cfg, self.data.num_classes).to(self.device)
             self._eval_flat = FlatParams(self._eval_model)
@@ -200,9 +238,31 @@ class GradientEngine:
             fut.result()
         self._eval_flat.load_(point)
         load_buffers(self._eval_model, flat_buffers(self.model))
-        fut = self._eval_pool.submit(self._evaluate, self._eval_model, "test")
+        fut = self._eval_pool.submit(self._evaluate_and_select, step)
         with self._eval_lock:
             self._evals.append((step, fut))
+
+    def _evaluate_and_select(self, step: int) -> EvalResult:
+        model, flat = self._eval_model, self._eval_flat
+        assert model is not None and flat is not None
+        ev = self._evaluate(model, "test")
+        if self.data.y_val is None:
+            return ev
+        val = self._evaluate(model, "val")
+        ev.val_loss, ev.val_accuracy = val.loss, val.accuracy
+        ev.seconds += val.seconds
+        best = self._best
+        if best is None or val.accuracy > best.val_accuracy:  # the first of equals stays
+            self._best = Snapshot(step, val.accuracy,  # on the host: no device memory
+                                  flat.data.detach().to("cpu", torch.float32, copy=True),
+                                  flat_buffers(model))
+        return ev
+
+    def best(self) -> Snapshot | None:
+        """The best validation evaluation's parameters and buffers so far (after every
+        evaluation started has finished: see :meth:`finished_evals`); None without a
+        validation split, or when this replica has evaluated nothing since it was (re)built."""
+        return self._best
 
     def finished_evals(self, wait: bool = False) -> list[tuple[int, EvalResult]]:
         """Evaluations that have finished since the last call (all of them when ``wait``)."""
@@ -215,8 +275,10 @@ class GradientEngine:
     def _evaluate(self, model: nn.Module, split: str) -> EvalResult:
         t0 = time.perf_counter()
         model.eval()
-        x = self.data.x_test if split == "test" else self.data.x_train
-        y = self.data.y_test if split == "test" else self.data.y_train
+        x, y = {"test": (self.data.x_test, self.data.y_test),
+                "val": (self.data.x_val, self.data.y_val)}.get(
+                    split, (self.data.x_train, self.data.y_train))
+        assert x is not None and y is not None
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for i in range(0, len(y), 1000):

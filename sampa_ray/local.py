@@ -16,9 +16,10 @@ import torch
 from .algorithms import AlgoState, GradRequest
 from .checkpoint import Checkpointer, find_resume
 from .config import TrainConfig
-from .engine import EvalResult, GradientEngine, GradResult
+from .engine import EvalResult, GradientEngine, GradResult, Snapshot
 from .loop import Executor, Plan, Progress, make_algorithm, train_loop
 from .results import Recorder, build_result, write_outputs
+from .selection import write_best
 
 
 class LocalExecutor(Executor):
@@ -28,7 +29,8 @@ class LocalExecutor(Executor):
     def __init__(self, cfg: TrainConfig) -> None:
         self.algo = make_algorithm(cfg, 1)
         self.engines = [GradientEngine(cfg) for _ in range(2)]  # two, as on Ray
-        self.stats = self.engines[self.algo.slot_of(self.algo.stats_role)]
+        # the worker whose BatchNorm statistics evaluation and final.pt use (``bn_stats``)
+        self.stats = self.engines[self.algo.slot_of(self.algo.bn_stats_role)]
 
     async def round(self, reqs: list[GradRequest],
                     ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
@@ -49,6 +51,9 @@ class LocalExecutor(Executor):
 
     async def buffers(self) -> dict[str, torch.Tensor]:
         return self.stats.buffers()
+
+    async def best(self) -> Snapshot | None:
+        return self.stats.best()
 
     async def all_buffers(self) -> list[dict[str, torch.Tensor]]:
         return [e.buffers() for e in self.engines]
@@ -76,15 +81,16 @@ def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> 
     resume = find_resume(cfg, info["num_params"], warn) if cfg.resume else None
     checkpointer = Checkpointer(cfg, out / "checkpoints", executor, recorder, info["num_params"])
 
-    async def go() -> tuple[AlgoState, dict[str, torch.Tensor]]:
+    async def go() -> tuple[AlgoState, dict[str, torch.Tensor], Snapshot | None]:
         state = await train_loop(cfg, executor, engine.initial_point(), plan, recorder,
                                  progress, resume=resume, checkpoint=checkpointer)
         await checkpointer.flush()
-        return state, await executor.buffers()
+        return state, await executor.buffers(), await executor.best()
 
-    state, buffers = asyncio.run(go())
+    state, buffers, best = asyncio.run(go())
     result = build_result(cfg, make_algorithm(cfg, plan.total_steps), recorder, state,
                           plan.total_steps, plan.batches_per_epoch, info, time.time() - t0,
                           backend="local", device=info["device"])
+    write_best(out, result, best)
     write_outputs(out, result, state.x, buffers)
     return result

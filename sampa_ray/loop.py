@@ -29,20 +29,25 @@ from . import algorithms
 from .algorithms import Algorithm, AlgoState, GradRequest
 from .checkpoint import Checkpoint
 from .config import TrainConfig
-from .engine import EvalResult, GradResult
+from .engine import EvalResult, GradResult, Snapshot
 from .errors import UserError
 from .results import Recorder
 
 Progress = Callable[[dict[str, Any]], None]
 
 
-def make_algorithm(cfg: TrainConfig, total_steps: int) -> Algorithm:
+def make_algorithm(cfg: TrainConfig, total_steps: int,
+                   batches_per_epoch: int | None = None) -> Algorithm:
     """The configured algorithm (from the registry) with its learning-rate schedule over
-    ``total_steps`` updates."""
+    ``total_steps`` updates (``cosine-epoch`` needs ``batches_per_epoch``) and the run's
+    BatchNorm policy (``bn_stats``; an algorithm without a perturbed role keeps its own)."""
     def lr(step: int) -> float:
-        return cfg.lr_at(step, total_steps)
+        return cfg.lr_at(step, total_steps, batches_per_epoch)
 
-    return algorithms.create(cfg.algo, lr, cfg.model_dump())
+    algo = algorithms.create(cfg.algo, lr, cfg.model_dump())
+    if cfg.bn_stats == "perturbed" and "perturbed" in algo.slots:
+        algo.keep_stats_of("perturbed")
+    return algo
 
 
 # -- the round verdict -------------------------------------------------------------------------
@@ -128,8 +133,9 @@ class Executor(ABC):
 
     @abstractmethod
     async def start_eval(self, step: int, state: AlgoState) -> None:
-        """Begin evaluating the state's parameters on the test split with the trajectory
-        worker's statistics (snapshotting what it needs: the loop goes on at once)."""
+        """Begin evaluating the state's parameters on the test split (and the validation
+        split, where there is one) with the statistics of the worker ``bn_stats_role`` names
+        (snapshotting what it needs: the loop goes on at once)."""
 
     @abstractmethod
     async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
@@ -137,7 +143,13 @@ class Executor(ABC):
 
     @abstractmethod
     async def buffers(self) -> dict[str, torch.Tensor]:
-        """The trajectory worker's model buffers (BatchNorm statistics)."""
+        """The model buffers (BatchNorm statistics) of the worker evaluation uses: the
+        trajectory worker's, or the one ``Algorithm.bn_stats_role`` names."""
+
+    async def best(self) -> Snapshot | None:
+        """The best validation evaluation's parameters and buffers (``val_split``), from the
+        worker that evaluates; None where none is held."""
+        return None
 
     @abstractmethod
     async def all_buffers(self) -> list[dict[str, torch.Tensor]]:
@@ -179,11 +191,12 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
     """Run the requests -> gradients -> update loop to ``plan.total_steps`` updates.
     Evaluation runs in the background on the trajectory worker and overlaps later rounds.
     ``should_stop`` is checked after each parameter update (never inside one); ``checkpoint``
-    is awaited every ``cfg.checkpoint_every`` updates and at the end; ``resume`` continues from a
-    checkpoint (state, worker buffers, the record so far); ``after_update`` is awaited after
-    every update (on-demand work such as a requested checkpoint); ``hold`` says such work is
-    waiting (the loop then does not run a round ahead of it)."""
-    algo = make_algorithm(cfg, plan.total_steps)
+    is awaited every ``cfg.checkpoint_every`` updates and at the end (and its ``check``, where it
+    has one, after every update: a failed background write ends the run there); ``resume``
+    continues from a checkpoint (state, worker buffers, the record so far); ``after_update`` is
+    awaited after every update (on-demand work such as a requested checkpoint); ``hold`` says
+    such work is waiting (the loop then does not run a round ahead of it)."""
+    algo = make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
     say = progress or (lambda ev: None)
     if resume is not None:
         state = resume.state()
@@ -195,6 +208,8 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         await executor.init_state(state)
         state = state.shadow()
     perf = time.perf_counter
+    #: a Checkpointer's check: raises when a checkpoint it writes in the background failed
+    written: Callable[[], Awaitable[None]] | None = getattr(checkpoint, "check", None)
     epochs_done = len(recorder.epochs)
     nonfinite_streak = 0
     last_update = perf()
@@ -240,7 +255,7 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
         t2 = perf()
         recorder.record_round(results, t1 - t0, t2 - t1)
         if state.step != before:
-            recorder.step_s.append(t2 - last_update)
+            recorder.record_step(t2 - last_update)
             last_update = t2
         if state.step != before and plan.epoch_end(state.step):
             epochs_done += 1
@@ -256,6 +271,8 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
                               default=0.0),
              "lr": algo.lr_at(max(state.step - 1, 0))})
         if state.step != before:
+            if written is not None:  # a background checkpoint write failed: stop here
+                await written()
             every = cfg.checkpoint_every
             if checkpoint is not None and every and state.step % every == 0 \
                     and state.step < plan.total_steps:

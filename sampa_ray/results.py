@@ -1,12 +1,19 @@
-"""What a run records and writes: ``result.json``, ``final.pt`` and ``curves.png``."""
+"""What a run records and writes: ``result.json``, ``final.pt`` and ``curves.png``.
+
+A run can last hundreds of thousands of rounds, and the coordinator lives as long as the run, so
+the record is bounded: each timing series keeps its count, mean, min and max exactly and a fixed
+size random sample for its median and p90 (:class:`Stat`), and the per-round trace keeps the
+first :data:`TRACE_ROUNDS` rounds. Its memory does not grow with the number of rounds.
+"""
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import math
+import random
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,25 +22,80 @@ import torch
 
 from . import __version__
 from .engine import EvalResult, GradResult
+from .outdir import write_atomic
+from .selection import selected_epoch, selection
 
 if TYPE_CHECKING:
     from .algorithms import Algorithm, AlgoState
     from .config import TrainConfig
 
 TRACE_ROUNDS = 64  # rounds whose per-worker compute intervals are kept in result.json
+#: values of a timing series kept for its median and p90 (exact up to this many rounds)
+RESERVOIR = 512
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """mean / median / p90 / min / max / count of a list of seconds."""
-    if not values:
-        return {"count": 0}
-    s = sorted(values)
-    return {"count": len(s), "mean": statistics.fmean(s), "median": statistics.median(s),
-            "p90": s[min(len(s) - 1, int(0.9 * len(s)))], "min": s[0], "max": s[-1]}
+class Stat:
+    """A running summary of one series of seconds in constant memory: count, mean, min and max
+    over every value, and a uniform random sample of at most :data:`RESERVOIR` values (Vitter's
+    algorithm R, seeded, so a run records the same sample each time) for the median and p90,
+    which are therefore exact until the series is longer than the sample."""
+
+    __slots__ = ("count", "total", "lo", "hi", "sample", "_rng")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.sample: list[float] = []
+        self._rng = random.Random(0)
+
+    def add(self, value: float) -> None:
+        v = float(value)
+        self.count += 1
+        self.total += v
+        self.lo = min(self.lo, v)
+        self.hi = max(self.hi, v)
+        if len(self.sample) < RESERVOIR:
+            self.sample.append(v)
+        else:  # keep each of the count values with probability RESERVOIR / count
+            j = self._rng.randrange(self.count)
+            if j < RESERVOIR:
+                self.sample[j] = v
+
+    def summary(self) -> dict[str, float]:
+        """count, mean, median, p90, min, max (just count when empty): the keys result.json's
+        ``timings`` have always had."""
+        if not self.count:
+            return {"count": 0}
+        s = sorted(self.sample)
+        return {"count": self.count, "mean": self.total / self.count,
+                "median": statistics.median(s), "p90": s[min(len(s) - 1, int(0.9 * len(s)))],
+                "min": self.lo, "max": self.hi}
+
+    def state(self) -> dict[str, Any]:
+        """Plain JSON (a checkpoint keeps it, so a resumed run's summaries cover the whole
+        run)."""
+        if not self.count:
+            return {"count": 0}
+        return {"count": self.count, "total": self.total, "min": self.lo, "max": self.hi,
+                "sample": list(self.sample)}
+
+    @classmethod
+    def from_state(cls, d: Mapping[str, Any]) -> Stat:
+        st = cls()
+        st.count = int(d.get("count", 0))
+        if st.count:
+            st.total = float(d["total"])
+            st.lo, st.hi = float(d["min"]), float(d["max"])
+            st.sample = [float(v) for v in d.get("sample", [])][:RESERVOIR]
+            st._rng = random.Random(st.count)  # a fresh, still reproducible, stream
+        return st
 
 
 class Recorder:
-    """Collects per-round timings, per-epoch metrics and evaluation results of one run."""
+    """Collects per-round timings, per-epoch metrics and evaluation results of one run, in
+    memory that does not grow with the number of rounds (see the module docstring)."""
 
     def __init__(self, stats_role: str) -> None:
         self.stats_role = stats_role
@@ -41,52 +103,82 @@ class Recorder:
         self.rounds = 0
         self.gradient_bytes: int | None = None  # one gradient on the wire, as last seen
         self.nonfinite_rounds = 0
-        self.round_s: list[float] = []
-        self.update_s: list[float] = []
-        self.step_s: list[float] = []  # wall time between consecutive parameter updates
-        self.worker: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.round_s = Stat()
+        self.update_s = Stat()
+        self.step_s = Stat()  # wall time between consecutive parameter updates
+        self._skip_step = True  # the first update after a (re)start holds start-up time
+        self.worker: dict[str, dict[str, Stat]] = {}
         self.trace: list[dict[str, Any]] = []
         self.epochs: list[dict[str, Any]] = []
-        self._loss: list[float] = []
-        self._acc: list[float] = []
+        self._loss = (0, 0.0)  # (count, sum) of the stats role's loss this epoch
+        self._acc = (0, 0.0)
         self.last_loss = float("nan")
 
     def record_round(self, results: Mapping[str, GradResult], round_s: float,
                      update_s: float) -> None:
         self.rounds += 1
-        self.round_s.append(round_s)
-        self.update_s.append(update_s)
+        self.round_s.add(round_s)
+        self.update_s.add(update_s)
         for role, r in results.items():
             if r.nbytes:  # what the gradient took on the wire (none in a local run)
                 self.gradient_bytes = r.nbytes
+            mine = self.worker.setdefault(role, {})
             for k, v in r.timings.items():
-                self.worker[role][k].append(v)
+                (mine.get(k) or mine.setdefault(k, Stat())).add(v)
             if self.rounds <= TRACE_ROUNDS:
                 self.trace.append({"round": self.rounds - 1, "role": role,
                                    "start": r.start - self.t_start, "end": r.end - self.t_start})
         r = results.get(self.stats_role)
         if r is not None:
-            self._loss.append(r.loss)
-            self._acc.append(r.accuracy)
+            self._loss = (self._loss[0] + 1, self._loss[1] + r.loss)
+            self._acc = (self._acc[0] + 1, self._acc[1] + r.accuracy)
             self.last_loss = r.loss
 
+    def record_step(self, seconds: float) -> None:
+        """Wall time from the previous parameter update to this one; the first after a start or
+        resume is left out (it holds start-up rounds)."""
+        if self._skip_step:
+            self._skip_step = False
+            return
+        self.step_s.add(seconds)
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the record (so a resumed run's result.json is whole)."""
+        """What a checkpoint keeps of the record (plain JSON, bounded like the record), so a
+        resumed run's result.json is whole, timings included."""
         return {"rounds": self.rounds, "epochs": [dict(r) for r in self.epochs],
-                "elapsed_s": time.time() - self.t_start}
+                "elapsed_s": time.time() - self.t_start,
+                "nonfinite_rounds": self.nonfinite_rounds,
+                "gradient_bytes": self.gradient_bytes,
+                "timings": {"round": self.round_s.state(), "update": self.update_s.state(),
+                            "step": self.step_s.state()},
+                "workers": {role: {k: s.state() for k, s in d.items()}
+                            for role, d in self.worker.items()},
+                "trace": [dict(t) for t in self.trace]}
 
     def load_state(self, d: dict[str, Any]) -> None:
+        """Continue the record of :meth:`state_dict` (older checkpoints lack the timings:
+        they start empty)."""
         self.rounds = int(d.get("rounds", 0))
         self.epochs = [dict(r) for r in d.get("epochs", [])]
         self.t_start = time.time() - float(d.get("elapsed_s", 0.0))
+        self.nonfinite_rounds = int(d.get("nonfinite_rounds", 0))
+        self.gradient_bytes = d.get("gradient_bytes")
+        timings = d.get("timings", {})
+        self.round_s = Stat.from_state(timings.get("round", {}))
+        self.update_s = Stat.from_state(timings.get("update", {}))
+        self.step_s = Stat.from_state(timings.get("step", {}))
+        self._skip_step = True
+        self.worker = {role: {k: Stat.from_state(s) for k, s in v.items()}
+                       for role, v in d.get("workers", {}).items()}
+        self.trace = [dict(t) for t in d.get("trace", [])]
 
     def end_epoch(self, epoch: float, step: int, lr: float) -> dict[str, Any]:
+        (n_loss, s_loss), (n_acc, s_acc) = self._loss, self._acc
         row = {"epoch": epoch, "step": step, "lr": lr, "wall_s": time.time() - self.t_start,
-               "train_loss": statistics.fmean(self._loss) if self._loss else None,
-               "train_accuracy": statistics.fmean(self._acc) if self._acc else None,
+               "train_loss": s_loss / n_loss if n_loss else None,
+               "train_accuracy": s_acc / n_acc if n_acc else None,
                "test_loss": None, "test_accuracy": None}
-        self._loss.clear()
-        self._acc.clear()
+        self._loss = self._acc = (0, 0.0)
         self.epochs.append(row)
         return row
 
@@ -95,27 +187,34 @@ class Recorder:
             if row["step"] == step:
                 row["test_loss"], row["test_accuracy"] = ev.loss, ev.accuracy
                 row["eval_s"] = ev.seconds
+                if ev.val_accuracy is not None:  # a validation split (``val_split``)
+                    row["val_loss"], row["val_accuracy"] = ev.val_loss, ev.val_accuracy
 
     def timing_summary(self) -> dict[str, Any]:
         return {"nonfinite_rounds": self.nonfinite_rounds,
                 "gradient_bytes": self.gradient_bytes,
-                "step_seconds": summary(self.step_s[1:]),  # the first holds start-up rounds
-                "round_seconds": summary(self.round_s),
-                "update_seconds": summary(self.update_s),
-                "workers": {role: {k: summary(v) for k, v in d.items()}
+                "step_seconds": self.step_s.summary(),
+                "round_seconds": self.round_s.summary(),
+                "update_seconds": self.update_s.summary(),
+                "workers": {role: {k: s.summary() for k, s in d.items()}
                             for role, d in self.worker.items()}}
 
 
 def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: AlgoState,
                  total_steps: int, batches_per_epoch: int, info: dict[str, Any], wall_s: float,
                  **extra: Any) -> dict[str, Any]:
-    """The content of result.json."""
-    last = next((r for r in reversed(recorder.epochs) if r["test_accuracy"] is not None), None)
+    """The content of result.json. The test accuracy it reports is the last evaluation's, or
+    with a validation split the best validation epoch's (``sampa_ray.selection``)."""
+    by_val = cfg.val_split > 0
+    last = selected_epoch(recorder.epochs, by_validation=by_val)
+    if by_val:
+        extra = {"selection": selection(recorder.epochs), **extra}
     return {
         "version": __version__,
         "config": cfg.model_dump(),
         "config_hash": cfg.hash(),
-        "algorithm": {**algo.config(), "lr": cfg.lr, "lr_schedule": cfg.lr_schedule},
+        "algorithm": {**algo.config(), "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
+                      "bn_stats_role": algo.bn_stats_role},
         "num_params": info["num_params"],
         "steps": state.step,
         "planned_steps": total_steps,
@@ -133,21 +232,19 @@ def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: A
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``path`` is the old file or the whole new one; a failed write is one line, no ``.tmp``."""
+    write_atomic(path, json.dumps(data, indent=2, default=str).encode())
 
 
 def write_outputs(out: Path, result: dict[str, Any], x: torch.Tensor,
                   buffers: dict[str, torch.Tensor]) -> None:
-    """Write result.json, final.pt (flat parameters + model buffers) and curves.png into out."""
+    """Write result.json, final.pt (flat parameters + model buffers) and curves.png into out,
+    result.json last: it marks the run finished. Each file is serialised in memory, then written
+    atomically, so a full disk gives one line naming the file and leaves no ``.tmp``."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "final.pt.tmp"
-    torch.save({"x": x.detach().cpu(), "buffers": buffers}, tmp)
-    os.replace(tmp, out / "final.pt")
+    buf = io.BytesIO()
+    torch.save({"x": x.detach().cpu(), "buffers": buffers}, buf)
+    write_atomic(out / "final.pt", buf.getvalue())
     plot_curves(out / "curves.png", result["epochs"], result["config"]["algo"])
     write_json_atomic(out / "result.json", result)
 
@@ -184,5 +281,7 @@ def plot_runs(path: Path, runs: Mapping[str, list[dict[str, Any]]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(path, png.getvalue())

@@ -72,9 +72,11 @@ class ProgressView:
 
 def print_result(result: dict[str, Any], out: Path) -> None:
     acc = result.get("final_test_accuracy")
-    out_console.print(f"{result['config']['algo']}: test accuracy {_fmt(acc, '.4f')} after "
-                      f"{result['steps']} steps ({result['gradient_rounds']} gradient rounds) in "
-                      f"{result['wall_time_s']:.1f}s; outputs in {out}")
+    sel = result.get("selection")  # a validation split: the best validation epoch's model
+    which = f" (best validation epoch {sel['epoch']:g})" if sel else ""
+    out_console.print(f"{result['config']['algo']}: test accuracy {_fmt(acc, '.4f')}{which} "
+                      f"after {result['steps']} steps ({result['gradient_rounds']} gradient "
+                      f"rounds) in {result['wall_time_s']:.1f}s; outputs in {out}")
 
 
 def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -32,6 +32,13 @@ BAD_BY_FIELD = {
     "model": st.text(min_size=1).filter(lambda s: s not in TrainConfig.model_fields["model"]
                                         .annotation.__args__),
     "backend": st.text().filter(lambda s: s not in ("local", "ray")),
+    # the paper's recipe, field by field
+    "cutout_p": st.one_of(st.floats(min_value=1.0001, max_value=1e9), st.floats(max_value=-1e-9)),
+    "val_split": st.one_of(st.floats(min_value=1.0, max_value=1e9), st.floats(max_value=-1e-9)),
+    **{name: st.text().filter(lambda s, name=name: s not in TrainConfig.model_fields[name]
+                              .annotation.__args__)
+       for name in ("lr_schedule", "label_smoothing_mode", "last_batch", "pad_fill",
+                    "bn_stats")},
 }
 
 

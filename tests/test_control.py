@@ -168,3 +168,50 @@ def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path):
             x, buffers = got["x"], got["buffers"]
         assert torch.equal(x, want["x"]), steps
         assert all(torch.equal(buffers[k], want["buffers"][k]) for k in want["buffers"])
+
+
+def test_status_and_watch_tell_the_live_run_and_a_stall(tmp_path):
+    """Every watched event carries total, epoch and loss; the status has the test accuracy of
+    the evaluations and strict JSON; a frozen (SIGSTOPped) worker makes the status say the run
+    is stalled and which worker it waits on, instead of "alive"."""
+    import math
+    import os
+    import signal
+
+    t, box, target = start_run(tmp_path)  # 256 / 16: 16 batches an epoch, evaluated each
+    deadline = time.time() + 120
+    while not math.isfinite((st := get_status(target))["accuracy"]):
+        assert time.time() < deadline and t.is_alive(), box.get("error")
+        time.sleep(0.2)
+    assert 0.0 <= st["accuracy"] <= 1.0 and st["step"] >= 16
+    rounds = [ev for ev in watch(target, n_events=8, timeout=60) if ev["kind"] == "round"]
+    assert rounds
+    for ev in rounds:
+        assert ev["total"] == 400 and ev["epoch"] == pytest.approx(ev["step"] / 16)
+        assert ev["loss"] > 0 and ev["test_accuracy"] is not None
+    p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target", target,
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert got["state"] == "running" and not got["stalled"]
+    assert {w["state"] for w in got["workers"]} <= {"idle", "computing"}
+
+    frozen = st["workers"][0]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        deadline = time.time() + 120
+        while not (st := get_status(target))["stalled"]:
+            assert time.time() < deadline, st
+            time.sleep(0.5)
+        by_pid = {w["pid"]: w for w in st["workers"]}
+        assert by_pid[frozen]["state"] == "stalled" and by_pid[frozen]["busy_seconds"] > 0
+        assert st["round_age_seconds"] >= by_pid[frozen]["busy_seconds"] - 1.0
+        p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target",
+                            target], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "STALLED" in p.stdout and ": stalled for" in p.stdout
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert request_stop(target)["accepted"]
+    t.join(timeout=120)
+    assert not t.is_alive() and "error" not in box, box.get("error")
+    assert box["result"]["stopped_early"]

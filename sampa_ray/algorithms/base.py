@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -114,6 +114,35 @@ class Algorithm(ABC):
     def slot_of(self, role: str) -> int:
         """The worker that serves ``role``."""
         return self.slots[role]
+
+    _bn_role: str | None = None
+
+    @property
+    def bn_stats_role(self) -> str:
+        """The role whose worker's BatchNorm statistics evaluation and the outputs use:
+        ``stats_role`` unless :meth:`keep_stats_of` chose another."""
+        return self._bn_role or self.stats_role
+
+    def keep_stats_of(self, role: str) -> None:
+        """Evaluate with the statistics of ``role``'s worker, and let ``role``'s passes update
+        them (``--bn-stats perturbed``: the paper's code evaluates with its perturbed rank,
+        whose every forward pass updates its statistics). Gradients never depend on running
+        statistics (training passes normalise with the batch's own), so the trajectory stays
+        the same; only evaluation and the saved buffers change. Applied here, to the requests
+        every backend asks this algorithm for, so every backend follows it alike."""
+        if role not in self.slots:
+            raise ValueError(f"bn_stats: {self.name or type(self).__name__} has no role "
+                             f"{role!r} (roles: {', '.join(self.slots)})")
+        self._bn_role = role
+        if role == self.stats_role:
+            return
+        inner = self.requests
+
+        def requests(state: AlgoState) -> list[GradRequest]:
+            return [replace(r, track_stats=True) if r.role == role else r
+                    for r in inner(state)]
+
+        self.requests = requests  # type: ignore[method-assign]
 
     def workers_used(self) -> list[int]:
         """The workers the algorithm ever uses, in order."""

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .. import signals
 from ..config import TrainConfig, load_yaml, make_config
-from ..errors import UserError, one_line
+from ..errors import RunFailed, UserError, one_line
+from ..recipes import RECIPES, recipe
 
 EXIT_USER = 2
 
@@ -41,11 +44,19 @@ CONFIG_FLAGS: dict[str, Any] = {
     "metrics_cert": str, "metrics_key": str,
     "round_timeout": float, "max_restarts": int, "link_latency_ms": float,
     "link_gbit_s": float,
+    # the paper's recipe, field by field (``--recipe paper`` sets them all)
+    "label_smoothing_mode": str, "bn_stats": str, "val_split": float, "last_batch": str,
+    "cutout_p": float, "pad_fill": str,
 }
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """``--config``, one flag per :data:`CONFIG_FLAGS` field, ``--resume`` and ``--overwrite``."""
+    """``--recipe``, ``--config``, one flag per :data:`CONFIG_FLAGS` field, ``--resume`` and
+    ``--overwrite``."""
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="start from a named recipe's fields (paper: the official code's "
+                   "training recipe; see README 'Reproducing the paper'); --config and flags "
+                   "override it")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
     for name, typ in CONFIG_FLAGS.items():
         field = TrainConfig.model_fields[name]
@@ -54,10 +65,12 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar=name.upper(), help=f"{help_} (default: {default})".strip())
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                   help="continue from the newest valid checkpoint of run folder DIR "
-                   "(default: the --out folder); outputs go to that folder")
+                   help="continue the run in folder DIR (default: the --out folder) from its "
+                   "newest valid checkpoint, with the config stored there: other flags may "
+                   "only change how it runs (threads, backend, ...); outputs go to that folder")
     p.add_argument("--overwrite", action="store_true",
-                   help="allow --out to name a folder that already holds a run")
+                   help="allow --out to name a folder that already holds a finished or an "
+                   "interrupted run (its old checkpoints are removed first)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,34 +88,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """YAML (if given) first, then flags on top; validated once."""
-    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    """YAML (if given) first, then flags on top; validated once. When resuming, the config
+    stored in the run's newest checkpoint is the base, and what is given here may only change
+    how and where it runs (:func:`sampa_ray.checkpoint.config_for_resume`)."""
+    # a recipe (``--recipe``) first, the YAML over it, the flags over both
+    data: dict[str, Any] = recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    data.update(load_yaml(args.config) if args.config else {})
     for name in CONFIG_FLAGS:
         value = getattr(args, name)
         if value is not None:
             data[name] = value
-    if args.resume is not None:
-        data["resume"] = args.resume or data.get("out")
-        if not data["resume"]:
-            raise UserError("resume: name the run folder (--resume DIR or --out DIR)")
-        data.setdefault("out", data["resume"])
     if "address" not in data and os.environ.get("RAY_ADDRESS"):
         data["address"] = os.environ["RAY_ADDRESS"]
+    resume = args.resume if args.resume is not None else data.pop("resume", None)
+    if resume is not None:
+        data.pop("resume", None)
+        root = resume or data.get("out")
+        if not root:
+            raise UserError("resume: name the run folder (--resume DIR or --out DIR)")
+        from ..checkpoint import config_for_resume  # imports torch: only when resuming
+
+        return config_for_resume(str(root), data)
     return make_config(data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``sampa-ray [command] [flags]``: the exit code (2 for a user's error, 130 interrupted)."""
+    """``sampa-ray [command] [flags]``: the exit code (2 for a user's error, 1 for a run that
+    failed on its own, 130 interrupted, 143 terminated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as err:
-        print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        print("sampa-ray: interrupted", file=sys.stderr)
-        return 130
+    with signals.handling():  # SIGINT / SIGTERM: a clean shutdown, then our line
+        try:
+            return args.func(args)
+        except UserError as err:
+            print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
+            return EXIT_USER
+        except RunFailed as err:
+            print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
+            return RunFailed.exit_code
+        except KeyboardInterrupt:  # Ray turns our Terminated into a bare KeyboardInterrupt
+            stop = signals.Terminated(signals.received() or signal.SIGINT)
+            print(stop.line, file=sys.stderr)
+            return signals.finish(stop.exit_code)
 
 
 __all__ = ["CONFIG_FLAGS", "EXIT_USER", "add_config_flags", "build_parser", "config_from_args",

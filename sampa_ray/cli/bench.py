@@ -59,9 +59,10 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``sampa-ray bench``: run the study, write the outputs, print the table."""
+    from .. import signals
     from ..config import make_config
     from ..errors import UserError
-    from ..ray import connect
+    from ..ray import clean_up, connect
     from ..study.report import write_report
     from ..study.run import prepare, run_study
 
@@ -71,10 +72,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         rows = run_study(spec)
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        with signals.deferred():  # a signal must not cut the clean-up short
+            clean_up(None, None, started)
     if not rows:
         raise UserError("bench: no run finished")
     r0 = rows[0]

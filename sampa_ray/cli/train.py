@@ -8,11 +8,12 @@ imported when a command runs so that building the parser does not load a backend
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..outdir import default_out, prepare_out
+from ..outdir import claim_out, default_out, prepare_out
 from . import add_config_flags, config_from_args
 
 
@@ -40,13 +41,23 @@ def run_one(cfg: TrainConfig, out: Path, label: str = "") -> dict[str, Any]:
         return run_local(cfg, out, progress=view)
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """What the input alone decides, before the out folder is claimed or Ray starts: a
+    one-line error, or warning lines on stderr (:mod:`sampa_ray.preflight`)."""
+    from ..preflight import check_before_start
+
+    for line in check_before_start(cfg):
+        print(f"sampa-ray: {line}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``sampa-ray train``: one run into ``--out`` (or ``runs/train-<algo>-<timestamp>``)."""
     cfg = config_from_args(args)
+    preflight(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg, "train")
     resuming_here = cfg.resume is not None and out.resolve() == Path(cfg.resume).resolve()
-    out = prepare_out(out, args.overwrite or resuming_here)
-    result = run_one(cfg, out)
+    with claim_out(out, args.overwrite, resume=resuming_here):  # held until the run ends
+        result = run_one(cfg, out)
     from ..ui import print_result
 
     print_result(result, out)
@@ -56,15 +67,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """``sampa-ray compare``: each built-in algorithm into ``--out/<algo>``, then a table,
     ``compare.png`` and ``compare.json``."""
+    base = config_from_args(args)
+    preflight(base)
+    out = Path(base.out) if base.out else default_out(base, "compare")
+    with claim_out(out, args.overwrite):  # held until every run has written its outputs
+        return _compare(base, out, args.overwrite)
+
+
+def _compare(base: TrainConfig, out: Path, overwrite: bool) -> int:
     from ..algorithms import BUILTIN
     from ..results import plot_runs, write_json_atomic
     from ..ui import print_comparison
 
-    base = config_from_args(args)
-    out = prepare_out(Path(base.out) if base.out else default_out(base, "compare"),
-                      args.overwrite)
     runs = [(base.model_copy(update={"algo": a, "out": str(out / a)}),
-             prepare_out(out / a, args.overwrite)) for a in BUILTIN]
+             prepare_out(out / a, overwrite)) for a in BUILTIN]
     if base.backend == "ray":  # one set of actors for all three: like for like
         from ..ray import run_ray_many
         from ..ui import ProgressView

@@ -1,6 +1,7 @@
 """Datasets held in memory and deterministic, seed-driven training batches."""
 
 from sampa_ray.data.batches import (
+    Augment,
     AugmentParams,
     BatchSchedule,
     apply_augment,
@@ -13,6 +14,7 @@ from sampa_ray.data.datasets import DATASET_NAMES, Dataset, load_dataset
 
 __all__ = [
     "DATASET_NAMES",
+    "Augment",
     "AugmentParams",
     "BatchSchedule",
     "Dataset",

@@ -7,6 +7,7 @@ agree on batch ``k`` without talking to each other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -45,14 +46,18 @@ def seeded_generator(*parts: int) -> torch.Generator:
 
 
 class BatchSchedule:
-    """Drop-last shuffled batches; batch ``k``'s indices are a pure function of ``(seed, k)``.
+    """Shuffled batches; batch ``k``'s indices are a pure function of ``(seed, k)``.
 
     Epoch ``e = k // batches_per_epoch`` uses ``torch.randperm(num_samples)`` drawn from a
     generator seeded by ``(seed, e)``; batch ``j = k % batches_per_epoch`` of that epoch is
-    ``perm[j * batch_size:(j + 1) * batch_size]``.
+    ``perm[j * batch_size:(j + 1) * batch_size]``. With ``drop_last`` (the default) an epoch is
+    ``num_samples // batch_size`` full batches; without it the remainder forms one more, smaller
+    batch at the epoch's end (as a DataLoader's default keeps it), still a pure function of
+    ``(seed, k)``.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int,
+                 drop_last: bool = True) -> None:
         if num_samples <= 0:
             raise UserError(f"the dataset has no training samples (num_samples={num_samples})")
         if batch_size <= 0:
@@ -64,7 +69,9 @@ class BatchSchedule:
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.batches_per_epoch: int = self.num_samples // self.batch_size
+        self.drop_last = bool(drop_last)
+        self.batches_per_epoch: int = (self.num_samples // self.batch_size if drop_last else
+                                       -(-self.num_samples // self.batch_size))
         self._cache: tuple[int, torch.Tensor] | None = None
 
     def epoch_of(self, k: int) -> int:
@@ -92,41 +99,75 @@ class BatchSchedule:
         return perm[j * self.batch_size : (j + 1) * self.batch_size].clone()
 
 
+@dataclass(frozen=True)
+class Augment:
+    """How CIFAR batches are augmented. The defaults are sampa-ray's: cutout on every image,
+    crop padding 0 in normalised units (the mean colour). The paper's code pads with black
+    pixels before normalising (``pad_value``: a black pixel per channel, normalised) and cuts
+    out with probability 0.5 (``cutout_p``)."""
+
+    cutout_p: float = 1.0
+    pad_value: tuple[float, ...] | None = None
+
+
 class AugmentParams(NamedTuple):
     """Per-sample augmentation draws for a batch of ``n`` images."""
 
     offsets: torch.Tensor  # int64 (n, 2): crop (row, col) offset into the padded image
     flips: torch.Tensor  # bool (n,): mirror left-right
     centers: torch.Tensor  # int64 (n, 2): cutout square center (row, col)
+    cut: torch.Tensor | None = None  # bool (n,): whether each image gets its cutout (None: all)
 
 
 def draw_augment_params(
-    n: int, height: int, width: int, generator: torch.Generator, *, pad: int = 4
+    n: int, height: int, width: int, generator: torch.Generator, *, pad: int = 4,
+    cutout_p: float = 1.0,
 ) -> AugmentParams:
-    """Draw crop offsets, flips and cutout centers for ``n`` images from ``generator``."""
+    """Draw crop offsets, flips and cutout centers for ``n`` images from ``generator``; with
+    ``cutout_p`` < 1 also whether each image is cut, drawn after the others so that every
+    other draw stays what it is with ``cutout_p`` = 1."""
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5
     rows = torch.randint(0, height, (n,), generator=generator)
     cols = torch.randint(0, width, (n,), generator=generator)
-    return AugmentParams(offsets, flips, torch.stack([rows, cols], dim=1))
+    cut = torch.rand(n, generator=generator) < cutout_p if cutout_p < 1.0 else None
+    return AugmentParams(offsets, flips, torch.stack([rows, cols], dim=1), cut)
+
+
+def _pad(x: torch.Tensor, pad: int, value: tuple[float, ...] | None) -> torch.Tensor:
+    """``x`` padded by ``pad`` on each side: zeros, or ``value[c]`` in channel ``c``."""
+    if pad <= 0:
+        return x
+    if value is None:
+        return F.pad(x, (pad, pad, pad, pad))
+    n, c, h, w = x.shape
+    if len(value) != c:
+        raise ValueError(f"pad value has {len(value)} channels, images have {c}")
+    out = torch.tensor(value, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+    out = out.expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+    out[:, :, pad:pad + h, pad:pad + w] = x
+    return out
 
 
 def apply_augment(
-    x: torch.Tensor, params: AugmentParams, *, pad: int = 4, cutout: int = 16
+    x: torch.Tensor, params: AugmentParams, *, pad: int = 4, cutout: int = 16,
+    pad_value: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """Random crop (zero padding ``pad``), horizontal flip, then cutout, fully vectorized.
+    """Random crop (padding ``pad``), horizontal flip, then cutout, fully vectorized.
 
     ``x`` is (N, C, H, W). Output pixel ``(i, j)`` of sample ``b`` is
     ``padded[b, :, oy + i, ox + j']`` with ``j' = W - 1 - j`` if flipped else ``j``; then the
     ``cutout``-sized square whose top-left corner is ``center - cutout // 2`` (clipped at the
-    borders) is set to zero. Padding and cutout are zeros of the (normalized) input.
+    borders) is set to zero (only on the images ``params.cut`` marks, when it is given). The
+    padding is zeros of the (normalized) input, or ``pad_value[c]`` in channel ``c``; the
+    cutout is zeros.
     """
     n, _, h, w = x.shape
     dev = x.device
     offsets = params.offsets.to(dev)
     flips = params.flips.to(dev)
     centers = params.centers.to(dev)
-    padded = F.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
+    padded = _pad(x, pad, pad_value)
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
     rows = offsets[:, 0:1] + ar_h  # (n, h)
@@ -142,12 +183,17 @@ def apply_augment(
         in_rows = (ar_h[None, :] >= top) & (ar_h[None, :] < top + cutout)  # (n, h)
         in_cols = (ar_w[None, :] >= left) & (ar_w[None, :] < left + cutout)  # (n, w)
         hole = in_rows[:, :, None] & in_cols[:, None, :]  # (n, h, w)
+        if params.cut is not None:
+            hole = hole & params.cut.to(dev)[:, None, None]
         out = out.masked_fill(hole[:, None, :, :], 0.0)
     return out
 
 
-def augment_batch(x: torch.Tensor, seed: int, k: int) -> torch.Tensor:
-    """Crop + flip + cutout of batch ``x``, a pure function of ``(x, seed, k)``."""
+def augment_batch(x: torch.Tensor, seed: int, k: int, aug: Augment | None = None
+                  ) -> torch.Tensor:
+    """Crop + flip + cutout of batch ``x``, a pure function of ``(x, seed, k, aug)``."""
+    aug = aug or Augment()
     g = seeded_generator(seed, TAG_AUGMENT, k)
-    params = draw_augment_params(x.shape[0], x.shape[2], x.shape[3], g)
-    return apply_augment(x, params)
+    params = draw_augment_params(x.shape[0], x.shape[2], x.shape[3], g,
+                                 cutout_p=aug.cutout_p)
+    return apply_augment(x, params, pad_value=aug.pad_value)

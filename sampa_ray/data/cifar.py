@@ -1,16 +1,23 @@
 """Read CIFAR-10 / CIFAR-100 from the official python-pickle files in a local folder.
 
 Nothing is downloaded: the user fetches and extracts the archive on a connected machine and
-points ``data_dir`` at it. The files are unpickled with ``pickle.load``, which can run code
-embedded in a pickle; this is only ever applied to the user's own local files, named by the
-user, in the format the dataset authors distribute.
+points ``data_dir`` at it. The files are Python pickles, and a plain ``pickle.load`` runs
+whatever callable a pickle names, so a crafted file in ``data_dir`` could run code. They are read
+with :class:`CifarUnpickler` instead, which admits only what the official files are made of
+(dicts, lists, bytes, numbers, and numpy arrays and dtypes) and refuses any other global before
+anything is called.
 """
 
 from __future__ import annotations
 
+import codecs
+import importlib
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +69,42 @@ CIFAR100 = CifarSpec(
 CIFAR_SPECS: dict[str, CifarSpec] = {CIFAR10.name: CIFAR10, CIFAR100.name: CIFAR100}
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a callable that CIFAR files never hold (nothing was called)."""
+
+
+def _numpy_core(sub: str) -> ModuleType:
+    """numpy's ``_core.<sub>`` (numpy 2) or ``core.<sub>`` (numpy 1)."""
+    try:
+        return importlib.import_module(f"numpy._core.{sub}")
+    except ImportError:
+        return importlib.import_module(f"numpy.core.{sub}")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR files and nothing else: the only globals admitted are the ones numpy
+    arrays are rebuilt from (written by numpy 1 as ``numpy.core``, by numpy 2 as ``numpy._core``,
+    protocol 2 to 5) and ``_codecs.encode`` (bytes in a protocol-2 pickle written by Python 3).
+    None of them runs user code; any other name is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        for core, names in (("multiarray", ("_reconstruct", "scalar")),
+                            ("numeric", ("_frombuffer",))):
+            if module in (f"numpy.core.{core}", f"numpy._core.{core}") and name in names:
+                return getattr(_numpy_core(core), name)
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        raise RefusedGlobal(f"it names {module}.{name}, which no CIFAR file holds; refused "
+                            "without running it")
+
+
+def load_pickle(data: bytes) -> Any:
+    """Unpickle the bytes of one CIFAR file with :class:`CifarUnpickler`."""
+    return CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
 def _hint(spec: CifarSpec) -> str:
     return f"(download {spec.url} on a connected machine and extract it there)"
 
@@ -97,13 +140,15 @@ def _read_file(spec: CifarSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
         return UserError(f"{spec.name}: {path} is malformed ({_one_line(reason)}) {_hint(spec)}")
 
     try:
-        with path.open("rb") as f:
-            # User-provided local file in the official CIFAR python format (see module doc).
-            obj = pickle.load(f, encoding="bytes")
+        raw = path.read_bytes()
     except OSError as e:
         raise UserError(
             f"{spec.name}: cannot read {path} ({_one_line(e.strerror or e)}) {_hint(spec)}"
         ) from e
+    try:
+        obj = load_pickle(raw)  # admits numpy arrays and plain data only (see module doc)
+    except RefusedGlobal as e:
+        raise bad(str(e)) from None
     except Exception as e:  # any unpickling failure means a bad file
         raise bad(f"not a CIFAR python pickle: {type(e).__name__}") from e
     if not isinstance(obj, dict):

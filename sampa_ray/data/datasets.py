@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sampa_ray.data.batches import TAG_SYNTHETIC, augment_batch, seeded_generator
-from sampa_ray.data.cifar import load_cifar
+from sampa_ray.data.batches import TAG_SYNTHETIC, Augment, augment_batch, seeded_generator
+from sampa_ray.data.cifar import CIFAR_SPECS, load_cifar
 from sampa_ray.errors import UserError
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthetic")
@@ -26,6 +26,11 @@ class Dataset:
     y_test: torch.Tensor = field(repr=False)
     num_classes: int
     augment: bool
+    #: a black pixel per channel in normalised units (CIFAR: -mean/std), for black padding
+    black: tuple[float, ...] | None = None
+    #: held-out validation images (see :meth:`split_validation`), never augmented
+    x_val: torch.Tensor | None = field(default=None, repr=False)
+    y_val: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -43,19 +48,38 @@ class Dataset:
         """Number of test samples."""
         return int(self.x_test.shape[0])
 
-    def batch(self, indices: torch.Tensor, seed: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor, seed: int, k: int, aug: Augment | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training batch ``(x, y)`` for these sample indices.
 
-        With ``augment`` the images get random crop (pad 4), horizontal flip and 16x16 cutout,
-        drawn from a generator seeded by ``(seed, k)``: the same ``(indices, seed, k)`` gives a
-        bitwise identical batch in any process.
+        With ``augment`` the images get random crop (pad 4), horizontal flip and 16x16 cutout
+        (as ``aug`` says), drawn from a generator seeded by ``(seed, k)``: the same
+        ``(indices, seed, k, aug)`` gives a bitwise identical batch in any process.
         """
         idx = torch.as_tensor(indices, dtype=torch.int64)
         x = self.x_train[idx]
         y = self.y_train[idx]
         if self.augment:
-            x = augment_batch(x, seed, k)
+            x = augment_batch(x, seed, k, aug)
         return x, y
+
+    def split_validation(self, fraction: float) -> Dataset:
+        """Hold out ``floor(fraction * num_train)`` training images for validation, chosen as
+        the paper's code chooses them (``np.random.seed(42)``, shuffle ``range(num_train)``,
+        the first ones validate), so with CIFAR and 0.1 these are the same 5,000 images
+        whatever the run's seed. The rest train, in that shuffled order."""
+        n = self.num_train
+        n_val = int(np.floor(fraction * n))
+        if n_val < 1 or n_val >= n:
+            raise UserError(f"val_split: {fraction} of {n} training samples leaves "
+                            f"{n_val} for validation and {n - n_val} for training")
+        order = list(range(n))
+        np.random.RandomState(42).shuffle(order)
+        val = torch.tensor(order[:n_val], dtype=torch.int64)
+        train = torch.tensor(order[n_val:], dtype=torch.int64)
+        return Dataset(self.name, self.x_train[train], self.y_train[train], self.x_test,
+                       self.y_test, self.num_classes, self.augment, self.black,
+                       self.x_train[val], self.y_train[val])
 
     def __str__(self) -> str:
         c, h, w = self.input_shape
@@ -122,7 +146,12 @@ def load_dataset(
         return _load_digits()
     if name in ("cifar10", "cifar100"):
         x_tr, y_tr, x_te, y_te, num_classes = load_cifar(name, data_dir)
-        return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, augment=True)
+        spec = CIFAR_SPECS[name]
+        # a 0 pixel through the same float32 arithmetic as the images (cifar._to_tensor)
+        zero = torch.zeros(3, dtype=torch.float32)
+        black = tuple(zero.sub_(torch.tensor(spec.mean, dtype=torch.float32))
+                      .div_(torch.tensor(spec.std, dtype=torch.float32)).tolist())
+        return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, augment=True, black=black)
     if name == "synthetic":
         return _load_synthetic(synthetic_shape, synthetic_classes, synthetic_size, seed)
     raise UserError(f"unknown dataset {name!r}: dataset must be one of {', '.join(DATASET_NAMES)}")

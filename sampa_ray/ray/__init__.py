@@ -19,6 +19,6 @@ import warnings
 # Arrays read from the object store are read-only; they are only ever copied from.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-from .driver import connect, run_ray, run_ray_many  # noqa: E402
+from .driver import clean_up, connect, run_ray, run_ray_many  # noqa: E402
 
-__all__ = ["connect", "run_ray", "run_ray_many"]
+__all__ = ["clean_up", "connect", "run_ray", "run_ray_many"]

@@ -30,12 +30,13 @@ from ..errors import UserError
 from ..loop import Plan, make_algorithm, train_loop
 from ..results import Recorder, build_result, write_outputs
 from ..security import read_tls, read_token
+from ..selection import write_best
 from ..telemetry.listener import MetricsListener
 from ..telemetry.metrics import RoundProbe, RunMetrics
 from ..transport.grpc.control_plane import ProgressHub
 from ..transport.grpc.data_plane import RoundBoard
 from ..transport.grpc.server import start_server, stop_server
-from . import paths
+from . import live, paths
 from .placement import WORKER_NAMES, Placement
 from .recovery import WorkerPool, with_replay
 from .worker import GradientWorker, as_tensor
@@ -43,7 +44,8 @@ from .worker import GradientWorker, as_tensor
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: config fields the workers' replicas and data depend on; runs on the same actors share them
 WORKER_FIELDS = ("model", "dropout", "dataset", "data_dir", "synthetic_size", "batch_size",
-                 "seed", "label_smoothing", "device")
+                 "seed", "label_smoothing", "device", "label_smoothing_mode", "val_split",
+                 "last_batch", "cutout_p", "pad_fill")
 
 
 def shown_host(host: str) -> str:
@@ -89,14 +91,12 @@ class Coordinator:
 
     # -- progress: to the driver, the control API's watchers and the live status --------------
     def _progress(self, ev: dict[str, Any]) -> None:
+        ev = live.on_event(self.live, ev)  # the status's picture; the event gets its gaps filled
         if ev["kind"] == "eval":  # the status reports it; the driver shows epochs
-            self.live["test_accuracy"] = ev["test_accuracy"]
             return
         if ev["kind"] == "round" and ev.get("round_s"):
             ev["comm_share"] = max(0.0, 1.0 - ev.get("compute_s", 0.0) / ev["round_s"])
         self.hub.publish(ev)
-        if ev["kind"] in ("round", "epoch"):
-            self.live.update({k: ev[k] for k in ("step", "total", "loss", "epoch") if k in ev})
         if ev["kind"] == "round" and self.events and self.events[-1]["kind"] == "round":
             self.events[-1] = ev  # the driver only needs the latest round
         else:
@@ -117,16 +117,12 @@ class Coordinator:
         self.live["state"] = "stopping"
 
     def status(self) -> dict[str, Any]:
-        """The run as the control API reports it; ``run_id`` is the data plane's run id."""
-        live = self.live
-        return {"run_id": live.get("run_id", ""), "algorithm": live.get("algo", ""),
-                "step": live.get("step", 0), "total_steps": live.get("total", 0),
-                "epoch": live.get("epoch", 0.0), "loss": live.get("loss", float("nan")),
-                "accuracy": live.get("test_accuracy", float("nan")),
-                "transport": self.base.transport, "metrics_port": self.metrics_port or 0,
-                "state": live.get("state", ""),
-                "workers": [{"name": i.get("name", ""), "state": "alive", "pid": i.get("pid", 0),
-                             "device": i.get("device", "")} for i in self.infos]}
+        """The run as the control API reports it (:func:`.live.status`); ``run_id`` is the data
+        plane's run id."""
+        pool = self.path.pool if self.path is not None else None
+        return {**live.status(self.live, self.infos,
+                              pool.busy_for if pool is not None else lambda slot: None),
+                "transport": self.base.transport, "metrics_port": self.metrics_port or 0}
 
     def progress(self) -> Any:
         return self.hub.subscribe()
@@ -247,7 +243,7 @@ class Coordinator:
             self.board.set_grad_dtype(WIRE_DTYPES[cfg.wire_dtype])
         x0 = as_tensor(await workers[0].initial_point.remote()).clone()
         plan = Plan.of(cfg, self.infos[0]["batches_per_epoch"])
-        algo = make_algorithm(cfg, plan.total_steps)
+        algo = make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
         pool = WorkerPool(workers, self.infos, deadline_s=cfg.round_timeout,
                           max_retries=cfg.max_restarts, on_restart=self._on_restart,
                           on_deadline=self._force_kill)
@@ -261,8 +257,8 @@ class Coordinator:
                              data_path=cfg.resolved_data_path)
         listener = MetricsListener(self.probe, self.metrics)
         self.stop_requested = False
-        self.live.update({"state": "running", "algo": cfg.algo, "step": 0,
-                          "total": plan.total_steps, "run_id": self.session})
+        live.begin_run(self.live, cfg.algo, plan.total_steps, plan.batches_per_epoch,
+                       self.session)
 
         def progress(ev: dict[str, Any]) -> None:
             ev["algo"] = cfg.algo
@@ -301,6 +297,7 @@ class Coordinator:
             w.set_exception(RuntimeError("the run ended before the checkpoint"))
         self.checkpoint_waiters = []
         buffers = await path.buffers()
+        best = await path.best()
         infos = self.infos
         result = build_result(
             cfg, algo, recorder, state, plan.total_steps, plan.batches_per_epoch, infos[0],
@@ -313,6 +310,7 @@ class Coordinator:
             control_port=self.control_port, control_target=self.control_target,
             worker_restarts=pool.restarts, retried_rounds=pool.retried_rounds,
             **path.summary())
+        await asyncio.to_thread(write_best, Path(out), result, best)
         await asyncio.to_thread(write_outputs, Path(out), result, state.x, buffers)
         self.live["state"] = "stopped" if self.stop_requested else "finished"
         self.path = None

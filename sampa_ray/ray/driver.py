@@ -11,34 +11,51 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .. import algorithms
+from .. import algorithms, signals
 from ..algorithms import Algorithm
+from ..checkpoint import list_checkpoints
 from ..config import TrainConfig
-from ..errors import UserError
+from ..errors import RunFailed, UserError
 from ..loop import Progress
 from .coordinator import Coordinator
 from .placement import choose_placement
 
+#: whether this process started the local Ray instance it is connected to (its processes are
+#: then this process's children, which a signal may reach along with it)
+_embedded = False
+
 
 def connect(cfg: TrainConfig) -> bool:
     """Join the cluster at cfg.address / $RAY_ADDRESS, or start an embedded local instance.
-    Returns True when this call started Ray (and so should shut it down)."""
+    Returns True when this call connected (and so should shut Ray down: :func:`clean_up`)."""
+    global _embedded
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     try:
-        if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-        else:
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        try:
+            if address:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+            else:
+                _embedded = True
+                ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        finally:  # ray.init replaced our SIGTERM handler (and its core prints a dump on one)
+            signals.install()
     except (ConnectionError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = address or "a new local instance"
         raise UserError(f"address: cannot connect to Ray at {where}: {first}") from None
+    except BaseException as err:  # a signal while Ray was starting: leave nothing running
+        stop = signals.taken_over(err) if isinstance(err, SystemExit) else None
+        with signals.deferred():
+            clean_up(None, None, started=True)
+        if stop is not None:
+            raise stop from None
+        raise
     return True
 
 
@@ -70,6 +87,11 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
     try:
         placement = choose_placement(base)
         show({"kind": "info", "text": placement.describe()})
+        need = sum(b.get("CPU", 0.0) for b in placement.bundles)
+        have = ray.cluster_resources().get("CPU", 0.0)
+        if _embedded and need > have:  # nothing joins an instance this process started
+            raise UserError(f"threads: the {len(placement.bundles)} workers need {need:g} CPUs "
+                            f"({placement.threads} each), the local Ray instance has {have:g}")
         pg = placement_group(placement.bundles, strategy=placement.strategy)
         ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
         if not ready:
@@ -97,12 +119,51 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
         if isinstance(err.cause, UserError):
             raise UserError(str(err.cause)) from None
         raise
+    except RayActorError as err:  # the coordinator died (killed, out of memory, node lost)
+        if coord is None:
+            raise
+        raise RunFailed(coordinator_lost(err, [out for _, out in runs])) from None
     finally:
-        if coord is not None:
-            with contextlib.suppress(Exception):  # best effort: health goes NOT_SERVING first
-                ray.get(coord.shutdown.remote(), timeout=10)
-            ray.kill(coord)  # the workers it owns die with it
-        if pg is not None:
+        with signals.deferred():  # a first signal now must not cut the clean-up short
+            clean_up(coord, pg, started)
+
+
+def coordinator_lost(err: RayActorError, outs: list[Path]) -> str:
+    """The one line for a run whose coordinator died: why (briefly), and how to go on."""
+    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    why = why if len(why) <= 120 else why[:117] + "..."
+    resumable = [o for o in outs if list_checkpoints(o / "checkpoints")]
+    if resumable:
+        hint = (f"`sampa-ray train --resume {resumable[-1]}` continues from its newest "
+                "checkpoint")
+    else:
+        hint = ("no checkpoint was written yet, so the run starts over (--checkpoint-every N "
+                "makes it resumable)")
+    return f"the coordinator died ({why}); {hint}"
+
+
+def clean_up(coord: Any, pg: Any, started: bool) -> None:
+    """End the coordinator (its workers die with it), free the placement group and, when
+    ``started`` (what :func:`connect` returned), disconnect from Ray, shutting down the instance
+    this process started. Each step runs even if one before it failed (the cluster may be going
+    down too); after a signal the coordinator gets less time."""
+    global _embedded
+    hurry = signals.received() is not None
+    if hurry and _embedded and signals.end_processes():
+        # A signal may have reached the whole process group, Ray's processes with it: the GCS
+        # may be gone, and every call to it (ray.shutdown's too) would wait out its timeouts.
+        # The processes of the instance are this process's, so end them directly, and leave
+        # without Ray's own shutdown.
+        signals.exit_now()
+        return
+    if coord is not None:
+        with contextlib.suppress(Exception):  # best effort: health goes NOT_SERVING first
+            ray.get(coord.shutdown.remote(), timeout=2 if hurry else 10)
+        with contextlib.suppress(Exception):
+            ray.kill(coord)
+    if pg is not None:
+        with contextlib.suppress(Exception):
             remove_placement_group(pg)
-        if started:
-            ray.shutdown()
+    if started:
+        ray.shutdown()
+        _embedded = False

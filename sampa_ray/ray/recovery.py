@@ -64,6 +64,14 @@ class WorkerPool:
         self.last_buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.restarts = 0
         self.retried_rounds = 0
+        #: by slot: when each call being awaited began (the control API's worker states)
+        self._waiting: dict[int, dict[int, float]] = {}
+
+    def busy_for(self, slot: int) -> float | None:
+        """Seconds the longest-awaited call on worker ``slot`` has been running; None when
+        nothing is awaited from it."""
+        started = self._waiting.get(slot)
+        return time.monotonic() - min(started.values()) if started else None
 
     async def wait(self, slot: int, ref: Any, roles: str | tuple[str, ...] = (),
                    probe: RoundProbe | None = None) -> Any:
@@ -77,6 +85,9 @@ class WorkerPool:
                     probe.arrived(role)
             return out
 
+        waiting = self._waiting.setdefault(slot, {})
+        key = id(ref)
+        waiting[key] = time.monotonic()
         try:
             return await asyncio.wait_for(arrival(), timeout=self.deadline_s)
         except TimeoutError:
@@ -86,6 +97,8 @@ class WorkerPool:
             raise WorkerLost(slot, f"missed the {self.deadline_s:g}s deadline") from None
         except RayActorError:
             raise WorkerLost(slot, "died") from None
+        finally:
+            waiting.pop(key, None)
 
     async def recover(self, slot: int, timeout_s: float = 180.0) -> None:
         """Wait for Ray to restart the worker, then give it back its buffers and run."""

@@ -21,7 +21,7 @@ import torch
 from .. import algorithms
 from ..algorithms import Algorithm
 from ..config import TrainConfig
-from ..engine import EvalResult, GradientEngine
+from ..engine import EvalResult, GradientEngine, Snapshot
 from ..errors import UserError
 from ..transport.link import Link
 
@@ -113,3 +113,7 @@ class GradientWorker:
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return self.engine.buffers()
+
+    def best(self) -> Snapshot | None:
+        """The best validation evaluation's model (``val_split``), for ``best.pt``."""
+        return self.engine.best()

@@ -21,7 +21,7 @@ import torch
 
 from ...algorithms import Algorithm, AlgoState
 from ...config import TrainConfig
-from ...engine import EvalResult, GradResult
+from ...engine import EvalResult, GradResult, Snapshot
 from ...loop import Executor
 from ...telemetry.metrics import RoundProbe
 from ...transport.grpc.data_plane import RoundBoard
@@ -63,8 +63,9 @@ def kept_gradient(meta: dict[str, Any]) -> GradResult:
 
 class DataPath(Executor):
     """Coordinator half of a data path: the workers come from the pool, the roles' workers from
-    the algorithm. Evaluation and model buffers go to the worker that serves the trajectory role
-    (``stats_role``)."""
+    the algorithm. Evaluation and model buffers go to the worker whose BatchNorm statistics the
+    run keeps: the one that serves the trajectory role (``stats_role``), or the role
+    ``bn_stats`` names (``bn_stats_role``)."""
 
     #: the worker half each worker hosts for this path
     worker_half: ClassVar[type]
@@ -77,7 +78,7 @@ class DataPath(Executor):
         self.cfg = ctx.cfg
         self.algo = ctx.algo
         self.probe = ctx.probe
-        self.stats_slot = self.algo.slot_of(self.algo.stats_role)
+        self.stats_slot = self.algo.slot_of(self.algo.bn_stats_role)
         self.used = self.algo.workers_used()
 
     @property
@@ -128,6 +129,10 @@ class DataPath(Executor):
     async def buffers(self) -> dict[str, torch.Tensor]:
         s = self.stats_slot
         return await self.ask(s, self.workers[s].buffers.remote())
+
+    async def best(self) -> Snapshot | None:
+        s = self.stats_slot
+        return await self.ask(s, self.workers[s].best.remote())
 
     async def all_buffers(self) -> list[dict[str, torch.Tensor]]:
         return list(await asyncio.gather(*[self.ask(s, w.buffers.remote())

@@ -53,7 +53,8 @@ class ReplicaWorker:
     def init(self, cfg: dict[str, Any], total_steps: int, tensors: dict[str, np.ndarray],
              step: int, phase: int) -> None:
         """Seed the replica: the run's algorithm, at the given state."""
-        self.algo = make_algorithm(TrainConfig(**cfg), total_steps)
+        self.algo = make_algorithm(TrainConfig(**cfg), total_steps,
+                                   self.engine.schedule.batches_per_epoch)
         dev = self.engine.device
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, copy=True)
              for k, v in tensors.items()}

@@ -41,11 +41,16 @@ class WorkerStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    BUSY_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _builtins.str
-    """e.g. "starting", "idle", "computing", "dead"."""
+    """"idle", "computing", or "stalled" (computing for far longer than a round takes: a frozen
+    or overloaded worker; without --round-timeout nothing ends the wait).
+    """
     pid: _builtins.int
     device: _builtins.str
+    busy_seconds: _builtins.float
+    """Seconds the coordinator has been waiting on this worker's current call; 0 when idle."""
     def __init__(
         self,
         *,
@@ -53,10 +58,11 @@ class WorkerStatus(_message.Message):
         state: _builtins.str = ...,
         pid: _builtins.int = ...,
         device: _builtins.str = ...,
+        busy_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "name", b"name", "pid", b"pid", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_seconds", b"busy_seconds", "device", b"device", "name", b"name", "pid", b"pid", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -77,6 +83,8 @@ class StatusReply(_message.Message):
     METRICS_PORT_FIELD_NUMBER: _builtins.int
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    ROUND_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    STALLED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     algorithm: _builtins.str
     step: _builtins.int
@@ -90,6 +98,12 @@ class StatusReply(_message.Message):
     total_steps: _builtins.int
     state: _builtins.str
     """e.g. "running", "stopping", "finished"."""
+    round_age_seconds: _builtins.float
+    """Seconds since the last round finished (since the run began, before its first round): how
+    fresh the numbers above are; it grows without bound while the run is stalled.
+    """
+    stalled: _builtins.bool
+    """True while the run is running but no round has finished for far longer than one takes."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
     def __init__(
@@ -106,10 +120,12 @@ class StatusReply(_message.Message):
         metrics_port: _builtins.int = ...,
         total_steps: _builtins.int = ...,
         state: _builtins.str = ...,
+        round_age_seconds: _builtins.float = ...,
+        stalled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "algorithm", b"algorithm", "epoch", b"epoch", "loss", b"loss", "metrics_port", b"metrics_port", "run_id", b"run_id", "state", b"state", "step", b"step", "total_steps", b"total_steps", "transport", b"transport", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "algorithm", b"algorithm", "epoch", b"epoch", "loss", b"loss", "metrics_port", b"metrics_port", "round_age_seconds", b"round_age_seconds", "run_id", b"run_id", "stalled", b"stalled", "state", b"state", "step", b"step", "total_steps", b"total_steps", "transport", b"transport", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

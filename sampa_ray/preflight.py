@@ -1,0 +1,114 @@
+"""Checks the input alone decides, made before anything starts.
+
+Starting Ray takes 10 s or more, and the workers load the data only after that; a run that
+cannot work (a batch larger than the dataset, CIFAR files that are missing or not CIFAR files,
+a control API on a public address with no token, more torch threads than the machine has for
+its embedded Ray instance) should say so in one line at once, not after that wait. Everything
+here reads only the config and the files it names; the workers still check the data in full
+when they load it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import TrainConfig
+from .errors import UserError
+from .security import TOKEN_ENV, is_loopback, read_tls, read_token
+
+#: gradient workers of a Ray run, each placed with ``threads`` CPUs
+#: (``sampa_ray.ray.placement.WORKER_NAMES``)
+RAY_WORKERS = 2
+#: training images of scikit-learn's digits after the 80/20 split (``data.datasets``)
+DIGITS_TRAIN = 1437
+_PIXELS = 3 * 32 * 32
+#: how a pickle can start: protocol 2+ (``\x80``) or protocol 0/1 holding a dict
+_PICKLE_STARTS = (b"\x80", b"(", b"}")
+
+
+def check_before_start(cfg: TrainConfig) -> list[str]:
+    """Raise a one-line :class:`UserError` for what cannot work; return warning lines (without
+    the ``sampa-ray:`` prefix) for what would run, but badly."""
+    n = max_train_samples(cfg)
+    if n is not None and cfg.batch_size > n:
+        raise UserError(f"batch_size: {cfg.batch_size} is larger than the {n} training samples "
+                        f"of {cfg.dataset}")
+    if cfg.backend == "ray":
+        _check_listeners(cfg)
+    return _check_threads(cfg)
+
+
+def max_train_samples(cfg: TrainConfig) -> int | None:
+    """At least as many training samples as the dataset holds (exact for digits and synthetic,
+    a bound from the files' sizes for CIFAR, whose files are checked on the way); None when
+    unknown."""
+    if cfg.dataset == "digits":
+        return DIGITS_TRAIN
+    if cfg.dataset == "synthetic":
+        return cfg.synthetic_size
+    if cfg.dataset in ("cifar10", "cifar100"):
+        return _check_cifar(cfg.dataset, cfg.data_dir)
+    return None
+
+
+def _check_cifar(name: str, data_dir: str | None) -> int:
+    """The CIFAR folder holds every file, each one starting as a pickle does; returns the most
+    training images the training files can hold (one image is 3,072 bytes)."""
+    from .data.cifar import CIFAR_SPECS, resolve_folder
+
+    spec = CIFAR_SPECS[name]
+    hint = f"(download {spec.url} on a connected machine and extract it there)"
+    folder = resolve_folder(spec, data_dir)
+    train_bytes = 0
+    for fname in (*spec.train_files, spec.test_file):
+        path = folder / fname
+        if not path.is_file():
+            raise UserError(f"{spec.name}: no {fname} in {folder} {hint}")
+        try:
+            with path.open("rb") as f:
+                head = f.read(2)
+            size = path.stat().st_size
+        except OSError as err:
+            raise UserError(f"{spec.name}: cannot read {path} ({err.strerror}) {hint}") from None
+        if not head.startswith(_PICKLE_STARTS):
+            raise UserError(f"{spec.name}: {path} is not a CIFAR python pickle (it starts with "
+                            f"{head!r}) {hint}")
+        if fname in spec.train_files:
+            train_bytes += size
+    return train_bytes // _PIXELS
+
+
+def _check_listeners(cfg: TrainConfig) -> None:
+    """The coordinator's gRPC server and metrics endpoint: beyond loopback only with a token,
+    and the token and TLS files readable (what the coordinator would find after Ray starts)."""
+    token = read_token(cfg)
+    read_tls(cfg)
+    if token:
+        return
+    for field, host in (("control_host", cfg.control_host), ("metrics_host", cfg.metrics_host)):
+        if not is_loopback(host):
+            raise UserError(f"{field}: listening on {host or 'every interface'} (not loopback) "
+                            f"requires a token (--token-file or ${TOKEN_ENV})")
+
+
+def _check_threads(cfg: TrainConfig) -> list[str]:
+    """More torch threads than CPU cores: an embedded Ray instance cannot place the workers at
+    all (it has os.cpu_count() CPUs), and one process oversubscribes the cores and runs many
+    times slower (a warning: it still runs)."""
+    cores = os.cpu_count() or 1
+    if not cfg.threads:
+        return []
+    if cfg.backend == "ray" and not cfg.address:
+        need = RAY_WORKERS * cfg.threads
+        if need > cores:
+            raise UserError(f"threads: {RAY_WORKERS} workers x {cfg.threads} threads need {need} "
+                            f"CPUs and this machine has {cores} for its local Ray instance "
+                            f"(use --threads {max(1, cores // RAY_WORKERS)} or fewer)")
+    elif cfg.backend == "local" and cfg.threads > cores:
+        return [f"warning: --threads {cfg.threads} is more than this machine's {cores} CPU "
+                f"cores; torch oversubscribes them and runs many times slower (use --threads "
+                f"{cores} or fewer)"]
+    return []
+
+
+__all__ = ["DIGITS_TRAIN", "RAY_WORKERS", "check_before_start", "max_train_samples"]

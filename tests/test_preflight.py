@@ -1,0 +1,105 @@
+"""What the input alone decides is answered before Ray starts: one line, exit 2. The CLI runs
+with a ``ray`` package on its path that cannot be imported, so any of these that reached Ray
+would end differently."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sampa_ray.config import make_config
+from sampa_ray.preflight import DIGITS_TRAIN, RAY_WORKERS, check_before_start, max_train_samples
+
+CORES = os.cpu_count() or 1
+NO_RAY = "ray must not be imported before the input is checked"
+
+
+def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    fake = tmp / "no-ray"
+    (fake / "ray").mkdir(parents=True, exist_ok=True)
+    (fake / "ray" / "__init__.py").write_text(f"raise ImportError({NO_RAY!r})\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SAMPA_RAY_TOKEN")}
+    env.update(PYTHONPATH=str(fake), OMP_NUM_THREADS="1", COLUMNS="120")
+    return subprocess.run([sys.executable, "-m", "sampa_ray.cli", "train", *args], cwd=tmp,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def _cifar_folder(root: Path, content: bytes | None = None, per_file: int = 10) -> Path:
+    """A CIFAR-10 folder: tiny real pickles, or files holding ``content``."""
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        if content is not None:
+            (folder / name).write_bytes(content)
+            continue
+        data = {b"data": np.zeros((per_file, 3072), np.uint8), b"labels": [0] * per_file}
+        (folder / name).write_bytes(pickle.dumps(data, protocol=2))
+    return folder
+
+
+CASES = [
+    ("resume-no-such-folder", ["--resume", "{tmp}/nowhere"], "resume"),
+    ("batch-larger-than-digits", ["--batch-size", "100000"], "batch_size"),
+    ("cifar-missing-folder", ["--dataset", "cifar10", "--model", "resnet20", "--data-dir",
+                              "{tmp}/nowhere"], "nowhere"),
+    ("cifar-garbage-files", ["--dataset", "cifar10", "--model", "resnet20", "--data-dir",
+                             "{garbage}"], "data_batch_1"),
+    ("cifar-batch-larger-than-files", ["--dataset", "cifar10", "--model", "resnet20",
+                                       "--data-dir", "{cifar}", "--batch-size", "128"],
+     "batch_size"),
+    ("control-host-without-token", ["--control-host", "0.0.0.0"], "control_host"),
+    ("metrics-host-without-token", ["--metrics-host", "0.0.0.0"], "metrics_host"),
+    ("threads-more-than-the-machine", ["--threads", str(CORES)], "threads"),
+]
+
+
+@pytest.mark.parametrize(("args", "field"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_answered_in_one_line_before_ray_starts(tmp_path: Path, args: list[str],
+                                                field: str) -> None:
+    paths = {"tmp": str(tmp_path),
+             "garbage": str(_cifar_folder(tmp_path / "g", b"<html>404 Not Found</html>\n")),
+             "cifar": str(_cifar_folder(tmp_path / "c"))}
+    args = [a.format(**paths) for a in args]
+    proc = _cli(tmp_path, "--out", str(tmp_path / "out"), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sampa-ray: "), proc.stderr
+    assert field.format(**paths) in lines[0]
+    assert NO_RAY not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "nowhere").exists()  # nothing created for a folder that is not
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_backend_warns_of_more_threads_than_cores(tmp_path: Path) -> None:
+    threads = CORES * 4
+    proc = _cli(tmp_path, "--backend", "local", "--threads", str(threads), "--steps", "2",
+                "--model", "mlp", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith(f"sampa-ray: warning: --threads {threads} is more than") and \
+        f"{CORES} CPU cores" in first
+    assert (tmp_path / "out" / "result.json").is_file()
+
+
+def test_fitting_input_passes_and_warns_of_nothing(tmp_path: Path) -> None:
+    cfg = make_config({"backend": "local", "threads": 1, "batch_size": DIGITS_TRAIN})
+    assert check_before_start(cfg) == []
+    cfg = make_config({"dataset": "cifar10", "model": "resnet20", "batch_size": 50,
+                       "data_dir": str(_cifar_folder(tmp_path))})
+    assert max_train_samples(cfg) == 50  # five files of ten images, a bound from their sizes
+    assert check_before_start(cfg) == []
+
+
+def test_the_constants_match_what_they_stand_for() -> None:
+    from sampa_ray.data.datasets import load_dataset
+    from sampa_ray.ray.placement import WORKER_NAMES
+
+    assert load_dataset("digits").num_train == DIGITS_TRAIN
+    assert len(WORKER_NAMES) == RAY_WORKERS
