@@ -461,3 +461,22 @@ def test_genuine_cifar_pickles_still_load(tmp_path: Path, protocol: int,
             p.write_bytes(data.replace(b"numpy._core.", b"numpy.core."))
     d = load_dataset("cifar10", data_dir=str(folder))
     assert d.x_train.shape == (50, 3, 32, 32) and d.y_train.tolist() == list(range(10)) * 5
+
+
+# -- --resume auto: what a restarted job runs ---------------------------------------------------
+def test_resume_auto_starts_then_continues_then_needs_an_out(tmp_path: Path) -> None:
+    """The same command twice: the first starts the run (no checkpoint yet), the second
+    continues it from its checkpoints (a finished run: nothing left to do, the same
+    parameters); without --out there is nothing to continue, in one line."""
+    out = tmp_path / "job"
+    args = ("train", "--backend", "local", "--steps", "6", "--threads", "1", "--out", str(out),
+            "--resume", "auto")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    x = final_x(out)
+    assert steps_of(out) == [6]
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert torch.equal(final_x(out), x)
+    assert json.loads((out / "result.json").read_text())["steps"] == 6
+    assert "--out" in our_line(cli("train", "--backend", "local", "--resume", "auto"))

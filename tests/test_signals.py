@@ -6,6 +6,7 @@ the run's processes are still there afterwards."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sampa_ray import signals
 
@@ -126,7 +128,9 @@ def test_ctrl_c_twice_ends_at_once_with_no_process_left(tmp_path: Path) -> None:
 
 
 def test_a_killed_coordinator_says_resume_continues(tmp_path: Path) -> None:
-    run, procs = _started(tmp_path, "--checkpoint-every", "20")
+    """With no restarts left (``--max-restarts 0``), a lost coordinator ends the run with one
+    line saying how to go on."""
+    run, procs = _started(tmp_path, "--checkpoint-every", "20", "--max-restarts", "0")
     deadline = time.monotonic() + 60
     while not list((run.out / "checkpoints").glob("ckpt-*.json")):
         assert time.monotonic() < deadline, "no checkpoint written"
@@ -188,3 +192,35 @@ def test_descendants_lists_children_and_grandchildren() -> None:
         for pid in [*(signals.descendants(p.pid) or []), p.pid]:
             os.kill(pid, signal.SIGKILL)
         p.wait()
+
+
+def test_a_killed_coordinator_is_replaced_and_the_run_ends_where_it_would_have(
+        tmp_path: Path) -> None:
+    """The driver starts a new coordinator (and so new workers) from the newest checkpoint:
+    the run finishes with exit 0 on exactly the parameters of an uninterrupted run. (The
+    emulated link only slows the Ray run down, so the kill lands mid-run; it changes no
+    number.)"""
+    from sampa_ray.config import make_config
+    from sampa_ray.local import run_local
+
+    steps = ["--steps", "600", "--checkpoint-every", "50", "--link-latency-ms", "5"]
+    run, procs = _started(tmp_path, *steps)
+    deadline = time.monotonic() + 60
+    while not list((run.out / "checkpoints").glob("ckpt-*.json")):
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.1)
+    coord = [p for p, cmd in procs.items() if "ray::Coordinator" in cmd]
+    assert len(coord) == 1, procs
+    os.kill(coord[0], signal.SIGKILL)
+    rc, lines = run.finish(timeout=300)
+    assert rc == 0, "\n".join(lines)
+    assert any("the coordinator died; a new one continues from its newest checkpoint" in x
+               for x in lines), "\n".join(lines)
+    ref = make_config({"steps": 600, "model": "mlp", "batch_size": 32, "threads": 1,
+                       "device": "cpu", "backend": "local"})
+    run_local(ref, tmp_path / "reference")
+    got = torch.load(run.out / "final.pt", weights_only=True)
+    want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], want["x"])
+    result = json.loads((run.out / "result.json").read_text())
+    assert result["steps"] == 600

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import signals
@@ -64,10 +65,12 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         help_ = field.description or ""
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar=name.upper(), help=f"{help_} (default: {default})".strip())
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR|auto",
                    help="continue the run in folder DIR (default: the --out folder) from its "
                    "newest valid checkpoint, with the config stored there: other flags may "
-                   "only change how it runs (threads, backend, ...); outputs go to that folder")
+                   "only change how it runs (threads, backend, ...); outputs go to that folder. "
+                   "'auto': continue the --out folder's run if it has checkpoints, else start "
+                   "it (for jobs that a cluster restarts)")
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to name a folder that already holds a finished or an "
                    "interrupted run (its old checkpoints are removed first)")
@@ -101,6 +104,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "address" not in data and os.environ.get("RAY_ADDRESS"):
         data["address"] = os.environ["RAY_ADDRESS"]
     resume = args.resume if args.resume is not None else data.pop("resume", None)
+    if resume == "auto":  # idempotent: continue the --out folder's run if it has one
+        data.pop("resume", None)
+        if not data.get("out"):
+            raise UserError("resume: auto continues the run in --out; name it (--out DIR)")
+        from ..checkpoint import list_checkpoints  # imports torch: only when resuming
+
+        if not list_checkpoints(Path(data["out"]) / "checkpoints"):
+            return make_config(data)  # nothing to continue: a new run
+        resume = data["out"]
     if resume is not None:
         data.pop("resume", None)
         root = resume or data.get("out")

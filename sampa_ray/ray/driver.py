@@ -97,21 +97,26 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
         if not ready:
             raise UserError(f"placement: the cluster cannot fit {placement.bundles} "
                             f"({placement.strategy}) within {placement_timeout_s:.0f}s")
-        here = ray.get_runtime_context().get_node_id()
-        coord = Coordinator.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-        ).remote(base.model_dump(), asdict(placement), pg, plugins())
-        ray.get(coord.start.remote())
         results = []
         for cfg, out in runs:
-            run_ref = coord.run.remote(cfg.model_dump(), str(out.resolve()))
+            lost = 0
             while True:
-                done, _ = ray.wait([run_ref], timeout=0.25)
-                for ev in ray.get(coord.poll.remote()):
-                    show(ev)
-                if done:
+                if coord is None:
+                    coord = start_coordinator(base, placement, pg)
+                try:
+                    results.append(follow(coord, cfg, out, show))
                     break
-            results.append(ray.get(run_ref))
+                except RayActorError as err:  # the coordinator died: a new one goes on
+                    lost += 1
+                    if lost > cfg.max_restarts:
+                        raise RunFailed(coordinator_lost(err, [out])) from None
+                    with contextlib.suppress(Exception):
+                        ray.kill(coord)
+                    coord = None
+                    cfg = resumed(cfg, out)
+                    where = "its newest checkpoint" if cfg.resume else "the start"
+                    show({"kind": "info", "text": f"the coordinator died; a new one continues "
+                          f"from {where} ({lost} of at most {cfg.max_restarts} restarts)"})
             if results[-1].get("stopped_early"):
                 break  # stopped through the control API: no further runs
         return results
@@ -119,17 +124,44 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
         if isinstance(err.cause, UserError):
             raise UserError(str(err.cause)) from None
         raise
-    except RayActorError as err:  # the coordinator died (killed, out of memory, node lost)
-        if coord is None:
-            raise
-        raise RunFailed(coordinator_lost(err, [out for _, out in runs])) from None
     finally:
         with signals.deferred():  # a first signal now must not cut the clean-up short
             clean_up(coord, pg, started)
 
 
+def start_coordinator(base: TrainConfig, placement: Any, pg: Any) -> Any:
+    """The coordinator actor, on this node (it writes the outputs here), with its workers
+    started in the placement group's bundles."""
+    here = ray.get_runtime_context().get_node_id()
+    coord = Coordinator.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+    ).remote(base.model_dump(), asdict(placement), pg, plugins())
+    ray.get(coord.start.remote())
+    return coord
+
+
+def follow(coord: Any, cfg: TrainConfig, out: Path, show: Progress) -> dict[str, Any]:
+    """Run one configuration on the coordinator, showing its progress until it is done."""
+    run_ref = coord.run.remote(cfg.model_dump(), str(out.resolve()))
+    while True:
+        done, _ = ray.wait([run_ref], timeout=0.25)
+        for ev in ray.get(coord.poll.remote()):
+            show(ev)
+        if done:
+            return ray.get(run_ref)
+
+
+def resumed(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """The run to start after its coordinator died: from the newest checkpoint in ``out`` if
+    there is one (the same trajectory, bit for bit), else from the start."""
+    if list_checkpoints(out / "checkpoints"):
+        return cfg.model_copy(update={"resume": str(out)})
+    return cfg
+
+
 def coordinator_lost(err: RayActorError, outs: list[Path]) -> str:
-    """The one line for a run whose coordinator died: why (briefly), and how to go on."""
+    """The one line for a run whose coordinator died more often than ``--max-restarts``
+    allows: why (briefly), and how to go on."""
     why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     why = why if len(why) <= 120 else why[:117] + "..."
     resumable = [o for o in outs if list_checkpoints(o / "checkpoints")]
