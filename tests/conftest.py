@@ -32,6 +32,19 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(old)
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a ``sampa-ray`` subprocess: an embedded Ray (no RAY_ADDRESS), one
+    thread per BLAS pool, a fixed terminal width for the progress lines."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="120")
+    return env
+
+
+def cli_cmd(*args: str) -> list[str]:
+    """``sampa-ray ARGS`` as this interpreter runs it."""
+    return [sys.executable, "-m", "sampa_ray.cli", *args]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_cmd, cli_env
 
 from sampa_ray.algorithms import BUILTIN
 
@@ -21,19 +20,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 COMMON = ["--backend", "local", "--threads", "1", "--device", "cpu"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="120")
-    return env
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sampa_ray.cli", *args]
-
-
 def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        _cmd(*args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+        cli_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -54,9 +43,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, st
         out = root / algo
         procs[algo] = (
             subprocess.Popen(
-                _cmd("train", "--algo", algo, "--epochs", str(EPOCHS), "--out", str(out), *COMMON),
+                cli_cmd("train", "--algo", algo, "--epochs", str(EPOCHS), "--out", str(out),
+                        *COMMON),
                 cwd=root,
-                env=_env(),
+                env=cli_env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

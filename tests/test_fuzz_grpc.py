@@ -267,6 +267,9 @@ def header(**kw: Any) -> ppb.GradientHeader:
     return ppb.GradientHeader(**{**base, **kw})
 
 
+U64_MAX = 2**64 - 1  # the largest offset a TensorChunk can carry
+
+
 def tchunk(offset: int, data: bytes, total: int = NBYTES, numel: int = NUMEL,
            dtype: str = "float32") -> tensor_pb2.TensorChunk:
     return tensor_pb2.TensorChunk(dtype=dtype, shape=[numel], total_bytes=total, offset=offset,
@@ -469,10 +472,11 @@ def apply_framing(msgs: list[ppb.GradientChunk], op: tuple[str, Any, Any]
     elif kind == "drop":
         del out[i]
     elif kind == "empty":
-        out.insert(i + 1, ppb.GradientChunk(chunk=tchunk(out[i].chunk.offset
-                                                         + len(out[i].chunk.data), b"")))
+        # right after chunk i (offsets are uint64: one already at the top stays there)
+        after = min(out[i].chunk.offset + len(out[i].chunk.data), U64_MAX)
+        out.insert(i + 1, ppb.GradientChunk(chunk=tchunk(after, b"")))
     elif kind == "shift":
-        out[i].chunk.offset = max(0, out[i].chunk.offset + v)
+        out[i].chunk.offset = min(max(0, out[i].chunk.offset + v), U64_MAX)
     elif kind == "offset":
         out[i].chunk.offset = v
     elif kind == "dtype":

@@ -471,11 +471,12 @@ class Handler:
     def status(self) -> dict[str, Any]:
         return {"run_id": RUN, "algorithm": "sampa", "step": 12, "epoch": 1.5, "loss": 0.25,
                 "accuracy": 0.875, "transport": "grpc", "metrics_port": 9100,
-                "total_steps": 100, "state": "running",
+                "total_steps": 100, "state": "running", "round_age_seconds": 2.5,
+                "stalled": True,
                 "workers": [{"name": "perturbed", "state": "computing", "pid": 101,
-                             "device": "cpu"},
+                             "device": "cpu", "busy_seconds": 1.25},
                             {"name": "extrapolated", "state": "idle", "pid": 102,
-                             "device": "cuda:0"}]}
+                             "device": "cuda:0", "busy_seconds": 0.0}]}
 
     def progress(self) -> Any:
         return self.hub.subscribe()

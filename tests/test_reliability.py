@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_cmd, cli_env
 
 from sampa_ray.checkpoint import (
     Checkpointer,
@@ -36,18 +37,8 @@ from sampa_ray.results import write_outputs
 COMMON = ["--backend", "local", "--threads", "1", "--device", "cpu", "--batch-size", "32"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="120")
-    return env
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sampa_ray.cli", *args]
-
-
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True,
+    return subprocess.run(cli_cmd(*args), env=cli_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -79,8 +70,8 @@ def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path: Path) -> None
     The second is refused with one line naming the first's pid; the first finishes with its
     own files."""
     out = tmp_path / "run"
-    first = subprocess.Popen(_cmd("train", *COMMON, "--steps", "800", "--seed", "1", "--out",
-                                  str(out)), env=_env(), stdout=subprocess.PIPE,
+    first = subprocess.Popen(cli_cmd("train", *COMMON, "--steps", "800", "--seed", "1", "--out",
+                                  str(out)), env=cli_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
@@ -136,8 +127,8 @@ def test_an_interrupted_folder_needs_resume_or_overwrite(tmp_path: Path) -> None
     and --keep-checkpoints deleted its own new checkpoints, whose steps were lower), then with
     --overwrite (the old checkpoints go first), then --resume (continues the new one)."""
     out = tmp_path / "run"
-    first = subprocess.Popen(_cmd("train", *COMMON, "--steps", "3000", "--checkpoint-every",
-                                  "30", "--out", str(out)), env=_env(), stdout=subprocess.PIPE,
+    first = subprocess.Popen(cli_cmd("train", *COMMON, "--steps", "3000", "--checkpoint-every",
+                                  "30", "--out", str(out)), env=cli_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
     while not (out / "checkpoints" / "ckpt-00000090.json").exists():

@@ -95,6 +95,25 @@ def _started(tmp: Path, *args: str) -> tuple[Run, dict[int, str]]:
     return run, procs
 
 
+def _ends_with(run: Run, procs: dict[int, str], rc: int, last: str) -> None:
+    """The command ended with ``rc`` and our line ``last``, and none of ``procs`` outlived it."""
+    code, lines = run.finish()
+    assert code == rc, "\n".join(lines)
+    _assert_ours(lines, last)
+    assert _survivors(procs) == {}
+
+
+def _kill_coordinator_after_a_checkpoint(run: Run, procs: dict[int, str]) -> None:
+    """SIGKILL the run's coordinator once its first checkpoint is on disk."""
+    deadline = time.monotonic() + 60
+    while not list((run.out / "checkpoints").glob("ckpt-*.json")):
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.1)
+    coord = [p for p, cmd in procs.items() if "ray::Coordinator" in cmd]
+    assert len(coord) == 1, procs
+    os.kill(coord[0], signal.SIGKILL)
+
+
 def _assert_ours(lines: list[str], last: str) -> None:
     text = "\n".join(lines)
     assert lines and lines[-1] == last, text
@@ -110,10 +129,7 @@ def test_sigterm_ends_the_run_with_our_line_and_no_process_left(tmp_path: Path,
         os.kill(run.proc.pid, signal.SIGTERM)
     else:  # systemd, a shell's job control: every process of the group at once
         os.killpg(run.proc.pid, signal.SIGTERM)
-    rc, lines = run.finish()
-    assert rc == 143, "\n".join(lines)
-    _assert_ours(lines, "sampa-ray: terminated")
-    assert _survivors(procs) == {}
+    _ends_with(run, procs, 143, "sampa-ray: terminated")
 
 
 def test_ctrl_c_twice_ends_at_once_with_no_process_left(tmp_path: Path) -> None:
@@ -121,23 +137,14 @@ def test_ctrl_c_twice_ends_at_once_with_no_process_left(tmp_path: Path) -> None:
     os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
     time.sleep(0.3)
     os.killpg(run.proc.pid, signal.SIGINT)
-    rc, lines = run.finish()
-    assert rc == 130, "\n".join(lines)
-    _assert_ours(lines, "sampa-ray: interrupted")
-    assert _survivors(procs) == {}
+    _ends_with(run, procs, 130, "sampa-ray: interrupted")
 
 
 def test_a_killed_coordinator_says_resume_continues(tmp_path: Path) -> None:
     """With no restarts left (``--max-restarts 0``), a lost coordinator ends the run with one
     line saying how to go on."""
     run, procs = _started(tmp_path, "--checkpoint-every", "20", "--max-restarts", "0")
-    deadline = time.monotonic() + 60
-    while not list((run.out / "checkpoints").glob("ckpt-*.json")):
-        assert time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.1)
-    coord = [p for p, cmd in procs.items() if "ray::Coordinator" in cmd]
-    assert len(coord) == 1, procs
-    os.kill(coord[0], signal.SIGKILL)
+    _kill_coordinator_after_a_checkpoint(run, procs)
     rc, lines = run.finish()
     assert rc == 1, "\n".join(lines)
     line = lines[-1]
@@ -205,13 +212,7 @@ def test_a_killed_coordinator_is_replaced_and_the_run_ends_where_it_would_have(
 
     steps = ["--steps", "600", "--checkpoint-every", "50", "--link-latency-ms", "5"]
     run, procs = _started(tmp_path, *steps)
-    deadline = time.monotonic() + 60
-    while not list((run.out / "checkpoints").glob("ckpt-*.json")):
-        assert time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.1)
-    coord = [p for p, cmd in procs.items() if "ray::Coordinator" in cmd]
-    assert len(coord) == 1, procs
-    os.kill(coord[0], signal.SIGKILL)
+    _kill_coordinator_after_a_checkpoint(run, procs)
     rc, lines = run.finish(timeout=300)
     assert rc == 0, "\n".join(lines)
     assert any("the coordinator died; a new one continues from its newest checkpoint" in x
