@@ -166,9 +166,7 @@ class Coordinator:
                 tls=self.tls)
         except ValueError as err:
             raise UserError(f"control_host: {err}") from None
-        host = cfg.control_host
-        shown = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
-        self.control_target = f"{shown}:{self.control_port}"
+        self.control_target = f"{shown_host(cfg.control_host)}:{self.control_port}"
         self._say(f"control: {self.control_target} (sampa-ray status --target "
                   f"{self.control_target})")
 
