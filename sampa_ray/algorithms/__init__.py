@@ -4,7 +4,9 @@ registry every backend, the configuration and the CLI find algorithms through.
 A new algorithm is one class (a subclass of :class:`Algorithm` that says which worker serves each
 of its roles in ``slots``) and one :func:`register` call; nothing else changes. Hyperparameters
 are passed by name: :func:`create` gives the class the configuration values its ``__init__``
-asks for (``lr`` is the schedule; ``momentum``, ``weight_decay``, ``rho``, ``lam`` ...).
+asks for (``lr`` is the schedule; ``momentum``, ``weight_decay``, ``rho``, ``lam`` ...). The base
+optimizer every built-in algorithm hands its gradient to (``optimizer``: sgd or adamw, with
+``beta1``, ``beta2``, ``eps``) is in ``optim``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import LR, Algorithm, AlgoState, GradRequest
+from .optim import OPTIMIZERS, AdamW, BaseOptimizer, SGDMomentum, make_optimizer
 from .sam import SAM
 from .sampa import SAMPa
 from .sgd import SGD
@@ -65,5 +68,6 @@ def create(name: str, lr: LR, hyper: Mapping[str, Any]) -> Algorithm:
     return cls(lr=lr, **kw)
 
 
-__all__ = ["BUILTIN", "SAM", "SGD", "AlgoState", "Algorithm", "GradRequest", "SAMPa", "create",
-           "lookup", "names", "register", "registered", "unregister"]
+__all__ = ["BUILTIN", "OPTIMIZERS", "SAM", "SGD", "AdamW", "AlgoState", "Algorithm",
+           "BaseOptimizer", "GradRequest", "SAMPa", "SGDMomentum", "create", "lookup",
+           "make_optimizer", "names", "register", "registered", "unregister"]

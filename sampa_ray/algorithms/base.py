@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .optim import BaseOptimizer, make_optimizer, scratch
+
 LR = float | Callable[[int], float]
 
 
@@ -40,23 +42,48 @@ class GradRequest:
     track_stats: bool = False
 
 
-@dataclass
+@dataclass(init=False)
 class AlgoState:
     """State of one run. ``step`` counts completed parameter updates; ``phase`` is the round
-    inside an update (SAM: 0 ascent, 1 perturbed; SAMPa: 0 bootstrap, 1 steady)."""
+    inside an update (SAM: 0 ascent, 1 perturbed; SAMPa: 0 bootstrap, 1 steady). ``opt`` is the
+    base optimizer's memory (SGD: ``buf`` when momentum != 0; AdamW: ``exp_avg``,
+    ``exp_avg_sq``, ``opt_step``), kept as named tensors so checkpoints and replicas carry any
+    optimizer's state without knowing which it is."""
 
     x: torch.Tensor
     step: int = 0
     phase: int = 0
-    buf: torch.Tensor | None = None  # momentum buffer (None when momentum == 0)
+    opt: dict[str, torch.Tensor] = field(default_factory=dict)  # base optimizer state
     g_y: torch.Tensor | None = None  # SAMPa: gradient at the auxiliary point y_t
     work: dict[str, torch.Tensor] = field(default_factory=dict)  # reusable request points
 
+    def __init__(self, x: torch.Tensor, step: int = 0, phase: int = 0,
+                 opt: Mapping[str, torch.Tensor] | None = None, g_y: torch.Tensor | None = None,
+                 work: dict[str, torch.Tensor] | None = None, *,
+                 buf: torch.Tensor | None = None) -> None:
+        # ``buf=`` is the SGD momentum buffer's name from before optimizers were pluggable
+        self.x, self.step, self.phase, self.g_y = x, step, phase, g_y
+        self.opt = dict(opt or {})
+        if buf is not None:
+            self.opt["buf"] = buf
+        self.work = {} if work is None else work
+
+    @property
+    def buf(self) -> torch.Tensor | None:
+        """The SGD momentum buffer (None without momentum, or with another optimizer)."""
+        return self.opt.get("buf")
+
+    @buf.setter
+    def buf(self, value: torch.Tensor | None) -> None:
+        if value is None:
+            self.opt.pop("buf", None)
+        else:
+            self.opt["buf"] = value
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors that define the state (for checkpoints), without scratch buffers."""
-        out = {"x": self.x}
-        if self.buf is not None:
-            out["buf"] = self.buf
+        """The tensors that define the state (for checkpoints), without scratch buffers:
+        ``x``, the optimizer's tensors by their names, ``g_y``."""
+        out = {"x": self.x, **self.opt}
         if self.g_y is not None:
             out["g_y"] = self.g_y
         return out
@@ -64,15 +91,20 @@ class AlgoState:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], step: int, phase: int) -> AlgoState:
         """The state :meth:`tensors` describes, at ``step`` / ``phase`` (the tensors are taken
-        as they are: copy them first if they must stay untouched)."""
-        return cls(x=tensors["x"], step=step, phase=phase, buf=tensors.get("buf"),
-                   g_y=tensors.get("g_y"))
+        as they are: copy them first if they must stay untouched). Every tensor other than
+        ``x`` and ``g_y`` is the optimizer's."""
+        opt = {k: v for k, v in tensors.items() if k not in _OWN}
+        return cls(x=tensors["x"], step=step, phase=phase, opt=opt, g_y=tensors.get("g_y"))
 
     def shadow(self) -> AlgoState:
         """A 0-length copy: the same step, phase and which tensors exist, no numbers. An
         algorithm driven on it runs the same rounds, batches and phases without arithmetic."""
         empty = self.x.new_empty(0)
         return AlgoState.from_tensors({k: empty for k in self.tensors()}, self.step, self.phase)
+
+
+#: the state tensors that are the algorithm's own, not the base optimizer's
+_OWN = ("x", "g_y")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool,
@@ -87,8 +119,9 @@ def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool,
 
 
 class Algorithm(ABC):
-    """Base class: hyperparameter checks, the learning rate, gradient validation and the
-    PyTorch-SGD parameter step shared by every algorithm."""
+    """Base class: hyperparameter checks, the learning rate, gradient validation and the base
+    optimizer (``self.opt``: PyTorch SGD with momentum, or AdamW) whose step every algorithm
+    shares; the algorithms only differ in which gradient they hand it."""
 
     name: str = ""
     #: role whose passes lie on the trajectory; its worker keeps the BatchNorm statistics
@@ -97,14 +130,21 @@ class Algorithm(ABC):
     #: one round on different workers run in parallel
     slots: Mapping[str, int] = {}
 
-    def __init__(self, lr: LR, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    def __init__(self, lr: LR, momentum: float = 0.0, weight_decay: float = 0.0,
+                 optimizer: str = "sgd", beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
         if not callable(lr):
             _check_range("lr", lr, 0.0, math.inf, True, True)
         _check_range("momentum", momentum, 0.0, 1.0, False, True)
         _check_range("weight_decay", weight_decay, 0.0, math.inf, False, True)
+        _check_range("beta1", beta1, 0.0, 1.0, False, True)
+        _check_range("beta2", beta2, 0.0, 1.0, False, True)
+        _check_range("eps", eps, 0.0, math.inf, True, True)
         self.lr = lr
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
+        self.opt: BaseOptimizer = make_optimizer(optimizer, momentum, weight_decay, beta1,
+                                                 beta2, eps)
 
     @property
     def all_roles(self) -> tuple[str, ...]:
@@ -154,8 +194,7 @@ class Algorithm(ABC):
         if not isinstance(x0, torch.Tensor) or x0.dim() != 1 or not x0.is_floating_point():
             raise ValueError("x0: expected a 1-D floating-point tensor")
         x = x0.detach().clone()
-        buf = torch.zeros_like(x) if self.momentum != 0.0 else None
-        return AlgoState(x=x, buf=buf)
+        return AlgoState(x=x, opt=self.opt.init(x))
 
     @abstractmethod
     def roles(self, state: AlgoState) -> tuple[str, ...]:
@@ -170,9 +209,9 @@ class Algorithm(ABC):
         """Consume the round's gradients; returns the (same, updated) state."""
 
     def skip(self, state: AlgoState) -> AlgoState:
-        """Give up the current update (its gradients were unusable): the parameters and the
-        algorithm's memory stay as they are, and the step counter (so the batch and the learning
-        rate) moves on."""
+        """Give up the current update (its gradients were unusable): the parameters, the
+        algorithm's memory and the optimizer's (AdamW's step count too) stay as they are, and
+        the step counter (so the batch and the learning rate) moves on."""
         state.step += 1
         return state
 
@@ -183,8 +222,7 @@ class Algorithm(ABC):
     def config(self) -> dict[str, float | str]:
         """Hyperparameters, for result files."""
         lr = self.lr if not callable(self.lr) else "schedule"
-        return {"algo": self.name, "lr": lr, "momentum": self.momentum,
-                "weight_decay": self.weight_decay}
+        return {"algo": self.name, "lr": lr, **self.opt.config()}
 
     # -- shared pieces ------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -214,29 +252,14 @@ class Algorithm(ABC):
             if g.device != x.device:
                 raise ValueError(f"grads[{role}]: device {g.device} != {x.device}")
 
-    def sgd_step(self, state: AlgoState, g: torch.Tensor, lr: float) -> None:
-        """PyTorch SGD (dampening 0, no Nesterov), in place:
-        buf = mu*buf + g + wd*x;  x -= lr*buf   (without momentum: x -= lr*(g + wd*x))."""
-        x = state.x
-        if state.buf is None:
-            if self.weight_decay:
-                # x - lr*(g + wd*x) == x*(1 - lr*wd) - lr*g
-                x.mul_(1.0 - lr * self.weight_decay)
-            x.add_(g, alpha=-lr)
-            return
-        buf = state.buf
-        buf.mul_(self.momentum).add_(g)
-        if self.weight_decay:
-            buf.add_(x, alpha=self.weight_decay)
-        x.add_(buf, alpha=-lr)
+    def base_step(self, state: AlgoState, g: torch.Tensor, lr: float) -> None:
+        """The base optimizer's step with ``g``, in place on x and the optimizer state."""
+        self.opt.step(state.x, state.opt, g, lr)
 
     @staticmethod
     def workspace(state: AlgoState, name: str) -> torch.Tensor:
         """A reusable flat buffer shaped like x (allocated once per state)."""
-        w = state.work.get(name)
-        if w is None:
-            w = state.work[name] = torch.empty_like(state.x)
-        return w
+        return scratch(state.work, name, state.x)
 
 
 def normalized_step(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor,

@@ -12,15 +12,17 @@ from .base import LR, Algorithm, AlgoState, GradRequest, _check_range, normalize
 
 class SAM(Algorithm):
     """x̃_t = x_t + rho * g / (||g|| + 1e-12) with g = grad f(x_t; B_t);
-    then an SGD step with grad f(x̃_t; B_t)."""
+    then the base optimizer's step with grad f(x̃_t; B_t)."""
 
     name = "sam"
     stats_role = "ascent"
     slots = {"ascent": 0, "perturbed": 0}  # sequential: one worker
 
-    def __init__(self, lr: LR, rho: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(lr, momentum, weight_decay)
+    def __init__(self, lr: LR, rho: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 optimizer: str = "sgd", beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        # every base-optimizer parameter is named here: ``create`` passes what __init__ names
+        super().__init__(lr, momentum, weight_decay, optimizer, beta1, beta2, eps)
         _check_range("rho", rho, 0.0, float("inf"), False, True)
         self.rho = float(rho)
 
@@ -49,7 +51,7 @@ class SAM(Algorithm):
             state.phase = 1
             return state
         lr = self.lr_at(state.step)
-        self.sgd_step(state, grads["perturbed"], lr)
+        self.base_step(state, grads["perturbed"], lr)
         state.step += 1
         state.phase = 0
         return state

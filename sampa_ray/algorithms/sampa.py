@@ -9,6 +9,10 @@
 
 Bootstrap: y_0 = x_0, one round computes g_y = grad f(x_0; B_0) before the first update. Both
 gradients are sent separately, so lam = 0 is plain SAMPa (not SGD).
+
+With another base optimizer the two SGD lines become its look-ahead and its step: y_{t+1} is
+where it would move x_t with g_y without changing its state (AdamW: the step with moments
+updated by g_y and the count advanced, then thrown away), and x_{t+1} its real step with g.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ class SAMPa(Algorithm):
     slots = {"perturbed": 0, "extrapolated": 1}  # independent: two workers at once
 
     def __init__(self, lr: LR, rho: float, lam: float = 0.0, momentum: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(lr, momentum, weight_decay)
+                 weight_decay: float = 0.0, optimizer: str = "sgd", beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8) -> None:
+        # every base-optimizer parameter is named here: ``create`` passes what __init__ names
+        super().__init__(lr, momentum, weight_decay, optimizer, beta1, beta2, eps)
         _check_range("rho", rho, 0.0, float("inf"), False, True)
         _check_range("lam", lam, 0.0, 1.0, False, False)
         self.rho = float(rho)
@@ -47,12 +53,8 @@ class SAMPa(Algorithm):
         assert state.g_y is not None
         x, g_y = state.x, state.g_y
         x_tilde = normalized_step(self.workspace(state, "perturbed"), x, g_y, self.rho)
-        y = self.workspace(state, "extrapolated").copy_(g_y)
-        if self.weight_decay:
-            y.add_(x, alpha=self.weight_decay)
-        if state.buf is not None:
-            y.add_(state.buf, alpha=self.momentum)
-        y.mul_(-self.lr_at(state.step)).add_(x)
+        y = self.opt.lookahead(self.workspace(state, "extrapolated"), x, state.opt, g_y,
+                               self.lr_at(state.step), state.work)
         return [GradRequest("perturbed", x_tilde, state.step),
                 GradRequest("extrapolated", y, state.step + 1, track_stats=True)]
 
@@ -70,7 +72,7 @@ class SAMPa(Algorithm):
         else:
             g = torch.mul(g_p, 1.0 - self.lam, out=self.workspace(state, "combined"))
             g.add_(g_e, alpha=self.lam)
-        self.sgd_step(state, g, lr)
+        self.base_step(state, g, lr)
         assert state.g_y is not None
         state.g_y.copy_(g_e)
         state.step += 1

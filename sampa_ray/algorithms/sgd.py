@@ -1,4 +1,5 @@
-"""SGD with momentum and weight decay (PyTorch semantics): one gradient per update."""
+"""SGD: one gradient per update, handed to the base optimizer (PyTorch SGD with momentum and
+weight decay, or AdamW)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from .base import Algorithm, AlgoState, GradRequest
 
 
 class SGD(Algorithm):
-    """x_{t+1} = x_t - lr * buf_{t+1},  buf_{t+1} = mu * buf_t + grad f(x_t; B_t) + wd * x_t."""
+    """The base optimizer's step with grad f(x_t; B_t); with SGD-momentum
+    x_{t+1} = x_t - lr * buf_{t+1},  buf_{t+1} = mu * buf_t + grad f(x_t; B_t) + wd * x_t."""
 
     name = "sgd"
     stats_role = "grad"
@@ -25,6 +27,6 @@ class SGD(Algorithm):
     def update(self, state: AlgoState, grads: Mapping[str, torch.Tensor]) -> AlgoState:
         self.check_grads(state, grads)
         lr = self.lr_at(state.step)
-        self.sgd_step(state, grads["grad"], lr)
+        self.base_step(state, grads["grad"], lr)
         state.step += 1
         return state
