@@ -30,13 +30,14 @@ RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address"
                   "data_path", "transport", "collective_backend", "control_host",
                   "control_port", "token_file",
                   "metrics_port", "metrics_host", "metrics_cert", "metrics_key",
-                  "control_cert", "control_key"}
+                  "control_cert", "control_key", "loader_workers", "pin_memory"}
 
 #: trajectory fields added after runs were first hashed (the paper's recipe): left out of the
 #: hash at their defaults, so a run that does not use them keeps its hash, and its checkpoints
 #: from before stay resumable
 LATER_FIELDS = ("label_smoothing_mode", "bn_stats", "val_split", "last_batch", "cutout_p",
-                "pad_fill")
+                "pad_fill", "model_args", "dataset_args", "loss", "num_classes", "optimizer",
+                "beta1", "beta2", "eps", "precision")
 
 
 class TrainConfig(BaseModel):
@@ -68,9 +69,39 @@ class TrainConfig(BaseModel):
         "paper's code evaluates with its perturbed rank); without a perturbed role (SGD) the "
         "trajectory worker's")
 
-    model: Literal["resnet20", "resnet56", "wrn28_2", "wrn28_10", "vgg19_bn", "mlp", "cnn"] = "cnn"
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="base optimizer of SGD, SAM and SAMPa: sgd (PyTorch SGD with "
+        "momentum and weight decay) or adamw (torch.optim.AdamW: beta1, beta2, eps, decoupled "
+        "weight decay; momentum is not used)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adamw: first-moment decay")
+    beta2: float = Field(0.999, ge=0, lt=1, description="adamw: second-moment decay")
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False, description="adamw: denominator term")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="forward and backward passes in fp32, or under bf16 autocast "
+        "(parameters, gradients and the update stay fp32)")
+
+    model: str = Field("cnn", description="a built-in model (resnet20, resnet56, wrn28_2, "
+                       "wrn28_10, vgg19_bn, mlp, cnn, transformer) or a factory "
+                       "package.module:function called as f(num_classes=..., **model_args) "
+                       "that returns a torch.nn.Module")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments "
+                                       "of the model factory")
     dropout: float = Field(0.0, ge=0, lt=1)
-    dataset: Literal["digits", "cifar10", "cifar100", "synthetic"] = "digits"
+    dataset: str = Field("digits", description="a built-in dataset (digits, cifar10, cifar100, "
+                         "synthetic, modadd) or a factory package.module:function called as "
+                         "f(**dataset_args) that returns (train, test) map-style datasets")
+    dataset_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments "
+                                         "of the dataset factory")
+    loss: str | None = Field(None, description="a loss package.module:function called as "
+                             "f(model, batch) returning the loss or (loss, {'accuracy': a}) "
+                             "(default: cross-entropy on (inputs, targets) batches, "
+                             "model(**batch).loss on dict batches)")
+    num_classes: int | None = Field(None, ge=1, description="outputs of the model (default: "
+                                    "the dataset's num_classes attribute, else 1 + the "
+                                    "largest training label)")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes of a "
+                                "plug-in dataset (0: in the gradient worker itself)")
+    pin_memory: bool = Field(False, description="DataLoader pin_memory of a plug-in dataset")
     data_dir: str | None = None
     synthetic_size: int = Field(1024, ge=1)
     val_split: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="fraction of "
@@ -158,6 +189,20 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown algorithm {v!r} (known: {', '.join(algorithms.names())})")
         return v
 
+    @field_validator("model", "dataset")
+    @classmethod
+    def _known_or_plugin(cls, v: str, info: Any) -> str:
+        from .plugins import check_name  # names only: nothing is imported here
+
+        return check_name(info.field_name, v)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_plugin(cls, v: str | None) -> str | None:
+        from .plugins import check_name
+
+        return None if v is None else check_name("loss", v)
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.dataset in ("cifar10", "cifar100") and not self.data_dir:
@@ -184,9 +229,10 @@ class TrainConfig(BaseModel):
         """Hash of the fields that define the trajectory (not where outputs go or how it runs)."""
         keep = self.model_dump(exclude=RUNTIME_FIELDS)
         for name in LATER_FIELDS:  # at their defaults: the hash runs had before they existed
-            if keep[name] == type(self).model_fields[name].default:
+            if keep[name] == type(self).model_fields[name].get_default(call_default_factory=True):
                 del keep[name]
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:16]
 
     def lr_at(self, step: int, total: int, batches_per_epoch: int | None = None) -> float:
         """Learning rate of update ``step`` out of ``total``. ``cosine-epoch`` needs

@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .data import Augment, BatchSchedule, Dataset, load_dataset
 from .errors import UserError
 from .flat import FlatParams, flat_buffers, load_buffers
 from .models import build_model, input_shape_for
+from .task import BuiltinData, Task, seed_torch, to_device, training_loss
+
+__all__ = ["EvalResult", "GradResult", "GradientEngine", "Snapshot", "build_replica",
+           "resolve_device", "training_loss"]
 
 
 @dataclass
@@ -61,21 +63,6 @@ class Snapshot:
     buffers: dict[str, torch.Tensor]
 
 
-def training_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
-                  mode: str = "torch") -> torch.Tensor:
-    """The mean training loss of a batch. ``torch``: cross-entropy with torch's label smoothing
-    (``smoothing / K`` on every class). ``official``: the paper's code's loss, the KL divergence
-    from the target ``1 - smoothing`` on the true class and ``smoothing / (K - 1)`` on each
-    other one; its gradient is torch's with ``smoothing * K / (K - 1)``, its value lower by the
-    target's entropy (a constant)."""
-    if mode == "torch":
-        return F.cross_entropy(logits, y, label_smoothing=smoothing)
-    k = logits.shape[1]
-    target = torch.full_like(logits, smoothing / (k - 1))
-    target.scatter_(1, y.unsqueeze(1), 1.0 - smoothing)
-    return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="none").sum(-1).mean()
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a user error."""
     if name == "auto":
@@ -85,19 +72,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def dataset_for(cfg: TrainConfig) -> Dataset:
-    """Load the configured dataset, checking that it fits the configured model."""
-    shape = input_shape_for(cfg.model)
-    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, synthetic_shape=shape,
-                      synthetic_size=cfg.synthetic_size, seed=cfg.seed)
-    if tuple(ds.input_shape) != tuple(shape):
-        raise UserError(f"model: {cfg.model} expects inputs {shape}, dataset {cfg.dataset} "
-                        f"gives {tuple(ds.input_shape)}")
-    return ds.split_validation(cfg.val_split) if cfg.val_split > 0 else ds
-
-
 def build_replica(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The model, initialised from the run's seed: every replica in every process is identical."""
+    """A built-in model, initialised from the run's seed (every replica in every process is
+    identical); plug-in models are built by :meth:`sampa_ray.task.Task.build_model`."""
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model, num_classes, in_channels=input_shape_for(cfg.model)[0],
                        dropout=cfg.dropout)
@@ -114,11 +91,13 @@ class GradientEngine:
     def __init__(self, cfg: TrainConfig, device: str | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(device or cfg.device)
-        self.data = dataset_for(cfg)
-        self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed,
-                                      drop_last=cfg.last_batch == "drop")
-        self.aug = Augment(cutout_p=cfg.cutout_p,
-                           pad_value=self.data.black if cfg.pad_fill == "black" else None)
+        self.task = Task(cfg)
+        self.schedule = self.task.schedule
+        # the built-in in-memory dataset (its tensors and augmentation), or the plug-in's data
+        data = self.task.data
+        self.data = data.data if isinstance(data, BuiltinData) else data
+        self.aug = data.aug if isinstance(data, BuiltinData) else None
+        self.autocast = cfg.precision == "bf16"
         self.reset()
         self.set_wire(cfg.wire_dtype)
         self._eval_model: nn.Module | None = None
@@ -129,7 +108,7 @@ class GradientEngine:
 
     def reset(self) -> None:
         """A fresh replica at the run's initial parameters and BatchNorm statistics."""
-        self.model = build_replica(self.cfg, self.data.num_classes).to(self.device)
+        self.model = self.task.build_model().to(self.device)
         self.flat = FlatParams(self.model)
         self._bns = [m for m in self.model.modules()
                      if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -146,9 +125,10 @@ class GradientEngine:
 
     # -- facts the coordinator needs ----------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {"num_params": self.flat.numel, "num_train": len(self.data.y_train),
-                "num_test": len(self.data.y_test), "num_classes": self.data.num_classes,
-                "num_val": 0 if self.data.y_val is None else len(self.data.y_val),
+        data = self.task.data
+        return {"num_params": self.flat.numel, "num_train": data.num_train,
+                "num_test": data.num_test, "num_classes": self.task.num_classes,
+                "num_val": data.num_val,
                 "batches_per_epoch": self.schedule.batches_per_epoch,
                 "device": str(self.device), "threads": torch.get_num_threads()}
 
@@ -187,21 +167,17 @@ class GradientEngine:
         dev = self.device
         t0 = time.perf_counter()
         self.flat.load_(point)
-        idx = self.schedule.indices(batch)
-        xb, yb = self.data.batch(idx, self.cfg.seed, batch, self.aug)
-        xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        data = to_device(self.task.data.train_batch(batch), dev)
         _sync(dev)
         t1 = time.perf_counter()
         start = time.time()
-        torch.manual_seed((self.cfg.seed * 1_000_003 + batch) % (2**63))  # dropout, per batch
+        seed_torch((self.cfg.seed * 1_000_003 + batch) % (2**63), dev)  # dropout, per batch
         self.model.train()
         self.flat.zero_grad_()
         with self._frozen_stats(track_stats):
-            logits = self.model(xb)
-            loss = training_loss(logits, yb, self.cfg.label_smoothing,
-                                 self.cfg.label_smoothing_mode)
-            loss.backward()
-        correct = (logits.detach().argmax(1) == yb).sum()
+            with self._precision():
+                out = self.task.loss(self.model, data)
+            out.loss.backward()
         _sync(dev)
         t2 = time.perf_counter()
         end = time.time()
@@ -213,7 +189,7 @@ class GradientEngine:
             grad = self._host_grad.copy_(grad, non_blocking=True)
             torch.cuda.current_stream(dev).synchronize()
         t3 = time.perf_counter()
-        return GradResult(grad=grad, loss=float(loss.detach()), accuracy=float(correct) / len(yb),
+        return GradResult(grad=grad, loss=float(out.loss.detach()), accuracy=out.accuracy(),
                           timings={"compute": t2 - t1, "copy_in": t1 - t0, "copy_out": t3 - t2},
                           start=start, end=end)
 
@@ -229,7 +205,7 @@ class GradientEngine:
         beats every earlier one's keeps a copy of its parameters and buffers (:meth:`best`):
         the run's model selection, made where the numbers already are."""
         if self._eval_model is None:
-            self._eval_model = build_replica(self.cfg, self.data.num_classes).to(self.device)
+            self._eval_model = self.task.build_model().to(self.device)
             self._eval_flat = FlatParams(self._eval_model)
             self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="eval")
         assert self._eval_flat is not None and self._eval_pool is not None
@@ -246,7 +222,7 @@ class GradientEngine:
         model, flat = self._eval_model, self._eval_flat
         assert model is not None and flat is not None
         ev = self._evaluate(model, "test")
-        if self.data.y_val is None:
+        if not self.task.data.num_val:
             return ev
         val = self._evaluate(model, "val")
         ev.val_loss, ev.val_accuracy = val.loss, val.accuracy
@@ -271,24 +247,23 @@ class GradientEngine:
             self._evals = [(s, f) for s, f in self._evals if (s, f) not in done]
         return [(s, f.result()) for s, f in done]
 
+    def _precision(self) -> Any:
+        """bf16 autocast around forward passes (``precision: bf16``); fp32 otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
     @torch.no_grad()
     def _evaluate(self, model: nn.Module, split: str) -> EvalResult:
         t0 = time.perf_counter()
         model.eval()
-        x, y = {"test": (self.data.x_test, self.data.y_test),
-                "val": (self.data.x_val, self.data.y_val)}.get(
-                    split, (self.data.x_train, self.data.y_train))
-        assert x is not None and y is not None
         total_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for i in range(0, len(y), 1000):
-            xb = x[i:i + 1000].to(self.device)
-            yb = y[i:i + 1000].to(self.device)
-            logits = model(xb)
-            total_loss += F.cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
-        n = len(y)
-        return EvalResult(loss=float(total_loss) / n, accuracy=float(correct) / n,
+        correct, n = 0.0, 0
+        for batch in self.task.data.eval_batches(split):
+            with self._precision():
+                out = self.task.loss(model, to_device(batch, self.device), train=False)
+            total_loss += out.total().float()
+            correct += out.hits()
+            n += out.n
+        return EvalResult(loss=float(total_loss) / n, accuracy=correct / n,
                           seconds=time.perf_counter() - t0)
 
     def buffers(self) -> dict[str, torch.Tensor]:

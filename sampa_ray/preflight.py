@@ -14,6 +14,7 @@ import os
 
 from .config import TrainConfig
 from .errors import UserError
+from .plugins import is_plugin
 from .security import TOKEN_ENV, is_loopback, read_tls, read_token
 
 #: gradient workers of a Ray run, each placed with ``threads`` CPUs
@@ -29,6 +30,7 @@ _PICKLE_STARTS = (b"\x80", b"(", b"}")
 def check_before_start(cfg: TrainConfig) -> list[str]:
     """Raise a one-line :class:`UserError` for what cannot work; return warning lines (without
     the ``sampa-ray:`` prefix) for what would run, but badly."""
+    check_plugins(cfg)
     n = max_train_samples(cfg)
     if n is not None and cfg.batch_size > n:
         raise UserError(f"batch_size: {cfg.batch_size} is larger than the {n} training samples "
@@ -36,6 +38,29 @@ def check_before_start(cfg: TrainConfig) -> list[str]:
     if cfg.backend == "ray":
         _check_listeners(cfg)
     return _check_threads(cfg)
+
+
+def uses_plugins(cfg: TrainConfig) -> bool:
+    """Whether the run's model, dataset or loss is a plug-in (or a built-in served by one)."""
+    return (is_plugin("model", cfg.model) or is_plugin("dataset", cfg.dataset)
+            or cfg.loss is not None)
+
+
+def check_plugins(cfg: TrainConfig) -> None:
+    """A run with a plug-in builds its task here, once, as every worker will: the modules
+    import, the factory returns an ``nn.Module``, the dataset's items collate into batch 0,
+    the model takes it and the loss on it is a finite scalar. Each failure is one line naming
+    the plug-in; nothing has started yet."""
+    if not uses_plugins(cfg):
+        return
+    import torch  # only for runs that bring their own parts
+
+    from .task import Task
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = Task(cfg)
+    task.check(task.build_model(), torch.device("cpu"))
 
 
 def max_train_samples(cfg: TrainConfig) -> int | None:
@@ -111,4 +136,5 @@ def _check_threads(cfg: TrainConfig) -> list[str]:
     return []
 
 
-__all__ = ["DIGITS_TRAIN", "RAY_WORKERS", "check_before_start", "max_train_samples"]
+__all__ = ["DIGITS_TRAIN", "RAY_WORKERS", "check_before_start", "check_plugins",
+           "max_train_samples", "uses_plugins"]

@@ -216,6 +216,7 @@ def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: A
         "algorithm": {**algo.config(), "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
                       "bn_stats_role": algo.bn_stats_role},
         "num_params": info["num_params"],
+        "num_classes": info.get("num_classes"),
         "steps": state.step,
         "planned_steps": total_steps,
         "batches_per_epoch": batches_per_epoch,

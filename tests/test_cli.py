@@ -148,11 +148,13 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path:
 
 
 def test_every_config_field_has_a_flag() -> None:
-    from sampa_ray.cli import CONFIG_FLAGS
+    from sampa_ray.cli import CONFIG_FLAGS, MAPPING_FLAGS
     from sampa_ray.config import TrainConfig
 
-    # resume has its own flag (an optional value: the --out folder by default)
-    assert set(TrainConfig.model_fields) - set(CONFIG_FLAGS) == {"resume"}
+    # resume has its own flag (an optional value: the --out folder by default); a mapping is
+    # given one KEY=VALUE at a time (--model-arg, --dataset-arg)
+    assert set(TrainConfig.model_fields) - set(CONFIG_FLAGS) == {
+        "resume", *MAPPING_FLAGS.values()}
     assert set(CONFIG_FLAGS) <= set(TrainConfig.model_fields)
 
 

@@ -30,6 +30,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"sampa-ray: {one_line(message)}\n")
 
 
+def _yes_no(text: str) -> bool:
+    """A boolean flag's value: true/false (also yes/no, 1/0)."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    try:
+        return value[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
+
+
 # Flags that map one-to-one onto TrainConfig fields (flag -> type).
 CONFIG_FLAGS: dict[str, Any] = {
     "algo": str, "lr": float, "lr_schedule": str, "rho": float, "lam": float, "momentum": float,
@@ -48,7 +57,12 @@ CONFIG_FLAGS: dict[str, Any] = {
     # the paper's recipe, field by field (``--recipe paper`` sets them all)
     "label_smoothing_mode": str, "bn_stats": str, "val_split": float, "last_batch": str,
     "cutout_p": float, "pad_fill": str,
+    # your own parts, the base optimizer and the number format
+    "loss": str, "num_classes": int, "optimizer": str, "beta1": float, "beta2": float,
+    "eps": float, "precision": str, "loader_workers": int, "pin_memory": _yes_no,
 }
+#: flags that add one KEY=VALUE entry to a mapping field (the value read as YAML: 3, 0.5, true)
+MAPPING_FLAGS = {"model_arg": "model_args", "dataset_arg": "dataset_args"}
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -65,6 +79,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         help_ = field.description or ""
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar=name.upper(), help=f"{help_} (default: {default})".strip())
+    for flag, field_name in MAPPING_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="append", default=None,
+                       type=_key_value, metavar="KEY=VALUE",
+                       help=f"one keyword argument of the {field_name.split('_')[0]} factory "
+                       "(repeat the flag for more; VALUE is read as YAML: 3, 0.5, true, text)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR|auto",
                    help="continue the run in folder DIR (default: the --out folder) from its "
                    "newest valid checkpoint, with the config stored there: other flags may "
@@ -74,6 +93,20 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to name a folder that already holds a finished or an "
                    "interrupted run (its old checkpoints are removed first)")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value read as YAML)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a Python name, got "
+                                         f"{text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +134,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name)
         if value is not None:
             data[name] = value
+    for flag, field_name in MAPPING_FLAGS.items():
+        pairs = getattr(args, flag, None)
+        if pairs:
+            merged = dict(data.get(field_name) or {})
+            merged.update(pairs)
+            data[field_name] = merged
     if "address" not in data and os.environ.get("RAY_ADDRESS"):
         data["address"] = os.environ["RAY_ADDRESS"]
     resume = args.resume if args.resume is not None else data.pop("resume", None)
@@ -144,5 +183,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return signals.finish(stop.exit_code)
 
 
-__all__ = ["CONFIG_FLAGS", "EXIT_USER", "add_config_flags", "build_parser", "config_from_args",
-           "main"]
+__all__ = ["CONFIG_FLAGS", "EXIT_USER", "MAPPING_FLAGS", "add_config_flags", "build_parser",
+           "config_from_args", "main"]

@@ -22,12 +22,12 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .. import algorithms
-from ..algorithms import Algorithm, AlgoState
+from ..algorithms import AlgoState
 from ..checkpoint import Checkpoint, Checkpointer, find_resume
 from ..config import TrainConfig
 from ..errors import UserError
 from ..loop import Plan, make_algorithm, train_loop
+from ..plugins import install_shipped
 from ..results import Recorder, build_result, write_outputs
 from ..security import read_tls, read_token
 from ..selection import write_best
@@ -60,10 +60,9 @@ class Coordinator:
     outputs; answers the control API."""
 
     def __init__(self, cfg: dict[str, Any], placement: dict[str, Any], pg: PlacementGroup,
-                 plugins: dict[str, type[Algorithm]] | None = None) -> None:
+                 plugins: dict[str, dict[str, Any]] | None = None) -> None:
         self.plugins = plugins or {}
-        for name, cls in self.plugins.items():  # algorithms registered in the driver
-            algorithms.register(name, cls)
+        install_shipped(self.plugins)  # algorithms and plug-ins registered in the driver
         self.base = TrainConfig(**cfg)
         self.placement = Placement(**placement)
         self.pg = pg

@@ -15,8 +15,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .. import algorithms, signals
-from ..algorithms import Algorithm
+from .. import plugins as sampa_plugins
+from .. import signals
 from ..checkpoint import list_checkpoints
 from ..config import TrainConfig
 from ..errors import RunFailed, UserError
@@ -59,16 +59,18 @@ def connect(cfg: TrainConfig) -> bool:
     return True
 
 
-def plugins() -> dict[str, type[Algorithm]]:
-    """The algorithms registered in this process beyond the built-ins. They travel to the
-    coordinator and the workers by value (their module need not be importable there)."""
-    extra = {n: c for n, c in algorithms.registered().items() if n not in algorithms.BUILTIN}
-    for cls in extra.values():
-        module = sys.modules.get(cls.__module__)
-        if module is not None and cls.__module__ != "__main__" and \
-                not cls.__module__.startswith("sampa_ray."):
+def plugins() -> dict[str, dict[str, Any]]:
+    """The algorithms registered in this process beyond the built-ins, and the plug-ins
+    (model, dataset, loss) resolved or registered here. They travel to the coordinator and the
+    workers by value (their module need not be importable there)."""
+    bundle = sampa_plugins.shipped()
+    objs = [*bundle["algorithms"].values(), *bundle["objects"].values()]
+    for obj in objs:
+        name = getattr(obj, "__module__", None) or "__main__"
+        module = sys.modules.get(name)
+        if module is not None and name != "__main__" and not name.startswith("sampa_ray."):
             ray.cloudpickle.register_pickle_by_value(module)
-    return extra
+    return bundle
 
 
 def run_ray(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:

@@ -18,11 +18,10 @@ import numpy as np
 import ray
 import torch
 
-from .. import algorithms
-from ..algorithms import Algorithm
 from ..config import TrainConfig
 from ..engine import EvalResult, GradientEngine, Snapshot
 from ..errors import UserError
+from ..plugins import install_shipped
 from ..transport.link import Link
 
 
@@ -48,10 +47,9 @@ class GradientWorker:
     the worker half of the run's data path."""
 
     def __init__(self, cfg: dict[str, Any], name: str, slot: int, threads: int,
-                 plugins: dict[str, type[Algorithm]] | None = None) -> None:
+                 plugins: dict[str, dict[str, Any]] | None = None) -> None:
         torch.set_num_threads(threads)
-        for algo_name, cls in (plugins or {}).items():  # registered in the driver
-            algorithms.register(algo_name, cls)
+        install_shipped(plugins)  # algorithms and plug-ins registered in the driver
         self.name = name
         self.half: Any = None
         self.error: str | None = None

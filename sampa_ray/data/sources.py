@@ -1,0 +1,206 @@
+"""Where a run's batches come from: the built-in in-memory datasets, or a plug-in's map-style
+datasets read through a ``DataLoader``. Either way batch ``k`` is a pure function of
+``(seed, k)``, the same in every process (see ``sampa_ray.task`` for the contracts).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
+
+from sampa_ray import plugins
+from sampa_ray.config import TrainConfig
+from sampa_ray.data.batches import Augment, BatchSchedule, derive_seed, seed_torch
+from sampa_ray.data.datasets import load_dataset
+from sampa_ray.errors import UserError
+
+TAG_ITEM = 0x4954454D  # "ITEM": the per-item RNG seeds of plug-in datasets
+EVAL_BATCH = 1000
+
+
+class BuiltinData:
+    """The in-memory datasets (digits, CIFAR, synthetic): batch ``k`` is indexed from tensors
+    and augmented as a whole, a pure function of ``(seed, k)``."""
+
+    def __init__(self, cfg: TrainConfig, shape: tuple[int, int, int] | None) -> None:
+        ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir,
+                          synthetic_shape=shape or (3, 32, 32),
+                          synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+        if shape is not None and tuple(ds.input_shape) != tuple(shape):
+            raise UserError(f"model: {cfg.model} expects inputs {shape}, dataset {cfg.dataset} "
+                            f"gives {tuple(ds.input_shape)}")
+        self.data = ds.split_validation(cfg.val_split) if cfg.val_split > 0 else ds
+        self.seed = cfg.seed
+        self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed,
+                                      drop_last=cfg.last_batch == "drop")
+        self.aug = Augment(cutout_p=cfg.cutout_p,
+                           pad_value=self.data.black if cfg.pad_fill == "black" else None)
+        self.num_classes = self.data.num_classes
+        self.num_train, self.num_test = len(self.data.y_train), len(self.data.y_test)
+        self.num_val = 0 if self.data.y_val is None else len(self.data.y_val)
+
+    def train_batch(self, k: int) -> Any:
+        return self.data.batch(self.schedule.indices(k), self.seed, k, self.aug)
+
+    def eval_batches(self, split: str) -> Iterator[Any]:
+        x, y = {"test": (self.data.x_test, self.data.y_test),
+                "val": (self.data.x_val, self.data.y_val)}.get(
+                    split, (self.data.x_train, self.data.y_train))
+        assert x is not None and y is not None
+        for i in range(0, len(y), EVAL_BATCH):
+            yield x[i:i + EVAL_BATCH], y[i:i + EVAL_BATCH]
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Items keyed ``(k, p, i)``: the global RNGs are seeded from ``(seed, k, p)`` before item
+    ``i`` is read, so a random transform inside the dataset draws the same numbers for
+    position ``p`` of batch ``k`` in any process (and in any DataLoader worker)."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        k, p, i = key
+        s = derive_seed(self.seed, TAG_ITEM, k, p)
+        seed_torch(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        return self.dataset[i]
+
+
+class _Schedule(torch.utils.data.Sampler):
+    """Batch ``start``, ``start + 1``, ...: each a list of ``(k, position, index)`` keys."""
+
+    def __init__(self, schedule: BatchSchedule, start: int) -> None:
+        self.schedule, self.start = schedule, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        k = self.start
+        while True:
+            yield [(k, p, int(i)) for p, i in enumerate(self.schedule.indices(k))]
+            k += 1
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from torch's global RNG unless it has a
+    generator of its own; evaluation runs in a thread beside training, whose augmentation and
+    dropout draw from that RNG, so no loader may touch it."""
+    return torch.Generator().manual_seed(0)
+
+
+def _as_dataset(obj: Any, what: str) -> Any:
+    if isinstance(obj, tuple) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        try:
+            return TensorDataset(*obj)
+        except AssertionError:
+            raise UserError(f"dataset: the {what} tensors differ in their first "
+                            "dimension") from None
+    if not (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
+        raise UserError(f"dataset: the {what} set is a {type(obj).__name__}, not a map-style "
+                        "Dataset (with __getitem__ and __len__) or a tuple of tensors")
+    return obj
+
+
+def _labels_of(ds: Any) -> torch.Tensor | None:
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    if isinstance(base, TensorDataset) and len(base.tensors) >= 2:
+        y = base.tensors[1]
+        return y[torch.as_tensor(ds.indices)] if isinstance(ds, Subset) else y
+    return None
+
+
+class LoaderData:
+    """A plug-in's datasets, read through a ``DataLoader`` whose batch sampler yields the
+    schedule's indices; batch ``k`` is the same in every process (see :class:`_SeededItems`)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        factory = plugins.resolve("dataset", cfg.dataset)
+        given = ", ".join(f"{k}={v!r}" for k, v in cfg.dataset_args.items())
+        try:
+            made = factory(**cfg.dataset_args)
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"dataset: {cfg.dataset}({given}) raised "
+                            f"{type(err).__name__}: {err}") from None
+        if not (isinstance(made, tuple | list) and len(made) == 2):
+            raise UserError(f"dataset: {cfg.dataset} returned a {type(made).__name__}, not "
+                            "(train, test)")
+        train, test = (_as_dataset(d, w) for d, w in zip(made, ("train", "test"), strict=True))
+        self.val = None
+        if cfg.val_split > 0:  # as the built-in datasets split it (np.random.RandomState(42))
+            n = len(train)
+            n_val = int(np.floor(cfg.val_split * n))
+            if n_val < 1 or n_val >= n:
+                raise UserError(f"val_split: {cfg.val_split} of {n} training samples leaves "
+                                f"{n_val} for validation and {n - n_val} for training")
+            order = list(range(n))
+            np.random.RandomState(42).shuffle(order)
+            self.val = Subset(train, order[:n_val])
+            train = Subset(train, order[n_val:])
+        self.train, self.test = train, test
+        self.num_train, self.num_test = len(train), len(test)
+        self.num_val = 0 if self.val is None else len(self.val)
+        if self.num_train == 0:
+            raise UserError(f"dataset: {cfg.dataset} has no training samples")
+        self.num_classes = cfg.num_classes or self._infer_classes(made[0])
+        self.seed = cfg.seed
+        self.schedule = BatchSchedule(self.num_train, cfg.batch_size, cfg.seed,
+                                      drop_last=cfg.last_batch == "drop")
+        self.batch_size = cfg.batch_size
+        self.workers, self.pin = cfg.loader_workers, cfg.pin_memory
+        self._items = _SeededItems(train, cfg.seed)
+        self._it: Iterator[Any] | None = None
+        self._next = -1
+        self._last: tuple[int, Any] | None = None
+        self.name = cfg.dataset
+
+    def _infer_classes(self, train: Any) -> int:
+        for obj in (train, self.train):
+            n = getattr(obj, "num_classes", None)
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+                return n
+        y = _labels_of(self.train)
+        if y is not None and not y.is_floating_point() and y.numel():
+            return int(y.max()) + 1
+        raise UserError("num_classes: cannot tell how many outputs the model needs from "
+                        f"dataset {getattr(self, 'name', '')}; set num_classes, or give the "
+                        "training set a num_classes attribute")
+
+    def train_batch(self, k: int) -> Any:
+        if self._last is not None and self._last[0] == k:  # SAM asks batch t twice
+            return self._last[1]
+        if self._it is None or self._next != k:
+            loader = DataLoader(self._items, batch_sampler=_Schedule(self.schedule, k),
+                                num_workers=self.workers, pin_memory=self.pin,
+                                collate_fn=default_collate, generator=_own_generator())
+            self._it = iter(loader)
+        try:
+            batch = next(self._it)
+        except UserError:
+            raise
+        except Exception as err:
+            self._it = None
+            raise UserError(f"dataset: batch {k} of {self.name} does not collate: "
+                            f"{type(err).__name__}: {err}") from None
+        self._next = k + 1
+        self._last = (k, batch)
+        return batch
+
+    def eval_batches(self, split: str) -> Iterator[Any]:
+        ds = {"test": self.test, "val": self.val}.get(split, self.train)
+        assert ds is not None
+        yield from DataLoader(ds, batch_size=max(self.batch_size, 256), shuffle=False,
+                              num_workers=self.workers, pin_memory=self.pin,
+                              generator=_own_generator())
+
+
+__all__ = ["EVAL_BATCH", "TAG_ITEM", "BuiltinData", "LoaderData"]

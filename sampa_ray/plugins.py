@@ -1,0 +1,138 @@
+"""Plug-ins: the user's model factory, dataset factory and loss, named by import path
+(``package.module:function``) or handed in as Python objects (:func:`sampa_ray.fit`).
+
+A name is only checked for its form when a config is built; the object is imported where it is
+used (:func:`resolve`), with the current directory on ``sys.path`` as a command run from a
+project folder expects. Objects resolved or registered in the driver are shipped to the Ray
+coordinator and workers by value (:func:`registered`), so their module need not be importable
+there. Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from typing import Any
+
+from .errors import UserError
+
+#: the built-in image models (``sampa_ray.models.build_model``) and datasets (``sampa_ray.data``)
+BUILTIN_MODELS: tuple[str, ...] = ("resnet20", "resnet56", "wrn28_2", "wrn28_10", "vgg19_bn",
+                                   "mlp", "cnn")
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthetic")
+#: built-in names served by plug-ins inside the package (through the same contracts as yours)
+ALIASES: dict[str, dict[str, str]] = {
+    "model": {"transformer": "sampa_ray.models.transformer:build"},
+    "dataset": {"modadd": "sampa_ray.data.modadd:load"},
+    "loss": {},
+}
+_BUILTIN = {"model": BUILTIN_MODELS, "dataset": BUILTIN_DATASETS, "loss": ()}
+_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+#: objects by import path, registered in this process (resolved ones and ``fit``'s callables)
+_OBJECTS: dict[str, Any] = {}
+
+
+def is_plugin(kind: str, name: str | None) -> bool:
+    """Whether ``name`` (a config value of ``kind``) is served by a plug-in, not by the
+    built-in image models and in-memory datasets."""
+    return name is not None and name not in _BUILTIN[kind]
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a built-in of ``kind`` or has an import path's form; else ValueError
+    (a config field's one-line error)."""
+    if name in _BUILTIN[kind] or name in ALIASES[kind] or _SPEC.match(name):
+        return name
+    known = ", ".join((*_BUILTIN[kind], *ALIASES[kind]))
+    builtin = f"built-in: {known}; " if known else ""
+    raise ValueError(f"unknown {kind} {name!r} ({builtin}or a plug-in as "
+                     f"package.module:function)")
+
+
+def spec_of(obj: Any) -> str:
+    """The import path that names ``obj`` (``module:qualname``)."""
+    module = getattr(obj, "__module__", None) or "__main__"
+    qual = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if not qual:
+        raise UserError(f"plug-in: {obj!r} has no name; pass a function or a class")
+    return f"{module}:{qual}"
+
+
+def register(obj: Any) -> str:
+    """Register a callable under its import path and return that path (the config value)."""
+    if not callable(obj):
+        raise UserError(f"plug-in: {obj!r} is not callable")
+    spec = spec_of(obj)
+    _OBJECTS[spec] = obj
+    return spec
+
+
+def registered() -> dict[str, Any]:
+    """The objects registered in this process, by import path (what travels to Ray by value)."""
+    return dict(_OBJECTS)
+
+
+def install(objects: dict[str, Any]) -> None:
+    """Register objects shipped from the driver (a coordinator's or worker's start)."""
+    _OBJECTS.update(objects)
+
+
+def shipped() -> dict[str, dict[str, Any]]:
+    """What a Ray coordinator and its workers need from this process: the algorithms registered
+    beyond the built-ins, and the plug-in objects, by name."""
+    from . import algorithms  # imports torch: only where a run starts
+
+    return {"algorithms": {n: c for n, c in algorithms.registered().items()
+                           if n not in algorithms.BUILTIN},
+            "objects": registered()}
+
+
+def install_shipped(bundle: dict[str, dict[str, Any]] | None) -> None:
+    """Register, in a coordinator or a worker, what :func:`shipped` gave the driver."""
+    if not bundle:
+        return
+    from . import algorithms
+
+    for name, cls in bundle.get("algorithms", {}).items():
+        algorithms.register(name, cls)
+    install(bundle.get("objects", {}))
+
+
+def resolve(kind: str, name: str) -> Any:
+    """The object behind config value ``name`` of ``kind`` (a plug-in, or a package alias):
+    registered here, else imported. Any failure is a one-line UserError naming the field."""
+    spec = ALIASES[kind].get(name, name)
+    if spec in _OBJECTS:
+        return _OBJECTS[spec]
+    module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # a command run in a project folder finds its modules
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise UserError(f"{kind}: no module named {err.name!r} (from {name}; is its "
+                            f"folder the current directory or on PYTHONPATH?)") from None
+        raise UserError(f"{kind}: importing {module_name} failed: No module named "
+                        f"{err.name!r}") from None
+    except Exception as err:  # the user's module raised while importing
+        raise UserError(f"{kind}: importing {module_name} failed: "
+                        f"{type(err).__name__}: {err}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UserError(f"{kind}: {module_name} has no {attr!r}") from None
+    if not callable(obj):
+        raise UserError(f"{kind}: {name} is a {type(obj).__name__}, not a function or class")
+    _OBJECTS[spec] = obj
+    return obj
+
+
+__all__ = ["ALIASES", "BUILTIN_DATASETS", "BUILTIN_MODELS", "check_name", "install",
+           "install_shipped", "is_plugin", "register", "registered", "resolve", "shipped",
+           "spec_of"]
