@@ -266,3 +266,52 @@ def test_the_cli_says_it_in_one_line_with_exit_2_and_no_ray(tmp_path: Path) -> N
     assert proc.stderr.splitlines() == ["sampa-ray: model: bad:not_a_module returned a str, "
                                         "not a torch.nn.Module"]
     assert not (tmp_path / "out").exists()
+
+
+# -- the transformer task, Hugging Face, bf16 ----------------------------------------------------
+def test_transformer_on_modadd_with_adamw_learns_and_resumes(tmp_path: Path) -> None:
+    cfg = {"model": "transformer", "dataset": "modadd", "dataset_args": {"p": 11},
+           "model_args": {"d_model": 32, "heads": 2}, "optimizer": "adamw", "lr": 0.003,
+           "weight_decay": 0.1, "batch_size": 32, "steps": 60, "threads": 1,
+           "lr_schedule": "constant", "checkpoint_every": 30, "keep_checkpoints": 5}
+    full = sampa_ray.fit(cfg, out=tmp_path / "full", backend="local")
+    first = full.metrics["epochs"][0]["train_loss"]
+    assert full.metrics["epochs"][-1]["train_loss"] < first < 2.6  # ln 11 = 2.40 at the start
+    assert full.metrics["num_classes"] == 11
+    # resume from step 30: the AdamW moments and step count come back with the checkpoint
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    for f in (tmp_path / "full" / "checkpoints").glob("ckpt-00000030.*"):
+        (part / "checkpoints" / f.name).write_bytes(f.read_bytes())
+    sampa_ray.fit(cfg, out=part, backend="local", resume=True)
+    assert torch.equal(_x(part), _x(tmp_path / "full"))
+
+
+def test_a_hugging_face_model_trains_on_dict_batches(tmp_path: Path) -> None:
+    import hf_model
+
+    result = sampa_ray.fit({"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.01,
+                            "batch_size": 16, "steps": 12, "threads": 1,
+                            "lr_schedule": "constant", "dataset_args": {"p": 13}},
+                           model=hf_model.build, data=hf_model.load, out=tmp_path / "hf",
+                           backend="local")
+    epochs = result.metrics["epochs"]
+    assert result.metrics["steps"] == 12 and result.metrics["num_classes"] == 13
+    assert 0.0 <= epochs[-1]["test_accuracy"] <= 1.0  # the logits give an accuracy
+    net = result.model()
+    assert type(net).__name__ == "BertForSequenceClassification"
+    torch.manual_seed(0)  # the run's seed: its initial point
+    x0 = torch.cat([p.detach().flatten() for p in hf_model.build(13).parameters()])
+    assert x0.shape == _x(tmp_path / "hf").shape
+    assert not torch.equal(_x(tmp_path / "hf"), x0)
+
+
+def test_bf16_autocast_trains_the_default_model_close_to_fp32(tmp_path: Path) -> None:
+    base = {"steps": 40, "batch_size": 32, "threads": 1, "backend": "local"}
+    fp32 = sampa_ray.fit(base, out=tmp_path / "fp32")
+    bf16 = sampa_ray.fit({**base, "precision": "bf16"}, out=tmp_path / "bf16")
+    a, b = _x(tmp_path / "fp32"), _x(tmp_path / "bf16")
+    assert a.dtype == b.dtype == torch.float32  # fp32 parameters either way
+    assert not torch.equal(a, b)  # the passes really ran in bf16 ...
+    assert float((a - b).norm() / a.norm()) < 0.05  # ... and trained to nearly the same place
+    assert bf16.test_accuracy > 0.8 and abs(bf16.test_accuracy - fp32.test_accuracy) < 0.05

@@ -8,21 +8,26 @@ import sys
 from conftest import REPO, job_client, submit, wait_job
 
 
-def test_job_succeeds_and_writes_result(ray_head, tmp_path):
+def test_job_with_plugins_succeeds_and_writes_result(ray_head, tmp_path):
+    """A job whose working_dir is a project folder (``examples/``): its model, dataset and loss
+    are named by import path and found there, by the driver and (by value) by the workers."""
     client = job_client(ray_head)
     out = tmp_path / "job-run"
     job = submit(client,
         entrypoint=f"{sys.executable} -m sampa_ray.cli train --backend ray --steps 25 "
+                   "--model my_task:build --dataset my_task:load --loss my_task:loss "
+                   "--dataset-arg n_train=1024 --optimizer adamw --lr 0.01 "
                    f"--threads 1 --out {out}",
-        runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "runs"]},
+        runtime_env={"working_dir": str(REPO / "examples"), "excludes": ["runs"]},
     )
     status = wait_job(client, job)
     logs = client.get_job_logs(job)
     assert status == "SUCCEEDED", logs[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["backend"] == "ray" and result["steps"] == 25
+    assert result["config"]["model"] == "my_task:build" and result["num_classes"] == 3
     assert result["gradient_rounds"] == 26  # SAMPa: bootstrap + one round per update
-    assert result["final_test_accuracy"] > 0.5
+    assert result["final_test_accuracy"] > 0.5  # three rings: chance is 1/3
     assert "placement: CPUs only" in logs
     assert (out / "final.pt").stat().st_size > 0 and (out / "curves.png").exists()
 
