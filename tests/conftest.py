@@ -106,8 +106,9 @@ def job_client(address: str):  # noqa: ANN201
 
 
 def submit(client, **kwargs) -> str:  # noqa: ANN001
-    """Submit a job, retrying while the head's job agent is still starting."""
-    deadline = time.time() + 90
+    """Submit a job, retrying while the head's job agent is still starting (minutes on a
+    loaded machine)."""
+    deadline = time.time() + 180
     while True:
         try:
             return client.submit_job(**kwargs)

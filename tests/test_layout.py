@@ -103,9 +103,20 @@ def test_no_hand_written_module_is_past_400_lines() -> None:
 
 def test_the_pure_layers_import_no_ray_grpc_or_prometheus() -> None:
     code = ("import sys, sampa_ray.algorithms, sampa_ray.loop, sampa_ray.local, "
-            "sampa_ray.engine, sampa_ray.config; "
+            "sampa_ray.engine, sampa_ray.config, sampa_ray.task, sampa_ray.plugins, "
+            "sampa_ray.api, sampa_ray.data.sources; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('ray', 'grpc', 'prometheus_client')); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_importing_the_package_starts_nothing() -> None:
+    """``import sampa_ray`` (for ``fit`` / ``load``) loads neither torch nor Ray nor gRPC."""
+    code = ("import sys, sampa_ray; assert callable(sampa_ray.fit) and callable(sampa_ray.load); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'ray', 'grpc', 'prometheus_client')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
