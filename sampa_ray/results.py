@@ -106,6 +106,10 @@ class Recorder:
         self.round_s = Stat()
         self.update_s = Stat()
         self.step_s = Stat()  # wall time between consecutive parameter updates
+        # the compute on an update's critical path: per round the slowest worker's compute,
+        # summed over the update's rounds (what a step would cost with no overhead at all)
+        self.update_compute_s = Stat()
+        self._pending_compute = 0.0
         self._skip_step = True  # the first update after a (re)start holds start-up time
         self.worker: dict[str, dict[str, Stat]] = {}
         self.trace: list[dict[str, Any]] = []
@@ -119,6 +123,8 @@ class Recorder:
         self.rounds += 1
         self.round_s.add(round_s)
         self.update_s.add(update_s)
+        self._pending_compute += max((r.timings.get("compute", 0.0) for r in results.values()),
+                                     default=0.0)
         for role, r in results.items():
             if r.nbytes:  # what the gradient took on the wire (none in a local run)
                 self.gradient_bytes = r.nbytes
@@ -137,10 +143,12 @@ class Recorder:
     def record_step(self, seconds: float) -> None:
         """Wall time from the previous parameter update to this one; the first after a start or
         resume is left out (it holds start-up rounds)."""
+        compute, self._pending_compute = self._pending_compute, 0.0
         if self._skip_step:
             self._skip_step = False
             return
         self.step_s.add(seconds)
+        self.update_compute_s.add(compute)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the record (plain JSON, bounded like the record), so a
@@ -150,7 +158,8 @@ class Recorder:
                 "nonfinite_rounds": self.nonfinite_rounds,
                 "gradient_bytes": self.gradient_bytes,
                 "timings": {"round": self.round_s.state(), "update": self.update_s.state(),
-                            "step": self.step_s.state()},
+                            "step": self.step_s.state(),
+                            "update_compute": self.update_compute_s.state()},
                 "workers": {role: {k: s.state() for k, s in d.items()}
                             for role, d in self.worker.items()},
                 "trace": [dict(t) for t in self.trace]}
@@ -167,6 +176,8 @@ class Recorder:
         self.round_s = Stat.from_state(timings.get("round", {}))
         self.update_s = Stat.from_state(timings.get("update", {}))
         self.step_s = Stat.from_state(timings.get("step", {}))
+        self.update_compute_s = Stat.from_state(timings.get("update_compute", {}))
+        self._pending_compute = 0.0
         self._skip_step = True
         self.worker = {role: {k: Stat.from_state(s) for k, s in v.items()}
                        for role, v in d.get("workers", {}).items()}
@@ -194,6 +205,7 @@ class Recorder:
         return {"nonfinite_rounds": self.nonfinite_rounds,
                 "gradient_bytes": self.gradient_bytes,
                 "step_seconds": self.step_s.summary(),
+                "update_compute_seconds": self.update_compute_s.summary(),
                 "round_seconds": self.round_s.summary(),
                 "update_seconds": self.update_s.summary(),
                 "workers": {role: {k: s.summary() for k, s in d.items()}

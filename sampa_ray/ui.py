@@ -79,20 +79,36 @@ def print_result(result: dict[str, Any], out: Path) -> None:
                       f"rounds) in {result['wall_time_s']:.1f}s; outputs in {out}")
 
 
+def per_update(r: dict[str, Any]) -> tuple[float, float | None, float | None]:
+    """Seconds per update of a run (the mean time between updates once running; the wall time
+    over the steps when there is no such record), the compute on its critical path (the slowest
+    worker's, summed over the update's sequential rounds) and the rest: the overhead."""
+    t = r.get("timings", {})
+    step, compute = t.get("step_seconds", {}), t.get("update_compute_seconds", {})
+    if step.get("count") and compute.get("count"):
+        return step["mean"], compute["mean"], step["mean"] - compute["mean"]
+    return r["wall_time_s"] / max(1, r["steps"]), None, None
+
+
 def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Print the comparison table; returns its rows."""
+    """Print the comparison table; returns its rows. Per update: the time, the compute on its
+    critical path, and the overhead (rounds' dispatch, transfers, the update, waiting)."""
     table = Table(title="SGD vs SAM vs SAMPa (same data, seed and model)")
     for col in ("algorithm", "test accuracy", "wall time (s)", "s / update",
-                "sequential gradient rounds"):
+                "compute / update", "overhead / update", "sequential gradient rounds"):
         table.add_column(col, justify="right")
     rows = []
     for algo, r in results.items():
-        per_update = r["wall_time_s"] / max(1, r["steps"])
+        step, compute, overhead = per_update(r)
         row = {"algorithm": algo, "test_accuracy": r["final_test_accuracy"],
-               "wall_time_s": r["wall_time_s"], "seconds_per_update": per_update,
+               "wall_time_s": r["wall_time_s"], "seconds_per_update": step,
+               "compute_per_update_s": compute, "overhead_per_update_s": overhead,
                "gradient_rounds": r["gradient_rounds"]}
         rows.append(row)
+        share = f" ({overhead / step:.0%})" if overhead is not None and step > 0 else ""
         table.add_row(algo, _fmt(row["test_accuracy"]), f"{r['wall_time_s']:.1f}",
-                      f"{per_update:.4f}", str(r["gradient_rounds"]))
+                      f"{step:.4f}", "-" if compute is None else f"{compute:.4f}",
+                      "-" if overhead is None else f"{overhead:.4f}{share}",
+                      str(r["gradient_rounds"]))
     out_console.print(table)
     return rows

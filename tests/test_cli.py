@@ -244,6 +244,11 @@ def test_compare(tmp_path: Path) -> None:
     for r in rows:
         assert 0.0 <= r["test_accuracy"] <= 1.0
         assert r["wall_time_s"] > 0 and r["seconds_per_update"] > 0
+        # per update: the critical path's compute plus the rest, the overhead
+        assert 0 < r["compute_per_update_s"] < r["seconds_per_update"]
+        assert r["compute_per_update_s"] + r["overhead_per_update_s"] == pytest.approx(
+            r["seconds_per_update"])
+    assert "compute / update" in proc.stdout and "overhead / update" in proc.stdout
     assert data["config"]["steps"] == 10
     for algo, rounds in zip(ALGOS, (10, 20, 11), strict=True):
         res = _result(out / algo)

@@ -40,7 +40,7 @@ def _play(rec: Recorder, rounds: int, start: int = 0) -> None:
 
 def _sizes(rec: Recorder) -> dict[str, int]:
     """The length of every container the recorder holds, and their shallow sizes in bytes."""
-    stats = [rec.round_s, rec.update_s, rec.step_s,
+    stats = [rec.round_s, rec.update_s, rec.step_s, rec.update_compute_s,
              *(s for d in rec.worker.values() for s in d.values())]
     return {"sample_len": sum(len(s.sample) for s in stats),
             "sample_bytes": sum(sys.getsizeof(s.sample) for s in stats),
@@ -84,7 +84,7 @@ def test_summaries_are_exact_where_cheap_and_close_for_medians() -> None:
     assert abs(s["p90"] - sorted(rounds)[int(0.9 * len(rounds))]) <= 1.01e-3
     t = rec.timing_summary()
     assert set(t) == {"nonfinite_rounds", "gradient_bytes", "step_seconds", "round_seconds",
-                      "update_seconds", "workers"}
+                      "update_seconds", "update_compute_seconds", "workers"}
     assert set(t["workers"]) == set(ROLES)
     assert t["workers"]["perturbed"]["compute"]["count"] == 20_000
     assert t["step_seconds"]["count"] == 20_000 - 1  # the first update holds start-up
@@ -147,3 +147,35 @@ def test_resuming_a_finished_run_keeps_its_timings(tmp_path) -> None:  # noqa: A
         assert t["workers"] == first["timings"]["workers"]
         assert res["trace"] == first["trace"]
     assert again["steps"] == first["steps"] == 12
+
+
+def test_compute_per_update_is_the_critical_path_summed_over_the_update_rounds() -> None:
+    """SAM-like: two sequential rounds per update on one worker; SAMPa-like: two workers in one
+    round, the slower one counts. The first update after a start is left out, as for step
+    times, and a checkpoint keeps the series."""
+    g = torch.empty(0)
+
+    def res(**compute: float) -> dict[str, GradResult]:
+        return {role: GradResult(g, 1.0, 0.5, timings={"compute": c})
+                for role, c in compute.items()}
+
+    rec = Recorder("ascent")
+    for k in range(4):  # update k: ascent 0.01 + perturbed 0.02 + k / 100
+        rec.record_round(res(ascent=0.01), 0.0, 0.0)
+        rec.record_round(res(perturbed=0.02 + k / 100), 0.0, 0.0)
+        rec.record_step(1.0)
+    summary = rec.timing_summary()["update_compute_seconds"]
+    assert summary["count"] == 3 and summary["min"] == pytest.approx(0.04)
+    assert summary["mean"] == pytest.approx((0.04 + 0.05 + 0.06) / 3)
+
+    rec = Recorder("extrapolated")
+    rec.record_round(res(extrapolated=0.5), 0.0, 0.0)  # bootstrap: folded into the first update
+    for k in range(3):
+        rec.record_round(res(perturbed=0.03, extrapolated=0.01 + k / 100), 0.0, 0.0)
+        rec.record_step(1.0)
+    again = Recorder("extrapolated")
+    again.load_state(rec.state_dict())
+    for r in (rec, again):
+        s = r.timing_summary()["update_compute_seconds"]
+        assert s["count"] == 2 and s["max"] == pytest.approx(0.03) and s["min"] == \
+            pytest.approx(0.03)
