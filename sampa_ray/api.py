@@ -92,11 +92,11 @@ def load(path: str | Path) -> Result:
     return Result(out, metrics, make_config(metrics["config"]))
 
 
-def config_of(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
-              model: Part = None, data: Part = None, loss: Part = None,
-              **fields: Any) -> TrainConfig:
-    """One validated config from a config (object, mapping or YAML file), then ``fields`` on
-    top, then the parts given as callables or import paths."""
+def supplied_fields(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
+                    model: Part = None, data: Part = None, loss: Part = None,
+                    **fields: Any) -> dict[str, Any]:
+    """The config fields a caller gave: a config (object, mapping or YAML file), ``fields`` on
+    top, then the parts given as callables or import paths (by name)."""
     if isinstance(config, TrainConfig):
         base: dict[str, Any] = config.model_dump()
     elif isinstance(config, str | Path):
@@ -107,7 +107,14 @@ def config_of(config: TrainConfig | Mapping[str, Any] | str | Path | None = None
     for key, part in (("model", model), ("dataset", data), ("loss", loss)):
         if part is not None:
             base[key] = _name(part)
-    return make_config(base)
+    return base
+
+
+def config_of(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
+              model: Part = None, data: Part = None, loss: Part = None,
+              **fields: Any) -> TrainConfig:
+    """One validated config from what :func:`supplied_fields` takes."""
+    return make_config(supplied_fields(config, model=model, data=data, loss=loss, **fields))
 
 
 def fit(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
@@ -122,15 +129,14 @@ def fit(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
     from .outdir import claim_out, default_out
     from .preflight import check_before_start
 
-    cfg = config_of(config, model=model, data=data, loss=loss, **fields)
+    given = supplied_fields(config, model=model, data=data, loss=loss, **fields)
     if out is not None:
-        cfg = cfg.model_copy(update={"out": str(out)})
+        given["out"] = str(out)
+    cfg = make_config(given)
     folder = Path(cfg.out) if cfg.out else default_out(cfg, "train")
-    if resume:
+    if resume:  # the checkpoint's config; what was given may not change the trajectory
         from .checkpoint import config_for_resume
 
-        given = {k: v for k, v in cfg.model_dump().items()
-                 if k in fields or k in ("model", "dataset", "loss")}
         cfg = config_for_resume(str(folder), {**given, "out": str(folder)})
     for line in check_before_start(cfg):
         warnings.warn(line, stacklevel=2)
@@ -153,4 +159,4 @@ def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict[str, Any]:
     return run_local(cfg, out)
 
 
-__all__ = ["Result", "config_of", "fit", "load"]
+__all__ = ["Result", "config_of", "fit", "load", "supplied_fields"]
