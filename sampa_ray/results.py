@@ -137,7 +137,8 @@ class Recorder:
         r = results.get(self.stats_role)
         if r is not None:
             self._loss = (self._loss[0] + 1, self._loss[1] + r.loss)
-            self._acc = (self._acc[0] + 1, self._acc[1] + r.accuracy)
+            if math.isfinite(r.accuracy):  # a plug-in loss may report no accuracy (NaN)
+                self._acc = (self._acc[0] + 1, self._acc[1] + r.accuracy)
             self.last_loss = r.loss
 
     def record_step(self, seconds: float) -> None:
@@ -196,10 +197,10 @@ class Recorder:
     def add_eval(self, step: int, ev: EvalResult) -> None:
         for row in self.epochs:
             if row["step"] == step:
-                row["test_loss"], row["test_accuracy"] = ev.loss, ev.accuracy
+                row["test_loss"], row["test_accuracy"] = ev.loss, _number(ev.accuracy)
                 row["eval_s"] = ev.seconds
                 if ev.val_accuracy is not None:  # a validation split (``val_split``)
-                    row["val_loss"], row["val_accuracy"] = ev.val_loss, ev.val_accuracy
+                    row["val_loss"], row["val_accuracy"] = ev.val_loss, _number(ev.val_accuracy)
 
     def timing_summary(self) -> dict[str, Any]:
         return {"nonfinite_rounds": self.nonfinite_rounds,
@@ -210,6 +211,11 @@ class Recorder:
                 "update_seconds": self.update_s.summary(),
                 "workers": {role: {k: s.summary() for k, s in d.items()}
                             for role, d in self.worker.items()}}
+
+
+def _number(value: float) -> float | None:
+    """A finite value, or None (JSON has no NaN): an accuracy the loss does not report."""
+    return value if math.isfinite(value) else None
 
 
 def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: AlgoState,

@@ -315,3 +315,21 @@ def test_bf16_autocast_trains_the_default_model_close_to_fp32(tmp_path: Path) ->
     assert not torch.equal(a, b)  # the passes really ran in bf16 ...
     assert float((a - b).norm() / a.norm()) < 0.05  # ... and trained to nearly the same place
     assert bf16.test_accuracy > 0.8 and abs(bf16.test_accuracy - fp32.test_accuracy) < 0.05
+
+
+def _loss_without_accuracy(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def test_a_loss_without_accuracy_leaves_it_out_of_strict_json(tmp_path: Path) -> None:
+    result = sampa_ray.fit({**SMALL, "steps": 16, "eval_every": 1}, model=my_task.build,
+                           data=my_task.load, loss=_loss_without_accuracy,
+                           out=tmp_path / "run", backend="local")
+
+    def no_nan(name: str) -> None:
+        raise AssertionError(f"result.json holds {name}")
+
+    strict = json.loads((tmp_path / "run" / "result.json").read_text(), parse_constant=no_nan)
+    assert strict["final_test_accuracy"] is None and result.test_accuracy is None
+    assert all(r["train_accuracy"] is None and r["test_loss"] > 0 for r in strict["epochs"])
