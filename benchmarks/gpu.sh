@@ -2,12 +2,15 @@
 # One prepared run for a single-GPU machine that has torch but not Ray: installs the wheels
 # carried in .whl/ (Ray and the few packages it and sampa-ray need) into /tmp/site, then prints
 # the SGD / SAM / SAMPa table per model and data path (WIRES="fp32 bf16" adds the bf16 wire).
+# Then, without Ray, "SAMPa or data-parallel SAM?" (benchmarks/ddp.py): N = 2 and 4 processes
+# sharing the one GPU over gloo, SGD / SGD-DDP / SAM / SAM-DDP / SAMPa per model and global batch.
 #
-#   bash benchmarks/gpu.sh            # writes the table to stdout and, if $OUT is set, CSV there
+#   bash benchmarks/gpu.sh            # writes the tables to stdout and, if $OUT is set, CSV there
+#   DDP=0 bash benchmarks/gpu.sh      # only the Ray bench;  RAY_BENCH=0: only the DDP comparison
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import ray" 2>/dev/null; then
+if [ "${RAY_BENCH:-1}" != 0 ] && ! "$PY" -c "import ray" 2>/dev/null; then
   wheels=$(ls .whl/*.whl 2>/dev/null || true)
   if [ -z "$wheels" ]; then echo "gpu.sh: Ray is not installed and .whl/ holds no wheels" >&2; exit 2; fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -18,7 +21,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_DISABLE_DOCKER_CPU_WARNING=1
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" benchmarks/bench_ray.py --device cuda --batch-size 128 --steps "${STEPS:-30}" \
+[ "${RAY_BENCH:-1}" = 0 ] || "$PY" benchmarks/bench_ray.py --device cuda --batch-size 128 --steps "${STEPS:-30}" \
   --models ${MODELS:-resnet20 resnet56 wrn28_2 wrn28_10} \
   --data-paths ${DATA_PATHS:-points replicated collective} --repeats ${REPEATS:-2} --wire-dtypes ${WIRES:-fp32} \
   ${OUT:+--csv "$OUT/gpu_bench.csv"}
+# SAMPa or data-parallel SAM, no Ray: ddp.py imports torch and sampa_ray.models only
+[ "${DDP:-1}" = 0 ] || "$PY" benchmarks/ddp.py --device cuda --workers 2 4 \
+  --models ${DDP_MODELS:-resnet20 resnet56} --batch-sizes ${DDP_BATCHES:-128 32} \
+  --steps "${DDP_STEPS:-10}" --repeats "${DDP_REPEATS:-3}" ${OUT:+--csv "$OUT/gpu_ddp.csv"}
