@@ -12,8 +12,19 @@ from hypothesis import strategies as st
 from sampa_ray.algorithms import BUILTIN
 from sampa_ray.cli import main
 from sampa_ray.config import TrainConfig
+from sampa_ray.plugins import check_name
 
 FIELDS = list(TrainConfig.model_fields)
+
+
+def _names(kind: str, value: str) -> bool:
+    """Whether ``value`` is a valid ``kind`` (model, dataset, loss) name."""
+    try:
+        check_name(kind, value)
+    except ValueError:
+        return False
+    return True
+
 
 # values that are wrong for every numeric field
 BAD_NUMBERS = st.sampled_from([-1, -0.5, float("nan"), float("inf"), 1e400, "abc", [1, 2],
@@ -29,8 +40,13 @@ BAD_BY_FIELD = {
     "steps": st.integers(max_value=0),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**31)),
     "algo": st.text(min_size=1).filter(lambda s: s not in BUILTIN),
-    "model": st.text(min_size=1).filter(lambda s: s not in TrainConfig.model_fields["model"]
-                                        .annotation.__args__),
+    # neither a built-in name nor an import path (package.module:function)
+    **{kind: st.text(min_size=1).filter(lambda s, kind=kind: not _names(kind, s))
+       for kind in ("model", "dataset", "loss")},
+    "optimizer": st.text().filter(lambda s: s not in ("sgd", "adamw")),
+    "precision": st.text().filter(lambda s: s not in ("fp32", "bf16")),
+    "beta2": st.one_of(st.floats(min_value=1.0, max_value=1e9), st.floats(max_value=-1e-9)),
+    "eps": st.floats(max_value=0.0),
     "backend": st.text().filter(lambda s: s not in ("local", "ray")),
     # the paper's recipe, field by field
     "cutout_p": st.one_of(st.floats(min_value=1.0001, max_value=1e9), st.floats(max_value=-1e-9)),
