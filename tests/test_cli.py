@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cli_cmd, cli_env
@@ -111,6 +113,10 @@ def _paths(tmp: Path) -> dict[str, str]:
     (tmp / "unknown.yaml").write_text("lr: 0.1\ncolour: blue\n")
     (tmp / "listy.yaml").write_text("- lr\n- 0.1\n")
     (tmp / "a-file").write_text("keep me\n")
+    return _paths_of(tmp)
+
+
+def _paths_of(tmp: Path) -> dict[str, str]:
     return {
         "empty": str(tmp / "empty"),
         "missing": str(tmp / "nope.yaml"),
@@ -133,14 +139,30 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess[str], field: str) -
     return line
 
 
-@pytest.mark.parametrize(("args", "field"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path: Path) -> None:
-    paths = _paths(tmp_path)
-    args = [a.format(**paths) for a in args]
-    field = field.format(**paths)
-    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
-    proc = cli("train", *COMMON, *out, *args, cwd=tmp_path)
-    _assert_one_line_error(proc, field)
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory
+             ) -> dict[str, tuple[Path, subprocess.CompletedProcess[str]]]:
+    """Every BAD case's command, each in its own folder, two at a time: a refused command is
+    mostly the interpreter importing (one core each), and this machine has two."""
+
+    def one(case: tuple[str, list[str], str]) -> tuple[str, tuple[Path, Any]]:
+        name, args, _ = case
+        tmp = tmp_path_factory.mktemp(name)
+        paths = _paths(tmp)
+        args = [a.format(**paths) for a in args]
+        out = [] if "--out" in args else ["--out", str(tmp / "out")]
+        return name, (tmp, cli("train", *COMMON, *out, *args, cwd=tmp))
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(one, BAD))
+
+
+@pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(case: tuple[str, list[str], str],
+                                          bad_runs: dict) -> None:
+    name, _, field = case
+    tmp_path, proc = bad_runs[name]
+    _assert_one_line_error(proc, field.format(**_paths_of(tmp_path)))
     # nothing was trained or written
     assert not (tmp_path / "out" / "result.json").exists()
     assert not (tmp_path / "runs").exists()

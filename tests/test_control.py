@@ -56,18 +56,26 @@ def wait_step(target, at_least, timeout=120, **auth):
     raise TimeoutError(f"step {at_least} not reached")
 
 
-def test_status_watch_checkpoint_stop(tmp_path):
-    t, box, target = start_run(tmp_path)
+def test_status_watch_stall_checkpoint_stop(tmp_path):
+    """One live run through the whole control API: status and watch (every watched event
+    carries total, epoch and loss; the status has the test accuracy of the evaluations and
+    strict JSON), the transfer metrics and health, a frozen (SIGSTOPped) worker that makes the
+    status say the run is stalled and which worker it waits on instead of "alive", a checkpoint
+    on demand, and a stop; then the client says the server is gone."""
+    import math
+    import os
+    import signal
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    t, box, target = start_run(tmp_path)  # 256 / 16: 16 batches an epoch, evaluated each
     s1 = wait_step(target, 3)
     s2 = wait_step(target, s1["step"] + 3)
     assert s2["step"] > s1["step"] and s2["algorithm"] == "sampa"
     assert s2["transport"] == "grpc" and s2["total_steps"] == 400 and s2["state"] == "running"
     assert len(s2["workers"]) == 2 and all(w["pid"] > 0 for w in s2["workers"])
     # the gRPC transport counts the gradients it carried up, not only the points down
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     text = urllib.request.urlopen(f"http://127.0.0.1:{s2['metrics_port']}/metrics").read()
     moved = {(s.labels["role"], s.labels["direction"]): s.value
              for fam in text_string_to_metric_families(text.decode())
@@ -80,14 +88,43 @@ def test_status_watch_checkpoint_stop(tmp_path):
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
                                                       timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    # progress events advance
-    steps = [ev["step"] for ev in watch(target, n_events=5, timeout=60) if ev["kind"] == "round"]
+    # the accuracy of the first evaluation (step 16)
+    deadline = time.time() + 120
+    while not math.isfinite((st := get_status(target))["accuracy"]):
+        assert time.time() < deadline and t.is_alive(), box.get("error")
+        time.sleep(0.2)
+    assert 0.0 <= st["accuracy"] <= 1.0 and st["step"] >= 16
+    # progress events advance, each complete
+    rounds = [ev for ev in watch(target, n_events=8, timeout=60) if ev["kind"] == "round"]
+    steps = [ev["step"] for ev in rounds]
     assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] > steps[0]
+    for ev in rounds:
+        assert ev["total"] == 400 and ev["epoch"] == pytest.approx(ev["step"] / 16)
+        assert ev["loss"] > 0 and ev["test_accuracy"] is not None
     # the CLI client too, in another process
     p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target", target,
                         "--json"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["step"] >= s2["step"]
+    got = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert got["step"] >= s2["step"]
+    assert got["state"] == "running" and not got["stalled"]
+    assert {w["state"] for w in got["workers"]} <= {"idle", "computing"}
+    # a frozen worker: stalled, and which one
+    frozen = st["workers"][0]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        deadline = time.time() + 120
+        while not (st := get_status(target))["stalled"]:
+            assert time.time() < deadline, st
+            time.sleep(0.5)
+        by_pid = {w["pid"]: w for w in st["workers"]}
+        assert by_pid[frozen]["state"] == "stalled" and by_pid[frozen]["busy_seconds"] > 0
+        assert st["round_age_seconds"] >= by_pid[frozen]["busy_seconds"] - 1.0
+        p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target",
+                            target], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "STALLED" in p.stdout and ": stalled for" in p.stdout
+    finally:
+        os.kill(frozen, signal.SIGCONT)
     # a checkpoint on demand
     path = request_checkpoint(target)["path"]
     assert path.endswith(".pt") and (tmp_path / "run" / "checkpoints").is_dir()
@@ -168,50 +205,3 @@ def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path):
             x, buffers = got["x"], got["buffers"]
         assert torch.equal(x, want["x"]), steps
         assert all(torch.equal(buffers[k], want["buffers"][k]) for k in want["buffers"])
-
-
-def test_status_and_watch_tell_the_live_run_and_a_stall(tmp_path):
-    """Every watched event carries total, epoch and loss; the status has the test accuracy of
-    the evaluations and strict JSON; a frozen (SIGSTOPped) worker makes the status say the run
-    is stalled and which worker it waits on, instead of "alive"."""
-    import math
-    import os
-    import signal
-
-    t, box, target = start_run(tmp_path)  # 256 / 16: 16 batches an epoch, evaluated each
-    deadline = time.time() + 120
-    while not math.isfinite((st := get_status(target))["accuracy"]):
-        assert time.time() < deadline and t.is_alive(), box.get("error")
-        time.sleep(0.2)
-    assert 0.0 <= st["accuracy"] <= 1.0 and st["step"] >= 16
-    rounds = [ev for ev in watch(target, n_events=8, timeout=60) if ev["kind"] == "round"]
-    assert rounds
-    for ev in rounds:
-        assert ev["total"] == 400 and ev["epoch"] == pytest.approx(ev["step"] / 16)
-        assert ev["loss"] > 0 and ev["test_accuracy"] is not None
-    p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target", target,
-                        "--json"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    got = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
-    assert got["state"] == "running" and not got["stalled"]
-    assert {w["state"] for w in got["workers"]} <= {"idle", "computing"}
-
-    frozen = st["workers"][0]["pid"]
-    os.kill(frozen, signal.SIGSTOP)
-    try:
-        deadline = time.time() + 120
-        while not (st := get_status(target))["stalled"]:
-            assert time.time() < deadline, st
-            time.sleep(0.5)
-        by_pid = {w["pid"]: w for w in st["workers"]}
-        assert by_pid[frozen]["state"] == "stalled" and by_pid[frozen]["busy_seconds"] > 0
-        assert st["round_age_seconds"] >= by_pid[frozen]["busy_seconds"] - 1.0
-        p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target",
-                            target], capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0 and "STALLED" in p.stdout and ": stalled for" in p.stdout
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-    assert request_stop(target)["accepted"]
-    t.join(timeout=120)
-    assert not t.is_alive() and "error" not in box, box.get("error")
-    assert box["result"]["stopped_early"]

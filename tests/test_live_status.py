@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,18 +100,34 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, cwd=Path.cwd())
 
 
-@pytest.mark.parametrize(("command", "timeout"), [
-    ("status", "-1"), ("watch", "-1"), ("checkpoint", "-1"), ("stop", "-1"),
-    ("status", "0"), ("status", "nan"), ("status", "soon")])
-def test_timeout_must_be_positive_seconds(command: str, timeout: str) -> None:
-    proc = _cli(command, "--target", "127.0.0.1:9", "--timeout", timeout)
+def _all(cmds: list[tuple[str, ...]]) -> dict[tuple[str, ...], subprocess.CompletedProcess[str]]:
+    """Each command line's result, two at a time: a control command is mostly the interpreter
+    importing (one core each), and this machine has two."""
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(cmds, pool.map(lambda c: _cli(*c), cmds), strict=True))
+
+
+NOT_POSITIVE = [("status", "-1"), ("watch", "-1"), ("checkpoint", "-1"), ("stop", "-1"),
+                ("status", "0"), ("status", "nan"), ("status", "soon")]
+COMMANDS = ["status", "watch", "checkpoint", "stop"]
+
+
+@pytest.fixture(scope="module")
+def not_positive() -> dict[tuple[str, ...], subprocess.CompletedProcess[str]]:
+    return _all([(c, "--target", "127.0.0.1:9", "--timeout", t) for c, t in NOT_POSITIVE])
+
+
+@pytest.mark.parametrize(("command", "timeout"), NOT_POSITIVE)
+def test_timeout_must_be_positive_seconds(command: str, timeout: str,
+                                          not_positive: dict) -> None:
+    proc = not_positive[(command, "--target", "127.0.0.1:9", "--timeout", timeout)]
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and "--timeout" in lines[0], proc.stderr
 
 
-@pytest.fixture
-def silent_port() -> object:
+@pytest.fixture(scope="module")
+def silent_port() -> Iterator[int]:
     """A port that accepts connections and never answers (no gRPC behind it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,9 +135,16 @@ def silent_port() -> object:
         yield s.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", ["status", "watch", "checkpoint", "stop"])
-def test_every_command_gives_up_within_its_timeout(command: str, silent_port: int) -> None:
-    proc = _cli(command, "--target", f"127.0.0.1:{silent_port}", "--timeout", "1")
+@pytest.fixture(scope="module")
+def given_up(silent_port: int) -> dict[tuple[str, ...], subprocess.CompletedProcess[str]]:
+    return _all([(c, "--target", f"127.0.0.1:{silent_port}", "--timeout", "1")
+                 for c in COMMANDS])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_gives_up_within_its_timeout(command: str, silent_port: int,
+                                                   given_up: dict) -> None:
+    proc = given_up[(command, "--target", f"127.0.0.1:{silent_port}", "--timeout", "1")]
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"sampa-ray: target: cannot reach 127.0.0.1:{silent_port} "
                                    "(no answer within 1s)"), proc.stderr

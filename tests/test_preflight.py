@@ -8,7 +8,9 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,14 +62,31 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("args", "field"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_answered_in_one_line_before_ray_starts(tmp_path: Path, args: list[str],
-                                                field: str) -> None:
-    paths = {"tmp": str(tmp_path),
-             "garbage": str(_cifar_folder(tmp_path / "g", b"<html>404 Not Found</html>\n")),
-             "cifar": str(_cifar_folder(tmp_path / "c"))}
-    args = [a.format(**paths) for a in args]
-    proc = _cli(tmp_path, "--out", str(tmp_path / "out"), *args)
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory: pytest.TempPathFactory
+             ) -> dict[str, tuple[dict[str, str], subprocess.CompletedProcess[str]]]:
+    """Every case's command, each in its own folder, two at a time: a refused command is mostly
+    the interpreter importing (one core each), and this machine has two."""
+
+    def one(case: tuple[str, list[str], str]) -> tuple[str, tuple[dict[str, str], Any]]:
+        name, args, _ = case
+        tmp = tmp_path_factory.mktemp(name)
+        paths = {"tmp": str(tmp),
+                 "garbage": str(_cifar_folder(tmp / "g", b"<html>404 Not Found</html>\n")),
+                 "cifar": str(_cifar_folder(tmp / "c"))}
+        args = [a.format(**paths) for a in args]
+        return name, (paths, _cli(tmp, "--out", str(tmp / "out"), *args))
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(one, CASES))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_answered_in_one_line_before_ray_starts(case: tuple[str, list[str], str],
+                                                answered: dict) -> None:
+    name, _, field = case
+    paths, proc = answered[name]
+    tmp_path = Path(paths["tmp"])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("sampa-ray: "), proc.stderr

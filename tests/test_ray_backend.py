@@ -19,27 +19,114 @@ def load(out):
 
 
 CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2)]
+PATHS = [("points", "ray"), ("replicated", "ray"), ("collective", "ray"), ("points", "grpc")]
+WIRES = ("bf16", "fp32")
+GROUPED = ("sampa", "sgd", "sam", "sampa")
+ALGOS = ("sgd", "sam", "sampa")
 
 
-@pytest.mark.parametrize("data_path,transport", [("points", "ray"), ("replicated", "ray"),
-                                                ("collective", "ray"), ("points", "grpc")])
-def test_ray_matches_local_bitwise(tmp_path, data_path, transport):
+def bitwise_cfg(algo, lam, data_path, transport):
+    return make_config({"algo": algo, "lam": lam, "steps": 12, "batch_size": 32, "threads": 1,
+                        "momentum": 0.9, "weight_decay": 5e-4, "backend": "ray",
+                        "data_path": data_path, "transport": transport})
+
+
+def bf16_cfg(wire, data_path, transport):
+    return make_config({"algo": "sampa", "lam": 0.2, "steps": 8, "batch_size": 32, "threads": 1,
+                        "backend": "ray", "data_path": data_path, "transport": transport,
+                        "wire_dtype": wire})
+
+
+def grouped_cfg(algo):
+    return make_config({"algo": algo, "lam": 0.2, "steps": 5, "batch_size": 32, "threads": 1,
+                        "backend": "ray", "data_path": "collective"})
+
+
+def same_actors_cfg(algo):
+    return make_config({"algo": algo, "steps": 6, "batch_size": 32, "threads": 1,
+                        "backend": "ray"})
+
+
+REPLICATED = make_config({"algo": "sampa", "lam": 0.2, "steps": 14, "batch_size": 32,
+                          "threads": 1, "backend": "ray", "data_path": "replicated",
+                          "checkpoint_every": 5, "keep_checkpoints": 5})
+
+
+def planned(transport):
+    """The runs on one transport's actors, in order: key -> config. The grouped sequence comes
+    first (SAMPa forms the workers' group on fresh actors), then every data path as the bench
+    runs them."""
+    runs = {}
+    if transport == "ray":
+        runs.update({("grouped", i): grouped_cfg(a) for i, a in enumerate(GROUPED)})
+    for data_path, tr in PATHS:
+        if tr == transport:
+            runs.update({("bitwise", data_path, i): bitwise_cfg(algo, lam, data_path, tr)
+                         for i, (algo, lam) in enumerate(CASES)})
+            runs.update({("bf16", data_path, w): bf16_cfg(w, data_path, tr) for w in WIRES})
+    if transport == "ray":
+        runs.update({("same", a): same_actors_cfg(a) for a in ALGOS})
+        runs[("replicated",)] = REPLICATED
+    return runs
+
+
+class Shared:
+    """The Ray runs of several tests, made the way ``sampa-ray compare`` and the bench make
+    theirs: one after the other on one coordinator and one pair of workers per transport (each
+    run from the workers' initial state; an actor start costs seconds). Made on first use, with
+    the local runs they are compared with (the same for every data path and transport)."""
+
+    def __init__(self, root):
+        self.root = root
+        self.remote: dict = {}
+        self.locals: dict = {}
+
+    def ray(self, transport, key):
+        """(result, out folder) of the planned run ``key`` on ``transport``."""
+        if transport not in self.remote:
+            runs = planned(transport)
+            outs = {k: self.root / transport / "-".join(map(str, k)) for k in runs}
+            try:
+                results = run_ray_many([(runs[k], outs[k]) for k in runs])
+            except Exception as err:  # every test of this transport fails with it, once made
+                self.remote[transport] = err
+                raise
+            self.remote[transport] = {k: (r, outs[k]) for k, r in zip(runs, results,
+                                                                      strict=True)}
+        done = self.remote[transport]
+        if isinstance(done, Exception):
+            raise done
+        return done[key]
+
+    def local(self, key, cfg):
+        """(result, out folder) of ``cfg`` run locally (once per ``key``)."""
+        if key not in self.locals:
+            out = self.root / "local" / "-".join(map(str, key))
+            self.locals[key] = (run_local(cfg, out), out)
+        return self.locals[key]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return Shared(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.mark.parametrize("data_path,transport", PATHS)
+def test_ray_matches_local_bitwise(shared, data_path, transport):
     """Same engine code, same torch thread count (1), same batches and the same update code
     (on the coordinator for 'points', on each worker's replica for 'replicated'): the
     trajectories are identical bit for bit, BatchNorm statistics included."""
-    cfgs = [make_config({"algo": algo, "lam": lam, "steps": 12, "batch_size": 32,
-                         "threads": 1, "momentum": 0.9, "weight_decay": 5e-4,
-                         "backend": "ray", "data_path": data_path, "transport": transport})
-            for algo, lam in CASES]
-    remote = run_ray_many([(c, tmp_path / f"ray{i}") for i, c in enumerate(cfgs)])
-    for i, cfg in enumerate(cfgs):
-        local = run_local(cfg, tmp_path / f"local{i}")
-        a, b = load(tmp_path / f"local{i}"), load(tmp_path / f"ray{i}")
+    xs = []
+    for i, (algo, lam) in enumerate(CASES):
+        cfg = bitwise_cfg(algo, lam, data_path, transport)
+        local, local_out = shared.local(("bitwise", i), cfg)
+        r, out = shared.ray(transport, ("bitwise", data_path, i))
+        a, b = load(local_out), load(out)
+        xs.append(b["x"])
         assert torch.equal(a["x"], b["x"]), CASES[i]
         assert a["buffers"].keys() == b["buffers"].keys()
         for k in a["buffers"]:
             assert torch.equal(a["buffers"][k], b["buffers"][k]), (CASES[i], k)
-        r = remote[i]
         assert local["final_test_accuracy"] == r["final_test_accuracy"]
         assert r["backend"] == "ray" and r["placement"]["mode"] == "cpu"
         assert r["transport"] == transport and r["data_path"] == data_path
@@ -50,45 +137,37 @@ def test_ray_matches_local_bitwise(tmp_path, data_path, transport):
         assert [e["test_accuracy"] for e in r["epochs"]] == \
             [e["test_accuracy"] for e in local["epochs"]]
     # the runs moved, and differ between algorithms: not trivially equal vectors
-    xs = [load(tmp_path / f"ray{i}")["x"] for i in range(len(CASES))]
     assert all(not torch.equal(xs[0], x) for x in xs[1:])
 
 
-@pytest.mark.parametrize("data_path,transport", [("points", "ray"), ("replicated", "ray"),
-                                                ("collective", "ray"), ("points", "grpc")])
-def test_bf16_wire_matches_local_bitwise_with_half_the_bytes(tmp_path, data_path, transport):
+@pytest.mark.parametrize("data_path,transport", PATHS)
+def test_bf16_wire_matches_local_bitwise_with_half_the_bytes(shared, data_path, transport):
     """A bf16 wire rounds each gradient once, where it is computed: every data path applies the
     same values as a local run with the same setting, and each gradient takes half the bytes."""
-    base = {"algo": "sampa", "lam": 0.2, "steps": 8, "batch_size": 32, "threads": 1,
-            "backend": "ray", "data_path": data_path, "transport": transport}
-    runs = [(make_config({**base, "wire_dtype": w}), tmp_path / f"ray-{w}")
-            for w in ("bf16", "fp32")]
-    r16, r32 = run_ray_many(runs)
-    local = run_local(runs[0][0], tmp_path / "local")
-    assert torch.equal(load(tmp_path / "local")["x"], load(tmp_path / "ray-bf16")["x"])
+    r16, out16 = shared.ray(transport, ("bf16", data_path, "bf16"))
+    r32, out32 = shared.ray(transport, ("bf16", data_path, "fp32"))
+    local, local_out = shared.local(("bf16",), bf16_cfg("bf16", data_path, transport))
+    assert torch.equal(load(local_out)["x"], load(out16)["x"])
     assert local["final_test_accuracy"] == r16["final_test_accuracy"]
     n = r16["num_params"]
     assert r16["timings"]["gradient_bytes"] == 2 * n
     assert r32["timings"]["gradient_bytes"] == 4 * n
     assert local["timings"]["gradient_bytes"] is None  # nothing travelled
     # not the fp32 trajectory, but close to it after 8 updates
-    x16, x32 = load(tmp_path / "ray-bf16")["x"], load(tmp_path / "ray-fp32")["x"]
+    x16, x32 = load(out16)["x"], load(out32)["x"]
     assert not torch.equal(x16, x32)
-    x0 = load(tmp_path / "local")["x"]  # scale: how far the run moved
+    x0 = load(local_out)["x"]  # scale: how far the run moved
     assert float((x16 - x32).norm()) < 0.05 * float(x0.norm())
 
 
-def test_collective_runs_after_a_grouped_run_on_the_same_actors(tmp_path):
+def test_collective_runs_after_a_grouped_run_on_the_same_actors(shared):
     """SAMPa forms the workers' group; SGD and SAM after it on the same actors use one worker
     and must not try to exchange with the idle one (they would wait for it forever)."""
-    base = {"lam": 0.2, "steps": 5, "batch_size": 32, "threads": 1, "backend": "ray",
-            "data_path": "collective"}
-    cfgs = [make_config({**base, "algo": a}) for a in ("sampa", "sgd", "sam", "sampa")]
-    res = run_ray_many([(c, tmp_path / f"ray{i}") for i, c in enumerate(cfgs)])
-    assert [r["collective"]["backend"] for r in res] == ["gloo", None, None, "gloo"]
-    for i, c in enumerate(cfgs):
-        run_local(c, tmp_path / f"local{i}")
-        assert torch.equal(load(tmp_path / f"local{i}")["x"], load(tmp_path / f"ray{i}")["x"])
+    res = [shared.ray("ray", ("grouped", i)) for i in range(len(GROUPED))]
+    assert [r["collective"]["backend"] for r, _ in res] == ["gloo", None, None, "gloo"]
+    for (_, out), algo in zip(res, GROUPED, strict=True):
+        _, local_out = shared.local(("grouped", algo), grouped_cfg(algo))
+        assert torch.equal(load(local_out)["x"], load(out)["x"])
 
 
 def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
@@ -107,25 +186,21 @@ def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
     assert len(said) == 1 and "object store" in said[0], said
 
 
-def test_replicas_agree_and_resume(tmp_path):
+def test_replicas_agree_and_resume(shared, tmp_path):
     """The replicated path checkpoints the replica's state; resuming a copy from the middle
     reaches the uninterrupted run's parameters bit for bit."""
-    import json
     import shutil
 
     from sampa_ray.checkpoint import list_checkpoints
 
-    cfg = make_config({"algo": "sampa", "lam": 0.2, "steps": 14, "batch_size": 32,
-                       "threads": 1, "backend": "ray", "data_path": "replicated",
-                       "checkpoint_every": 5, "keep_checkpoints": 5})
-    run_ray(cfg, tmp_path / "full")
+    _, full = shared.ray("ray", ("replicated",))
     part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full" / "checkpoints", part / "checkpoints")
+    shutil.copytree(full / "checkpoints", part / "checkpoints")
     for p in list_checkpoints(part / "checkpoints"):
         if json.loads(p.read_text())["step"] > 5:
             p.unlink()
-    run_ray(cfg.model_copy(update={"resume": str(part)}), part)
-    assert torch.equal(load(tmp_path / "full")["x"], load(part)["x"])
+    run_ray(REPLICATED.model_copy(update={"resume": str(part)}), part)
+    assert torch.equal(load(full)["x"], load(part)["x"])
 
 
 def test_sampa_workers_compute_at_the_same_time(tmp_path):
@@ -150,18 +225,16 @@ def test_sampa_workers_compute_at_the_same_time(tmp_path):
     assert len(pids) == 2
 
 
-def test_same_actors_for_all_algorithms(tmp_path):
+def test_same_actors_for_all_algorithms(shared, tmp_path):
     """compare's path: three runs on one coordinator and one pair of workers, each from the same
     initial state, giving what separate runs give."""
-    base = make_config({"steps": 6, "batch_size": 32, "threads": 1, "backend": "ray"})
-    runs = [(base.model_copy(update={"algo": a}), tmp_path / a) for a in ("sgd", "sam", "sampa")]
-    results = run_ray_many(runs)
+    results, outs = zip(*(shared.ray("ray", ("same", a)) for a in ALGOS), strict=True)
     assert [r["gradient_rounds"] for r in results] == [6, 12, 7]
     assert len({tuple(w["pid"] for w in r["workers"]) for r in results}) == 1
-    alone = run_ray(base.model_copy(update={"algo": "sampa"}), tmp_path / "alone")
-    assert torch.equal(load(tmp_path / "sampa")["x"], load(tmp_path / "alone")["x"])
+    alone = run_ray(same_actors_cfg("sampa"), tmp_path / "alone")
+    assert torch.equal(load(outs[2])["x"], load(tmp_path / "alone")["x"])
     assert alone["final_test_accuracy"] == results[2]["final_test_accuracy"]
-    saved = json.loads((tmp_path / "sam" / "result.json").read_text())
+    saved = json.loads((outs[1] / "result.json").read_text())
     assert saved["config"]["algo"] == "sam" and saved["steps"] == 6
     timings = saved["timings"]["workers"]
     assert set(timings) == {"ascent", "perturbed"}  # SAM's two rounds, both on worker 0

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,10 @@ def final_x(out: Path) -> torch.Tensor:
 def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path: Path) -> None:
     """The issue's repro: two runs on one --out, the second started while the first trains.
     The second is refused with one line naming the first's pid; the first finishes with its
-    own files."""
+    own files. (The first is frozen (SIGSTOP) while the second runs: still alive, holding its
+    lock, however fast it would train.)"""
     out = tmp_path / "run"
-    first = subprocess.Popen(cli_cmd("train", *COMMON, "--steps", "800", "--seed", "1", "--out",
+    first = subprocess.Popen(cli_cmd("train", *COMMON, "--steps", "200", "--seed", "1", "--out",
                                   str(out)), env=cli_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -78,6 +80,7 @@ def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path: Path) -> None
         while not (out / LOCK).exists():
             assert time.time() < deadline and first.poll() is None, first.stderr
             time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)
         t0 = time.time()
         second = cli("train", *COMMON, "--steps", "5", "--seed", "2", "--out", str(out))
         line = our_line(second)
@@ -85,10 +88,11 @@ def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path: Path) -> None
         assert "in use by a running sampa-ray" in line and f"pid {first.pid}" in line, line
         assert time.time() - t0 < 30
     finally:
+        first.send_signal(signal.SIGCONT)
         _, err = first.communicate(timeout=180)
     assert first.returncode == 0, err
     res = json.loads((out / "result.json").read_text())
-    assert res["config"]["seed"] == 1 and res["steps"] == 800
+    assert res["config"]["seed"] == 1 and res["steps"] == 200
     assert not (out / LOCK).exists()
 
 
@@ -203,10 +207,16 @@ def test_a_full_disk_stops_the_run_at_the_first_failed_checkpoint(
 
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
-    proc = cli("train", "--resume", str(moved))
+    full = tmp_path / "full"  # the uninterrupted run, beside the resumed one
+    uninterrupted = subprocess.Popen(cli_cmd("train", *COMMON, *FULL, "--out", str(full)),
+                                     env=cli_env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+    try:
+        proc = cli("train", "--resume", str(moved))
+    finally:
+        _, err = uninterrupted.communicate(timeout=180)
     assert proc.returncode == 0, proc.stderr
-    full = tmp_path / "full"
-    assert cli("train", *COMMON, *FULL, "--out", str(full)).returncode == 0
+    assert uninterrupted.returncode == 0, err
     assert torch.equal(final_x(moved), final_x(full))
     assert json.loads((moved / "result.json").read_text())["steps"] == 100
 
@@ -462,7 +472,9 @@ def test_resume_auto_starts_then_continues_then_needs_an_out(tmp_path: Path) -> 
     out = tmp_path / "job"
     args = ("train", "--backend", "local", "--steps", "6", "--threads", "1", "--out", str(out),
             "--resume", "auto")
-    first = cli(*args)
+    with ThreadPoolExecutor(1) as pool:  # the one without --out, meanwhile
+        no_out = pool.submit(cli, "train", "--backend", "local", "--resume", "auto")
+        first = cli(*args)
     assert first.returncode == 0, first.stderr
     x = final_x(out)
     assert steps_of(out) == [6]
@@ -470,4 +482,4 @@ def test_resume_auto_starts_then_continues_then_needs_an_out(tmp_path: Path) -> 
     assert second.returncode == 0, second.stderr
     assert torch.equal(final_x(out), x)
     assert json.loads((out / "result.json").read_text())["steps"] == 6
-    assert "--out" in our_line(cli("train", "--backend", "local", "--resume", "auto"))
+    assert "--out" in our_line(no_out.result())
