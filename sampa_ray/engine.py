@@ -18,8 +18,7 @@ from torch import nn
 from .config import TrainConfig
 from .errors import UserError
 from .flat import FlatParams, flat_buffers, load_buffers
-from .models import build_model, input_shape_for
-from .task import BuiltinData, Task, seed_torch, to_device, training_loss
+from .task import BuiltinData, Task, make_model, seed_torch, to_device, training_loss
 
 __all__ = ["EvalResult", "GradResult", "GradientEngine", "Snapshot", "build_replica",
            "resolve_device", "training_loss"]
@@ -73,11 +72,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_replica(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """A built-in model, initialised from the run's seed (every replica in every process is
-    identical); plug-in models are built by :meth:`sampa_ray.task.Task.build_model`."""
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, num_classes, in_channels=input_shape_for(cfg.model)[0],
-                       dropout=cfg.dropout)
+    """The run's model, initialised from its seed (every replica in every process is
+    identical): :func:`sampa_ray.task.make_model`."""
+    return make_model(cfg, num_classes)
 
 
 def _sync(device: torch.device) -> None:

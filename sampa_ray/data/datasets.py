@@ -15,6 +15,20 @@ from sampa_ray.errors import UserError
 DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthetic")
 
 
+def validation_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """Which of ``n`` training samples validate and which train: ``floor(fraction * n)`` held
+    out as the paper's code chooses them (``np.random.seed(42)``, shuffle ``range(n)``, the
+    first ones validate), the rest in that shuffled order. Every dataset, built-in or plug-in,
+    is split by this one rule."""
+    n_val = int(np.floor(fraction * n))
+    if n_val < 1 or n_val >= n:
+        raise UserError(f"val_split: {fraction} of {n} training samples leaves "
+                        f"{n_val} for validation and {n - n_val} for training")
+    order = list(range(n))
+    np.random.RandomState(42).shuffle(order)
+    return order[:n_val], order[n_val:]
+
+
 @dataclass
 class Dataset:
     """Train/test tensors held in memory; images are float32 (N, C, H, W), already normalized."""
@@ -68,15 +82,9 @@ class Dataset:
         the paper's code chooses them (``np.random.seed(42)``, shuffle ``range(num_train)``,
         the first ones validate), so with CIFAR and 0.1 these are the same 5,000 images
         whatever the run's seed. The rest train, in that shuffled order."""
-        n = self.num_train
-        n_val = int(np.floor(fraction * n))
-        if n_val < 1 or n_val >= n:
-            raise UserError(f"val_split: {fraction} of {n} training samples leaves "
-                            f"{n_val} for validation and {n - n_val} for training")
-        order = list(range(n))
-        np.random.RandomState(42).shuffle(order)
-        val = torch.tensor(order[:n_val], dtype=torch.int64)
-        train = torch.tensor(order[n_val:], dtype=torch.int64)
+        val_idx, train_idx = validation_split(self.num_train, fraction)
+        val = torch.tensor(val_idx, dtype=torch.int64)
+        train = torch.tensor(train_idx, dtype=torch.int64)
         return Dataset(self.name, self.x_train[train], self.y_train[train], self.x_test,
                        self.y_test, self.num_classes, self.augment, self.black,
                        self.x_train[val], self.y_train[val])

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 from sampa_ray import plugins
 from sampa_ray.config import TrainConfig
 from sampa_ray.data.batches import Augment, BatchSchedule, derive_seed, seed_torch
-from sampa_ray.data.datasets import load_dataset
+from sampa_ray.data.datasets import load_dataset, validation_split
 from sampa_ray.errors import UserError
 
 TAG_ITEM = 0x4954454D  # "ITEM": the per-item RNG seeds of plug-in datasets
@@ -136,16 +136,10 @@ class LoaderData:
                             "(train, test)")
         train, test = (_as_dataset(d, w) for d, w in zip(made, ("train", "test"), strict=True))
         self.val = None
-        if cfg.val_split > 0:  # as the built-in datasets split it (np.random.RandomState(42))
-            n = len(train)
-            n_val = int(np.floor(cfg.val_split * n))
-            if n_val < 1 or n_val >= n:
-                raise UserError(f"val_split: {cfg.val_split} of {n} training samples leaves "
-                                f"{n_val} for validation and {n - n_val} for training")
-            order = list(range(n))
-            np.random.RandomState(42).shuffle(order)
-            self.val = Subset(train, order[:n_val])
-            train = Subset(train, order[n_val:])
+        if cfg.val_split > 0:  # as the built-in datasets split it
+            val_idx, train_idx = validation_split(len(train), cfg.val_split)
+            self.val = Subset(train, val_idx)
+            train = Subset(train, train_idx)
         self.train, self.test = train, test
         self.num_train, self.num_test = len(train), len(test)
         self.num_val = 0 if self.val is None else len(self.val)
