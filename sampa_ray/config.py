@@ -37,7 +37,8 @@ RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address"
 #: from before stay resumable
 LATER_FIELDS = ("label_smoothing_mode", "bn_stats", "val_split", "last_batch", "cutout_p",
                 "pad_fill", "model_args", "dataset_args", "loss", "num_classes", "optimizer",
-                "beta1", "beta2", "eps", "precision")
+                "beta1", "beta2", "eps", "precision", "workers_per_role", "data_parallel",
+                "sync_bn")
 
 
 class TrainConfig(BaseModel):
@@ -137,6 +138,16 @@ class TrainConfig(BaseModel):
         "fp32", description="ray backend: number format of the gradients workers send (bf16 "
         "halves the bytes; each gradient is rounded to bf16 where it is computed, so every "
         "replica and the coordinator apply the same values; points and state stay fp32)")
+    workers_per_role: int = Field(1, ge=1, le=64, description="ray backend: gradient workers "
+                                  "per role (2k in all): each role's gradient is computed by "
+                                  "a group of k, each on 1/k of the batch, summed inside the "
+                                  "group over torch.distributed")
+    data_parallel: bool = Field(False, description="sgd and sam: all 2k workers compute the "
+                                "one gradient together, each on 1/(2k) of the batch (the "
+                                "data-parallel baseline on the same workers)")
+    sync_bn: bool = Field(False, description="BatchNorm normalises with the statistics of the "
+                          "whole batch across a role group (default: each worker's shard, as "
+                          "DistributedDataParallel does)")
     collective_backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend of --data-path collective (auto: NCCL "
         "when each worker has a GPU of its own, gloo otherwise)")
@@ -211,6 +222,26 @@ class TrainConfig(BaseModel):
             raise ValueError(f"data_path: {self.data_path} moves gradients between workers, "
                              "not through the coordinator; with --transport grpc use points "
                              "(or auto)")
+        grouped = self.workers_per_role > 1 or self.data_parallel
+        if grouped and self.backend == "local":
+            what = "data_parallel" if self.data_parallel else "workers_per_role"
+            raise ValueError(f"{what}: role groups of several workers need the ray backend")
+        if grouped and self.transport == "grpc":
+            what = "data_parallel" if self.data_parallel else "workers_per_role"
+            raise ValueError(f"{what}: the gRPC data plane serves one worker per role; with "
+                             "role groups use --transport ray")
+        if grouped:
+            size = self.workers_per_role * (2 if self.data_parallel else 1)
+            if self.batch_size < size:
+                raise ValueError(f"batch_size: {self.batch_size} cannot be shared by a group of "
+                                 f"{size} workers (each needs at least one sample)")
+        if self.data_parallel:
+            from .algorithms import lookup
+
+            if len(set(lookup(self.algo).slots.values())) > 1:
+                raise ValueError(f"data_parallel: {self.algo}'s gradients already run on both "
+                                 "role groups; data-parallel is for one-role algorithms "
+                                 "(sgd, sam)")
         if bool(self.metrics_cert) != bool(self.metrics_key):
             missing = "metrics_key" if self.metrics_cert else "metrics_cert"
             raise ValueError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")

@@ -18,6 +18,7 @@ from torch import nn
 from .config import TrainConfig
 from .errors import UserError
 from .flat import FlatParams, flat_buffers, load_buffers
+from .shards import ALONE, BucketReducer, GroupComm
 from .task import BuiltinData, Task, make_model, seed_torch, to_device, training_loss
 
 __all__ = ["EvalResult", "GradResult", "GradientEngine", "Snapshot", "build_replica",
@@ -39,6 +40,8 @@ class GradResult:
     finite: bool | None = None
     norm: float | None = None
     nbytes: int | None = None
+    # bytes this worker summed with its role group (0: it computed the gradient alone)
+    reduced_bytes: int = 0
 
 
 @dataclass
@@ -95,6 +98,9 @@ class GradientEngine:
         self.data = data.data if isinstance(data, BuiltinData) else data
         self.aug = data.aug if isinstance(data, BuiltinData) else None
         self.autocast = cfg.precision == "bf16"
+        self.comm: GroupComm = ALONE  # this worker's place in its role group (see join_group)
+        self.sync_bn = False
+        self._reducer: BucketReducer | None = None
         self.reset()
         self.set_wire(cfg.wire_dtype)
         self._eval_model: nn.Module | None = None
@@ -110,6 +116,28 @@ class GradientEngine:
         self._bns = [m for m in self.model.modules()
                      if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._best: Snapshot | None = None  # see start_eval
+        self._in_group()
+
+    def join_group(self, comm: GroupComm, sync_bn: bool = False) -> None:
+        """Compute shard ``comm.rank`` of ``comm.size`` of every batch and sum the gradient over
+        the group (:mod:`sampa_ray.shards`); with ``sync_bn`` BatchNorm normalises with the
+        whole batch's statistics. ``ALONE``: the whole batch, by itself."""
+        self.comm, self.sync_bn = comm, sync_bn and comm.size > 1
+        self.task.data.set_shard(comm.rank, comm.size)
+        self._in_group()
+
+    def _in_group(self) -> None:
+        """Fit the replica to the group: bucket hooks, and synchronised BatchNorm."""
+        from .groupbn import convert_batchnorm, set_group
+
+        if self._reducer is not None:
+            self._reducer.close()
+            self._reducer = None
+        if self.comm.size > 1:
+            self._reducer = BucketReducer(self.flat, self.comm)
+        if self._bns and (self.sync_bn or any(getattr(m, "group", None) for m in self._bns)):
+            self._bns = convert_batchnorm(self.model)
+            set_group(self._bns, self.comm.group if self.sync_bn else None)
 
     def set_wire(self, wire_dtype: str) -> None:
         """The gradients' number format on the wire (``fp32`` or ``bf16``): a bf16 gradient is
@@ -168,16 +196,28 @@ class GradientEngine:
         _sync(dev)
         t1 = time.perf_counter()
         start = time.time()
-        seed_torch((self.cfg.seed * 1_000_003 + batch) % (2**63), dev)  # dropout, per batch
+        comm, reducer = self.comm, self._reducer
+        # dropout, per batch (and per shard: shards are different samples)
+        seed_torch((self.cfg.seed * 1_000_003 + batch + 7_919 * comm.rank) % (2**63), dev)
         self.model.train()
         self.flat.zero_grad_()
         with self._frozen_stats(track_stats):
             with self._precision():
                 out = self.task.loss(self.model, data)
-            out.loss.backward()
+            if reducer is None:
+                out.loss.backward()
+            else:  # this shard's part of the whole batch's mean loss, summed over the group
+                reducer.begin()
+                (out.loss * (out.n / self.schedule.size_of(batch))).backward()
         _sync(dev)
         t2 = time.perf_counter()
         end = time.time()
+        timings: dict[str, float] = {}
+        reduced = 0
+        loss, accuracy = float(out.loss.detach()), out.accuracy()
+        if reducer is not None:
+            timings["allreduce"], reduced = reducer.finish()
+            loss, accuracy = self._group_mean(out.n, batch, loss, accuracy)
         grad = self.flat.grad
         if self._wire_grad is not None:
             grad = self._wire_grad.copy_(grad)  # round to nearest even, on the device
@@ -186,9 +226,18 @@ class GradientEngine:
             grad = self._host_grad.copy_(grad, non_blocking=True)
             torch.cuda.current_stream(dev).synchronize()
         t3 = time.perf_counter()
-        return GradResult(grad=grad, loss=float(out.loss.detach()), accuracy=out.accuracy(),
-                          timings={"compute": t2 - t1, "copy_in": t1 - t0, "copy_out": t3 - t2},
-                          start=start, end=end)
+        return GradResult(grad=grad, loss=loss, accuracy=accuracy,
+                          timings={"compute": t2 - t1, "copy_in": t1 - t0, "copy_out": t3 - t2,
+                                   **timings},
+                          start=start, end=end, reduced_bytes=reduced)
+
+    def _group_mean(self, n: int, batch: int, loss: float, accuracy: float
+                    ) -> tuple[float, float]:
+        """The whole batch's loss and accuracy from the shards' (weighted by their sizes)."""
+        w = n / self.schedule.size_of(batch)
+        t = torch.tensor([loss * w, accuracy * w], dtype=torch.float64, device=self.comm.device)
+        self.comm.all_reduce_(t)
+        return float(t[0]), float(t[1])
 
     def evaluate(self, point: torch.Tensor, split: str = "test") -> EvalResult:
         """Loss and accuracy at ``point``, with this replica's BatchNorm statistics."""

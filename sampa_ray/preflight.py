@@ -17,8 +17,8 @@ from .errors import UserError
 from .plugins import is_plugin
 from .security import TOKEN_ENV, is_loopback, read_tls, read_token
 
-#: gradient workers of a Ray run, each placed with ``threads`` CPUs
-#: (``sampa_ray.ray.placement.WORKER_NAMES``)
+#: gradient workers of a Ray run per ``workers_per_role``, each placed with ``threads`` CPUs
+#: (``sampa_ray.ray.placement.worker_names``)
 RAY_WORKERS = 2
 #: training images of scikit-learn's digits after the 80/20 split (``data.datasets``)
 DIGITS_TRAIN = 1437
@@ -124,11 +124,12 @@ def _check_threads(cfg: TrainConfig) -> list[str]:
     if not cfg.threads:
         return []
     if cfg.backend == "ray" and not cfg.address:
-        need = RAY_WORKERS * cfg.threads
-        if need > cores:
-            raise UserError(f"threads: {RAY_WORKERS} workers x {cfg.threads} threads need {need} "
+        workers = RAY_WORKERS * cfg.workers_per_role
+        need = workers * cfg.threads
+        if need > cores and cfg.threads > 1:  # one thread each: the workers share the cores
+            raise UserError(f"threads: {workers} workers x {cfg.threads} threads need {need} "
                             f"CPUs and this machine has {cores} for its local Ray instance "
-                            f"(use --threads {max(1, cores // RAY_WORKERS)} or fewer)")
+                            f"(use --threads {max(1, cores // workers)} or fewer)")
     elif cfg.backend == "local" and cfg.threads > cores:
         return [f"warning: --threads {cfg.threads} is more than this machine's {cores} CPU "
                 f"cores; torch oversubscribes them and runs many times slower (use --threads "

@@ -118,7 +118,8 @@ def test_fitting_input_passes_and_warns_of_nothing(tmp_path: Path) -> None:
 
 def test_the_constants_match_what_they_stand_for() -> None:
     from sampa_ray.data.datasets import load_dataset
-    from sampa_ray.ray.placement import WORKER_NAMES
+    from sampa_ray.ray.placement import worker_names
 
     assert load_dataset("digits").num_train == DIGITS_TRAIN
-    assert len(WORKER_NAMES) == RAY_WORKERS
+    assert len(worker_names(1)) == RAY_WORKERS
+    assert len(worker_names(3)) == 3 * RAY_WORKERS

@@ -60,6 +60,8 @@ CONFIG_FLAGS: dict[str, Any] = {
     # your own parts, the base optimizer and the number format
     "loss": str, "num_classes": int, "optimizer": str, "beta1": float, "beta2": float,
     "eps": float, "precision": str, "loader_workers": int, "pin_memory": _yes_no,
+    # more than two devices: role groups, and the data-parallel baseline
+    "workers_per_role": int, "data_parallel": _yes_no, "sync_bn": _yes_no,
 }
 #: flags that add one KEY=VALUE entry to a mapping field (the value read as YAML: 3, 0.5, true)
 MAPPING_FLAGS = {"model_arg": "model_args", "dataset_arg": "dataset_args"}
@@ -77,6 +79,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         field = TrainConfig.model_fields[name]
         default = field.default
         help_ = field.description or ""
+        if typ is _yes_no:  # ``--flag`` alone means true; ``--flag false`` is explicit
+            p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                           nargs="?", const=True, metavar="true|false",
+                           help=f"{help_} (default: {str(default).lower()})".strip())
+            continue
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar=name.upper(), help=f"{help_} (default: {default})".strip())
     for flag, field_name in MAPPING_FLAGS.items():

@@ -100,6 +100,12 @@ class BatchSchedule:
         self._cache = (epoch, perm)
         return perm
 
+    def size_of(self, k: int) -> int:
+        """How many samples batch ``k`` holds (fewer than ``batch_size`` only for an epoch's
+        last batch with ``last_batch: keep``)."""
+        j = k % self.batches_per_epoch
+        return min(self.batch_size, self.num_samples - j * self.batch_size)
+
     def indices(self, k: int) -> torch.Tensor:
         """The int64 sample indices of batch ``k`` (a fresh tensor the caller may modify)."""
         epoch = self.epoch_of(k)

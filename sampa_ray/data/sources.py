@@ -18,6 +18,7 @@ from sampa_ray.config import TrainConfig
 from sampa_ray.data.batches import Augment, BatchSchedule, derive_seed, seed_torch
 from sampa_ray.data.datasets import load_dataset, validation_split
 from sampa_ray.errors import UserError
+from sampa_ray.shards import shard_batch, shard_range
 
 TAG_ITEM = 0x4954454D  # "ITEM": the per-item RNG seeds of plug-in datasets
 EVAL_BATCH = 1000
@@ -43,9 +44,17 @@ class BuiltinData:
         self.num_classes = self.data.num_classes
         self.num_train, self.num_test = len(self.data.y_train), len(self.data.y_test)
         self.num_val = 0 if self.data.y_val is None else len(self.data.y_val)
+        self.shard = (0, 1)
+
+    def set_shard(self, rank: int, size: int) -> None:
+        """Serve shard ``rank`` of ``size`` of every training batch (``sampa_ray.shards``)."""
+        self.shard = (rank, size)
 
     def train_batch(self, k: int) -> Any:
-        return self.data.batch(self.schedule.indices(k), self.seed, k, self.aug)
+        # the whole batch is augmented (its random draws are the batch's), then cut: the
+        # shard's samples are exactly those of the whole batch
+        return shard_batch(self.data.batch(self.schedule.indices(k), self.seed, k, self.aug),
+                           *self.shard)
 
     def eval_batches(self, split: str) -> Iterator[Any]:
         x, y = {"test": (self.data.x_test, self.data.y_test),
@@ -79,13 +88,16 @@ class _SeededItems(torch.utils.data.Dataset):
 class _Schedule(torch.utils.data.Sampler):
     """Batch ``start``, ``start + 1``, ...: each a list of ``(k, position, index)`` keys."""
 
-    def __init__(self, schedule: BatchSchedule, start: int) -> None:
-        self.schedule, self.start = schedule, start
+    def __init__(self, schedule: BatchSchedule, start: int,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.schedule, self.start, self.shard = schedule, start, shard
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         k = self.start
-        while True:
-            yield [(k, p, int(i)) for p, i in enumerate(self.schedule.indices(k))]
+        while True:  # a shard's positions keep their place in the whole batch (and its seeds)
+            idx = self.schedule.indices(k)
+            lo, hi = shard_range(len(idx), *self.shard)
+            yield [(k, p, int(idx[p])) for p in range(lo, hi)]
             k += 1
 
 
@@ -156,6 +168,14 @@ class LoaderData:
         self._next = -1
         self._last: tuple[int, Any] | None = None
         self.name = cfg.dataset
+        self.shard = (0, 1)
+
+    def set_shard(self, rank: int, size: int) -> None:
+        """Read only shard ``rank`` of ``size`` of every training batch: its items alone
+        are fetched, seeded by their positions in the whole batch (``sampa_ray.shards``)."""
+        if (rank, size) != self.shard:
+            self.shard = (rank, size)
+            self._it, self._last = None, None
 
     def _infer_classes(self, train: Any) -> int:
         for obj in (train, self.train):
@@ -173,7 +193,8 @@ class LoaderData:
         if self._last is not None and self._last[0] == k:  # SAM asks batch t twice
             return self._last[1]
         if self._it is None or self._next != k:
-            loader = DataLoader(self._items, batch_sampler=_Schedule(self.schedule, k),
+            loader = DataLoader(self._items, batch_sampler=_Schedule(self.schedule, k,
+                                                                     self.shard),
                                 num_workers=self.workers, pin_memory=self.pin,
                                 collate_fn=default_collate, generator=_own_generator())
             self._it = iter(loader)

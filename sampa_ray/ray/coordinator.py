@@ -1,7 +1,8 @@
-"""The coordinator actor: the run's owner. It creates the workers, serves the metrics endpoint
+"""The coordinator actor: the run's owner. It creates the workers (two role groups of
+``workers_per_role``), serves the metrics endpoint
 and the gRPC server (control API; data plane with ``--transport grpc``), picks the data path,
 drives the loop on it, and writes the outputs. It runs no model and never branches on which data
-path or algorithm runs. Several runs (SGD, SAM, SAMPa) can use the same two workers one after the
+path or algorithm runs. Several runs (SGD, SAM, SAMPa) can use the same workers one after the
 other, so comparisons are like for like.
 """
 
@@ -37,7 +38,7 @@ from ..transport.grpc.control_plane import ProgressHub
 from ..transport.grpc.data_plane import RoundBoard
 from ..transport.grpc.server import start_server, stop_server
 from . import live, paths
-from .placement import WORKER_NAMES, Placement
+from .placement import Placement, worker_names
 from .recovery import WorkerPool, with_replay
 from .worker import GradientWorker, as_tensor
 
@@ -45,7 +46,7 @@ WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: config fields the workers' replicas and data depend on; runs on the same actors share them
 WORKER_FIELDS = ("model", "dropout", "dataset", "data_dir", "synthetic_size", "batch_size",
                  "seed", "label_smoothing", "device", "label_smoothing_mode", "val_split",
-                 "last_batch", "cutout_p", "pad_fill")
+                 "last_batch", "cutout_p", "pad_fill", "workers_per_role")
 
 
 def shown_host(host: str) -> str:
@@ -188,11 +189,13 @@ class Coordinator:
         self._serve_metrics()
         pl = self.placement
         self.workers = [GradientWorker.options(
-            num_cpus=pl.bundles[i].get("CPU", 0), num_gpus=pl.gpus_per_worker,
+            num_cpus=pl.bundles[i]["CPU"] if pl.mode in ("cpu", "gpu-each", "gpu-shared")
+            else float(pl.threads),
+            num_gpus=pl.gpus_per_worker,
             max_restarts=self.base.max_restarts, max_task_retries=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, i),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, pl.bundle_of[i]),
         ).remote(self.base.model_dump(), name, i, pl.threads, self.plugins)
-            for i, name in enumerate(WORKER_NAMES)]
+            for i, name in enumerate(worker_names(self.base.workers_per_role))]
         self.infos = list(await asyncio.gather(*[w.info.remote() for w in self.workers]))
         for info in self.infos:
             if "error" in info:
@@ -213,7 +216,7 @@ class Coordinator:
     async def _on_restart(self, slot: int) -> None:
         """A worker came back (a new process, with the defaults): the run's settings and its
         data path's worker half again."""
-        self._say(f"worker {WORKER_NAMES[slot]} restarted")
+        self._say(f"worker {self.infos[slot].get('name', slot)} restarted")
         await self._configure(self.workers[slot])
         if self.path is not None:
             await self.path.attach(slot)
@@ -278,8 +281,9 @@ class Coordinator:
             checkpointer.last = Checkpoint.of(algo.init(x0), await path.all_buffers(),
                                               {"record": recorder.state_dict()})
 
-        def train(start: Checkpoint | None) -> Any:
-            return train_loop(cfg, path, x0, plan, recorder, progress,
+        async def train(start: Checkpoint | None) -> AlgoState:
+            await path.prepare()  # the workers' process group, (re-)formed
+            return await train_loop(cfg, path, x0, plan, recorder, progress,
                               lambda: self.stop_requested, resume=start,
                               checkpoint=checkpointer, after_update=after_update,
                               hold=lambda: bool(self.checkpoint_waiters))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,15 +24,32 @@ from ..algorithms import AlgoState
 from ..checkpoint import Checkpoint, Checkpointer
 from ..errors import UserError
 from ..telemetry.metrics import RoundProbe
-from .placement import WORKER_NAMES
 
 
 class WorkerLost(Exception):
-    """A gradient worker died or missed the round deadline."""
+    """A gradient worker died or missed the round deadline (``slot``: its index)."""
 
-    def __init__(self, slot: int, why: str) -> None:
-        super().__init__(f"worker {WORKER_NAMES[slot]} {why}")
+    def __init__(self, slot: int, why: str, name: str | None = None) -> None:
+        super().__init__(f"worker {name or slot} {why}")
         self.slot = slot
+
+
+@dataclass
+class Fan:
+    """One call on every member of a role group, the group's first rank (whose result is the
+    group's) first: worker indices and their object references. ``fan[i]``: the ``i``-th
+    return value of each (calls with ``num_returns``)."""
+
+    members: list[int]
+    refs: list[Any]
+
+    @property
+    def lead(self) -> Any:
+        """The first rank's reference: what a peer is handed."""
+        return self.refs[0]
+
+    def __getitem__(self, i: int) -> Fan:
+        return Fan(self.members, [r[i] for r in self.refs])
 
 
 def raise_lost(outcomes: Sequence[Any]) -> None:
@@ -73,30 +91,48 @@ class WorkerPool:
         started = self._waiting.get(slot)
         return time.monotonic() - min(started.values()) if started else None
 
+    def name(self, slot: int) -> str:
+        return str(self.infos[slot].get("name", slot)) if slot < len(self.infos) else str(slot)
+
     async def wait(self, slot: int, ref: Any, roles: str | tuple[str, ...] = (),
                    probe: RoundProbe | None = None) -> Any:
-        """The result of one call on worker ``slot``; ``WorkerLost`` when it dies or misses the
-        deadline (it is then killed, and Ray restarts it). With a ``probe``, the arrival is
-        noted for each role (metrics: transfer and wait)."""
-        async def arrival() -> Any:
-            out = await ref
-            if probe is not None:
-                for role in (roles,) if isinstance(roles, str) else roles:
-                    probe.arrived(role)
-            return out
+        """The result of one call on worker ``slot`` (``ref``), or of one call on each member
+        of a role group (a :class:`Fan`: the first rank's result, once every member is done);
+        ``WorkerLost`` when a worker dies or misses the deadline (it is then killed, and Ray
+        restarts it): a member's loss before the errors it caused its peers (a broken
+        all-reduce). With a ``probe``, the arrival is noted for each role (metrics: transfer
+        and wait)."""
+        fan = ref if isinstance(ref, Fan) else Fan([slot], [ref])
+        if len(fan.refs) == 1:
+            out = await self._wait_one(fan.members[0], fan.refs[0])
+        else:
+            outs = await asyncio.gather(*[self._wait_one(i, r)
+                                          for i, r in zip(fan.members, fan.refs, strict=True)],
+                                        return_exceptions=True)
+            raise_lost(outs)
+            out = outs[0]
+        if probe is not None:
+            for role in (roles,) if isinstance(roles, str) else roles:
+                probe.arrived(role)
+        return out
 
+    async def _wait_one(self, slot: int, ref: Any) -> Any:
         waiting = self._waiting.setdefault(slot, {})
         key = id(ref)
         waiting[key] = time.monotonic()
+        async def get() -> Any:
+            return await ref
+
         try:
-            return await asyncio.wait_for(arrival(), timeout=self.deadline_s)
+            return await asyncio.wait_for(get(), timeout=self.deadline_s)
         except TimeoutError:
             if self.on_deadline is not None:
                 self.on_deadline(slot)
             ray.kill(self.workers[slot], no_restart=False)  # Ray restarts it
-            raise WorkerLost(slot, f"missed the {self.deadline_s:g}s deadline") from None
+            raise WorkerLost(slot, f"missed the {self.deadline_s:g}s deadline",
+                             self.name(slot)) from None
         except RayActorError:
-            raise WorkerLost(slot, "died") from None
+            raise WorkerLost(slot, "died", self.name(slot)) from None
         finally:
             waiting.pop(key, None)
 
@@ -112,7 +148,7 @@ class WorkerPool:
                 break
             except RayActorError:
                 if time.time() > deadline:
-                    raise UserError(f"worker {WORKER_NAMES[slot]} did not come back within "
+                    raise UserError(f"worker {self.name(slot)} did not come back within "
                                     f"{timeout_s:.0f}s") from None
                 await asyncio.sleep(0.5)
         self.infos[slot] = info

@@ -22,17 +22,28 @@ from ..config import TrainConfig
 from ..engine import EvalResult, GradientEngine, Snapshot
 from ..errors import UserError
 from ..plugins import install_shipped
+from ..shards import ALONE
+from ..transport.collective import PeerGroup, leave, rendezvous_address
 from ..transport.link import Link
 
 
 @dataclass
 class WorkerHost:
-    """What a worker half runs on: the engine, this worker's slot, and the (emulated) link its
-    messages cross. ``link`` changes per run, so halves read it when they use it."""
+    """What a worker half runs on: the engine, the algorithm slot this worker's role group
+    serves and its rank in that group (rank 0 speaks for the group), the (emulated) link its
+    messages cross, and its process group when it is in one. ``slot``, ``rank``, ``link`` and
+    ``group`` change per run, so halves read them when they use them."""
 
     engine: GradientEngine
     slot: int
     link: Link
+    rank: int = 0
+    group: PeerGroup | None = None
+
+    @property
+    def lead(self) -> bool:
+        """Whether this worker speaks for its role group (its results are the group's)."""
+        return self.rank == 0
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -78,9 +89,34 @@ class GradientWorker:
         self.engine.set_wire(wire_dtype)
 
     def reset(self) -> None:
-        """A fresh replica at the run's initial parameters and statistics; no data path."""
+        """A fresh replica at the run's initial parameters and statistics; no data path, no
+        group."""
+        self.leave()
         self.engine.reset()
         self._detach()
+
+    def assign(self, slot: int, rank: int) -> None:
+        """Serve algorithm slot ``slot`` as rank ``rank`` of its role group (per run)."""
+        self.host.slot, self.host.rank = slot, rank
+
+    # -- the workers' process group (role groups; the collective path's exchange) ------------
+    def address(self) -> tuple[str, int]:
+        """Where this worker (world rank 0) hosts the group's rendezvous."""
+        return rendezvous_address()
+
+    def join(self, rank: int, world: int, host: str, port: int, backend: str,
+             timeout_s: float, groups: list[list[int]], sync_bn: bool) -> None:
+        """Join the process group of the workers in use, and this worker's role group in it:
+        the engine computes its shard of every batch and sums gradients over the group."""
+        self.host.group = PeerGroup(rank, world, host, port, backend, self.engine.device,
+                                    timeout_s, groups)
+        self.engine.join_group(self.host.group.comm, sync_bn)
+
+    def leave(self) -> None:
+        if self.host.group is not None:
+            self.engine.join_group(ALONE)
+            self.host.group = None
+            leave()
 
     def attach(self, half: type, *args: Any) -> None:
         """Host a data path's worker half: ``half(host, *args)`` (replacing any other)."""

@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import socket
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..shards import ALONE, GroupComm
 
 
 class CollectiveError(RuntimeError):
@@ -46,10 +49,13 @@ def choose_backend(device: torch.device, gpu_ids: list[list[str]]) -> str:
 
 
 class PeerGroup:
-    """This process's membership in the workers' process group (one per process)."""
+    """This process's membership in the workers' process group (one per process) and in the
+    role groups inside it: ``groups`` lists each group's world ranks (every member calls this
+    with the same list, in the same order, as ``new_group`` requires)."""
 
     def __init__(self, rank: int, world: int, host: str, port: int, backend: str,
-                 device: torch.device, timeout_s: float) -> None:
+                 device: torch.device, timeout_s: float,
+                 groups: Sequence[Sequence[int]] = ()) -> None:
         if not dist.is_available():
             raise CollectiveError("torch.distributed is not available in this torch build")
         leave()  # a group from an earlier run (or a broken one) goes first
@@ -64,6 +70,19 @@ class PeerGroup:
         self.rank, self.world, self.backend = rank, world, backend
         # where the exchanged tensors live: the GPU with NCCL, host memory with gloo
         self.device = device if backend == "nccl" else torch.device("cpu")
+        self.comm = ALONE  # this rank's role group
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            for members in groups:
+                members = [int(m) for m in members]
+                pg = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
+                if rank in members:
+                    self.comm = GroupComm(members.index(rank), len(members), pg, self.device)
+        except Exception as err:  # noqa: BLE001
+            leave()
+            raise CollectiveError(f"{backend} role groups {list(map(list, groups))}: "
+                                  f"{str(err).strip().splitlines()[0] if str(err) else err!r}"
+                                  ) from None
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         """Send ``tensor`` (``src`` is this rank) or receive into it (another rank)."""

@@ -22,10 +22,13 @@ import torch
 from ...algorithms import Algorithm, AlgoState
 from ...config import TrainConfig
 from ...engine import EvalResult, GradResult, Snapshot
+from ...errors import UserError
 from ...loop import Executor
 from ...telemetry.metrics import RoundProbe
+from ...transport.collective import choose_backend
 from ...transport.grpc.data_plane import RoundBoard
-from ..recovery import WorkerPool
+from ..placement import role_groups
+from ..recovery import Fan, WorkerPool
 
 
 @dataclass
@@ -58,7 +61,14 @@ def kept_gradient(meta: dict[str, Any]) -> GradResult:
     tensor (``grad`` is empty)."""
     return GradResult(grad=torch.empty(0), loss=meta["loss"], accuracy=meta["accuracy"],
                       timings=meta["timings"], start=meta["start"], end=meta["end"],
-                      finite=meta["finite"], norm=meta.get("norm"), nbytes=meta["nbytes"])
+                      finite=meta["finite"], norm=meta.get("norm"), nbytes=meta["nbytes"],
+                      reduced_bytes=meta.get("reduced_bytes", 0))
+
+
+def _first_line(err: BaseException) -> str:
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 class DataPath(Executor):
@@ -78,8 +88,16 @@ class DataPath(Executor):
         self.cfg = ctx.cfg
         self.algo = ctx.algo
         self.probe = ctx.probe
-        self.stats_slot = self.algo.slot_of(self.algo.bn_stats_role)
+        #: the algorithm's slots, and each slot's role group (worker indices, first rank first)
         self.used = self.algo.workers_used()
+        self.groups = role_groups(self.used, self.cfg.workers_per_role, self.cfg.data_parallel)
+        #: every worker in use, in world-rank order; by worker: (slot, rank in its group)
+        self.in_use = sorted(w for g in self.groups.values() for w in g)
+        self.place = {w: (s, r) for s, g in self.groups.items() for r, w in enumerate(g)}
+        #: the slot whose BatchNorm statistics the run keeps, and the worker that holds them
+        self.stats_slot = self.algo.slot_of(self.algo.bn_stats_role)
+        self.stats_worker = self.lead(self.stats_slot)
+        self.backend: str | None = None  # of the workers' process group; None without one
 
     @property
     def workers(self) -> list[Any]:
@@ -88,50 +106,116 @@ class DataPath(Executor):
     def slot_of(self, role: str) -> int:
         return self.algo.slot_of(role)
 
+    def lead(self, slot: int) -> int:
+        """The worker that speaks for slot ``slot``'s role group (its first rank)."""
+        return self.groups[slot][0]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether some role's gradient is computed by more than one worker."""
+        return any(len(g) > 1 for g in self.groups.values())
+
     # -- the worker halves --------------------------------------------------------------------
     def attach_args(self, slot: int) -> tuple[Any, ...]:
-        """Arguments of the worker half's constructor after the host."""
+        """Arguments of the worker half's constructor after the host (``slot``: the
+        worker's index)."""
         return ()
 
     async def attach(self, slot: int) -> None:
-        """Give worker ``slot`` this path's worker half (at the start, and after a restart)."""
-        await self.workers[slot].attach.remote(self.worker_half, *self.attach_args(slot))
+        """Give worker ``slot`` its place in the run (its role group's slot and its rank
+        there; idle workers slot -1) and this path's worker half (at the start, and after a
+        restart)."""
+        w = self.workers[slot]
+        await w.assign.remote(*self.place.get(slot, (-1, 0)))
+        await w.attach.remote(self.worker_half, *self.attach_args(slot))
 
     async def attach_all(self) -> None:
         await asyncio.gather(*[self.attach(s) for s in range(len(self.workers))])
 
-    def call(self, slot: int, method: str, *args: Any, num_returns: int = 1) -> Any:
-        """Call the worker half of worker ``slot``; returns the object reference(s)."""
-        fn = self.workers[slot].call
-        if num_returns != 1:
-            fn = fn.options(num_returns=num_returns)
-        return fn.remote(method, *args)
+    def call(self, slot: int, method: str, *args: Any, num_returns: int = 1) -> Fan:
+        """Call the worker half of every worker in slot ``slot``'s role group, with the same
+        arguments; returns the :class:`Fan` of their object reference(s) (``ask`` waits for
+        all of them and gives the first rank's result)."""
+        members = self.groups[slot]
+        refs = []
+        for w in members:
+            fn = self.workers[w].call
+            if num_returns != 1:
+                fn = fn.options(num_returns=num_returns)
+            refs.append(fn.remote(method, *args))
+        return Fan(members, refs)
+
+    # -- the workers' process group -------------------------------------------------------------
+    @property
+    def needs_world(self) -> bool:
+        """Whether the workers in use form a process group: for the role groups' all-reduce."""
+        return self.grouped
+
+    async def prepare(self) -> None:
+        """Before the loop starts (each run, each replay): form the workers' process group
+        where the path needs one (it is re-formed after a lost worker comes back)."""
+        if self.needs_world:
+            try:
+                await self.form_world()
+            except Exception as err:  # noqa: BLE001 - a group is required here
+                raise UserError(f"workers_per_role: the role groups' process group did not "
+                                f"form: {_first_line(err)}") from None
+
+    async def form_world(self) -> None:
+        """Every worker in use joins one process group (NCCL between GPUs of their own, gloo
+        otherwise, or ``collective_backend``), and its role group inside it."""
+        members = self.in_use
+        gpu_ids = [self.pool.infos[w].get("gpu_ids") or [] for w in members]
+        device = torch.device(self.cfg.device if self.cfg.device != "auto" else
+                              ("cuda" if gpu_ids and all(gpu_ids) else "cpu"))
+        backend = self.cfg.collective_backend
+        if backend == "auto":
+            backend = choose_backend(device, gpu_ids)
+        host, port = await self.workers[members[0]].address.remote()
+        rank = {w: r for r, w in enumerate(members)}
+        groups = [[rank[w] for w in self.groups[s]] for s in self.used]
+        timeout = self.pool.deadline_s or 300.0
+        await asyncio.wait_for(asyncio.gather(*[
+            self.workers[w].join.remote(rank[w], len(members), host, port, backend, timeout,
+                                        groups, self.cfg.sync_bn)
+            for w in members]), timeout=timeout + 30)
+        self.backend = backend
+
+    def world_rank(self, worker: int) -> int:
+        return self.in_use.index(worker)
 
     def summary(self) -> dict[str, Any]:
         """What result.json records about the path beyond its name."""
-        return {}
+        if not self.grouped:
+            return {}
+        return {"role_groups": {"workers_per_role": self.cfg.workers_per_role,
+                                "data_parallel": self.cfg.data_parallel,
+                                "sync_bn": self.cfg.sync_bn, "backend": self.backend,
+                                "groups": {str(s): [self.pool.name(w) for w in g]
+                                           for s, g in self.groups.items()}}}
 
     async def ask(self, slot: int, ref: Any) -> Any:
-        """The outcome of a call on worker ``slot``, under the round deadline: a worker that
-        died or froze between rounds is noticed here too (``WorkerLost``)."""
+        """The outcome of a call on worker ``slot`` (or of a :class:`Fan`), under the round
+        deadline: a worker that died or froze between rounds is noticed here too
+        (``WorkerLost``)."""
         return await self.pool.wait(slot, ref)
 
     # -- evaluation and buffers: the trajectory worker's engine ------------------------------
     async def start_eval(self, step: int, state: AlgoState) -> None:
-        s = self.stats_slot
+        s = self.stats_worker
         await self.ask(s, self.workers[s].start_eval.remote(step, state.x.numpy()))
 
     async def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
-        ref = self.workers[self.stats_slot].finished_evals.remote(wait)
+        ref = self.workers[self.stats_worker].finished_evals.remote(wait)
         # waiting for every evaluation may take longer than a round: no deadline then
-        return await ref if wait else await self.ask(self.stats_slot, ref)
+        return await ref if wait else await self.ask(self.stats_worker, ref)
 
     async def buffers(self) -> dict[str, torch.Tensor]:
-        s = self.stats_slot
+        s = self.stats_worker
         return await self.ask(s, self.workers[s].buffers.remote())
 
     async def best(self) -> Snapshot | None:
-        s = self.stats_slot
+        s = self.stats_worker
         return await self.ask(s, self.workers[s].best.remote())
 
     async def all_buffers(self) -> list[dict[str, torch.Tensor]]:

@@ -20,7 +20,7 @@ from ray.exceptions import RayTaskError
 from ...algorithms import AlgoState, GradRequest
 from ...engine import GradResult
 from ...loop import round_applies
-from ...transport.collective import CollectiveError, PeerGroup, choose_backend, rendezvous_address
+from ...transport.collective import CollectiveError
 from ..recovery import raise_lost
 from ..worker import WorkerHost
 from .base import kept_gradient
@@ -31,18 +31,10 @@ class CollectiveWorker(ReplicaWorker):
     """Worker half: a replica (as on the replicated path) and this process's membership in the
     workers' process group."""
 
-    def __init__(self, host: WorkerHost) -> None:
+    def __init__(self, host: WorkerHost, leaders: dict[int, int]) -> None:
         super().__init__(host)
-        self.group: PeerGroup | None = None
+        self.leaders = leaders  # by slot: the world rank that speaks for its role group
         self.buffers: dict[str, torch.Tensor] = {}  # message buffers, allocated once
-
-    def address(self) -> tuple[str, int]:
-        """Where this worker (rank 0) hosts the group's rendezvous."""
-        return rendezvous_address()
-
-    def join(self, rank: int, world: int, host: str, port: int, backend: str,
-             timeout_s: float) -> None:
-        self.group = PeerGroup(rank, world, host, port, backend, self.engine.device, timeout_s)
 
     def exchange_round(self, exchange: bool) -> dict[str, dict[str, Any]]:
         """One whole round: compute this worker's requests, exchange the round's gradients with
@@ -51,7 +43,7 @@ class CollectiveWorker(ReplicaWorker):
         loop's rule. Returns the facts of this worker's roles. Without ``exchange`` (one worker
         in use) there is nothing to exchange."""
         assert self.state is not None
-        group = self.group if exchange else None
+        group = self.host.group if exchange else None
         n = self.engine.flat.numel
         reqs = self.algo.requests(self.state)
         mine = self.mine(reqs)
@@ -60,7 +52,7 @@ class CollectiveWorker(ReplicaWorker):
         sends: dict[str, torch.Tensor] = {}
         for req in mine:
             r, facts[req.role] = self.own_gradient(req, keep=len(mine) > 1, to_host=on_host)
-            if group is not None:  # the gradient and its verdict in one message
+            if group is not None and self.host.lead:  # the gradient and its verdict
                 buf = self._buffer(f"send/{req.role}", n + 1, r.grad.dtype, group.device)
                 buf[:n].copy_(r.grad)
                 buf[n] = 1.0 if facts[req.role]["finite"] else 0.0
@@ -71,9 +63,13 @@ class CollectiveWorker(ReplicaWorker):
         if group is not None:
             t0 = time.perf_counter()
             for req in reqs:
-                src = self.algo.slot_of(req.role)
-                if src == self.slot:
+                slot = self.algo.slot_of(req.role)
+                src = self.leaders[slot]
+                if src == group.rank:
                     group.broadcast(sends[req.role], src)
+                elif slot == self.slot:  # the role's group already holds it: a copy to drop
+                    group.broadcast(self._buffer("drop", n + 1, self.engine.wire,
+                                                 group.device), src)
                 else:
                     buf = self._buffer(f"recv/{req.role}", n + 1, self.engine.wire,
                                        group.device)
@@ -110,19 +106,31 @@ class CollectivePath(ReplicatedPath):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.group = len(self.used) > 1  # one worker in use: nothing to exchange
-        self.backend: str | None = None  # of the group; None without one
+        # several slots: their gradients are exchanged; one (SGD, SAM): nothing to exchange
+        self.group = len(self.used) > 1
         self.fallback: str | None = None  # why the object store is used instead
         self.calls: dict[int, Any] | None = None  # the round queued ahead
 
     def summary(self) -> dict[str, Any]:
-        return {"collective": {"backend": self.backend, "fallback": self.fallback}}
+        return {**super().summary(),
+                "collective": {"backend": self.backend, "fallback": self.fallback}}
 
-    async def init_state(self, state: AlgoState) -> None:
-        self.calls = None
+    def attach_args(self, slot: int) -> tuple[Any, ...]:
+        # by slot: the world rank that broadcasts that role's gradient
+        return ({s: self.world_rank(self.lead(s)) for s in self.used},)
+
+    @property
+    def needs_world(self) -> bool:
+        return self.grouped or self.group
+
+    async def prepare(self) -> None:
+        if self.grouped:  # the role groups need the process group: no fallback
+            await super().prepare()
+            return
+        self.group = len(self.used) > 1
         if self.group:
             try:
-                await self._form_group()
+                await self.form_world()
             except (CollectiveError, RayTaskError, TimeoutError) as err:
                 cause = err.cause if isinstance(err, RayTaskError) else \
                     err if str(err) else "the workers did not meet in time"
@@ -130,21 +138,10 @@ class CollectivePath(ReplicatedPath):
                 self.fallback = str(cause).strip().splitlines()[0]
                 self.ctx.say(f"collective: no process group ({self.fallback}); the gradients "
                              "go through Ray's object store instead")
-        await super().init_state(state)
 
-    async def _form_group(self) -> None:
-        gpu_ids = [i.get("gpu_ids") or [] for i in self.pool.infos]
-        device = torch.device(self.cfg.device if self.cfg.device != "auto" else
-                              ("cuda" if gpu_ids and all(gpu_ids) else "cpu"))
-        backend = self.cfg.collective_backend
-        if backend == "auto":
-            backend = choose_backend(device, [gpu_ids[s] for s in self.used])
-        host, port = await self.call(self.used[0], "address")
-        timeout = self.pool.deadline_s or 300.0
-        await asyncio.wait_for(asyncio.gather(*[
-            self.call(s, "join", rank, len(self.used), host, port, backend, timeout)
-            for rank, s in enumerate(self.used)]), timeout=timeout + 30)
-        self.backend = backend
+    async def init_state(self, state: AlgoState) -> None:
+        self.calls = None
+        await super().init_state(state)
 
     async def round(self, reqs: list[GradRequest],
                     ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
@@ -167,7 +164,7 @@ class CollectivePath(ReplicatedPath):
             for role, meta in f.items():
                 results[role] = kept_gradient(meta)
         if probe is not None:
-            probe.round_done(results, fanout=len(self.used) - 1)
+            probe.round_done(results, fanout=len(self.in_use) - len(self.groups[slots[0]]))
         return results
 
     def _queue(self) -> dict[int, Any]:

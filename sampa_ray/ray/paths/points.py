@@ -4,7 +4,9 @@ node), and applies the update itself.
 
 Fault tolerance here needs no replay: a worker that dies or misses the deadline is restarted,
 gets its model buffers back as they were before the round, and only the round's lost requests
-are dispatched again; requests already answered are kept.
+are dispatched again; requests already answered are kept. With role groups of several workers
+(``workers_per_role``) a lost worker breaks its group's process group: the run then replays
+from the newest snapshot, as the replicated paths do, once the group has re-formed.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ class PointsWorker:
         engine, link = self.host.engine, self.host.link
         link.wait(point.nbytes)  # the point came down the (emulated) link
         r = engine.gradient(as_tensor(point), batch, track_stats)
+        facts = {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
+                 "start": r.start, "end": r.end, "reduced_bytes": r.reduced_bytes}
+        if not self.host.lead:  # the group's gradient goes up from its first rank
+            return np.empty(0, np.float32), {**facts, "buffers": None}
         link.wait(r.grad.numel() * r.grad.element_size())  # the gradient goes up
         # the array is copied into the object store when this method returns, so the engine
         # may reuse its gradient buffer for the next request. A pass on the trajectory also
         # returns the model buffers (small): the coordinator keeps them to restore a restarted
         # worker exactly.
-        return to_array(r.grad), {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
-                                  "start": r.start, "end": r.end,
+        return to_array(r.grad), {**facts,
                                   "buffers": engine.buffers() if track_stats else None}
 
 
@@ -61,7 +66,8 @@ class PointsPath(DataPath):
         grad, meta = out
         return GradResult(grad=from_array(grad), loss=meta["loss"], accuracy=meta["accuracy"],
                           timings=meta["timings"], start=meta["start"], end=meta["end"],
-                          finite=meta.get("finite"), nbytes=grad.nbytes)  # as it travelled
+                          finite=meta.get("finite"), nbytes=grad.nbytes,  # as it travelled
+                          reduced_bytes=meta.get("reduced_bytes", 0))
 
     @staticmethod
     def buffers_of(out: Any) -> dict[str, torch.Tensor] | None:
@@ -84,6 +90,8 @@ class PointsPath(DataPath):
                                         return_exceptions=True)
             lost: dict[int, WorkerLost] = {}
             for r, out in zip(todo, outs, strict=True):
+                if isinstance(out, WorkerLost) and self.grouped:
+                    raise out  # its role group's process group broke: re-formed on replay
                 if isinstance(out, WorkerLost):
                     lost[out.slot] = out
                 elif isinstance(out, BaseException):
@@ -92,7 +100,7 @@ class PointsPath(DataPath):
                     results[r.role] = self.result(r, out)
                     buffers = self.buffers_of(out) if r.track_stats else None
                     if buffers is not None:
-                        new_buffers[self.slot_of(r.role)] = buffers
+                        new_buffers[self.lead(self.slot_of(r.role))] = buffers
             if not lost:
                 break
             if attempt == pool.max_retries:

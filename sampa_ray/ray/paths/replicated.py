@@ -45,7 +45,6 @@ class ReplicaWorker:
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
         self.engine = host.engine
-        self.slot = host.slot
         self.state: AlgoState | None = None
         self.own: dict[str, torch.Tensor] = {}  # this worker's gradients of its last round
         self.own_ok: dict[str, bool] = {}  # and whether each is usable
@@ -60,6 +59,11 @@ class ReplicaWorker:
              for k, v in tensors.items()}
         self.state = AlgoState.from_tensors(t, step, phase)
         self.own, self.own_ok = {}, {}
+
+    @property
+    def slot(self) -> int:
+        """The algorithm slot this worker's role group serves."""
+        return self.host.slot
 
     def mine(self, reqs: list[GradRequest]) -> list[GradRequest]:
         """The requests this worker serves."""
@@ -79,20 +83,23 @@ class ReplicaWorker:
         out = self.compute()
         for _, meta in out.values():
             meta["timings"]["apply"] = applied  # the pending updates, on this worker
-        return ({r: (g, m["finite"]) for r, (g, m) in out.items()},
+        # the group's gradient goes to the peers from its first rank alone
+        return ({r: (g, m["finite"]) for r, (g, m) in out.items()} if self.host.lead else {},
                 {r: m for r, (_, m) in out.items()})
 
     def state_tensors(self, pending: list[Pending], *peer_grads: PeerGrads
                       ) -> dict[str, np.ndarray]:
-        """The replica's state after the pending rounds, as host arrays."""
+        """The replica's state after the pending rounds, as host arrays (from a role group's
+        first rank; the others only apply the rounds)."""
         self.apply(pending, list(peer_grads))
-        return self.tensors()
+        return self.tensors() if self.host.lead else {}
 
     def evaluate(self, step: int, pending: list[Pending], *peer_grads: PeerGrads) -> None:
         """Start evaluating the replica's parameters after the pending rounds."""
         self.apply(pending, list(peer_grads))
         assert self.state is not None
-        self.engine.start_eval(step, self.state.x)
+        if self.host.lead:
+            self.engine.start_eval(step, self.state.x)
 
     # -- the work -----------------------------------------------------------------------------
     def apply(self, pending: list[Pending], peer_grads: list[PeerGrads]) -> None:
@@ -126,8 +133,8 @@ class ReplicaWorker:
         out = {}
         for req in mine:
             r, facts = self.own_gradient(req, keep=len(mine) > 1)
-            out[req.role] = (to_array(r.grad).copy() if len(mine) > 1 else to_array(r.grad),
-                             facts)
+            grad = to_array(r.grad) if self.host.lead else np.empty(0, np.float32)
+            out[req.role] = (grad.copy() if len(mine) > 1 else grad, facts)
         return out
 
     def own_gradient(self, req: GradRequest, keep: bool,
@@ -143,7 +150,8 @@ class ReplicaWorker:
         self.own_ok[req.role] = ok
         return r, {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
                    "start": r.start, "end": r.end, "norm": norm, "finite": ok,
-                   "nbytes": r.grad.numel() * r.grad.element_size()}
+                   "nbytes": r.grad.numel() * r.grad.element_size(),
+                   "reduced_bytes": r.reduced_bytes}
 
     def tensors(self) -> dict[str, np.ndarray]:
         assert self.state is not None
@@ -201,7 +209,7 @@ class ReplicatedPath(DataPath):
             if reqs is not None and calls is not None:
                 peer = [r.role for r in reqs if self.slot_of(r.role) != s]
                 specs.append((None, peer))
-                refs.extend(calls[self.slot_of(role)][0] for role in peer)
+                refs.extend(calls[self.slot_of(role)][0].lead for role in peer)
             out[s] = self.call(s, "round", specs, *refs, num_returns=2)
             fetched[s] = len(refs)
         return out, fetched
@@ -235,9 +243,10 @@ class ReplicatedPath(DataPath):
         for s, f in zip(slots, facts, strict=True):
             for role, meta in f.items():
                 results[role] = kept_gradient(meta)
-                self.last_refs[role] = calls[s][0]  # that worker's {role: gradient} object
-        if probe is not None:  # each gradient goes to every other worker in use
-            probe.round_done(results, fanout=len(self.used) - 1)
+                # that group's first rank's {role: gradient} object
+                self.last_refs[role] = calls[s][0].lead
+        if probe is not None:  # each gradient goes to every worker of the other groups
+            probe.round_done(results, fanout=len(self.in_use) - len(self.groups[slots[0]]))
         return results
 
     async def commit(self, skip: bool) -> None:
