@@ -102,6 +102,8 @@ class Recorder:
         self.t_start = time.time()
         self.rounds = 0
         self.gradient_bytes: int | None = None  # one gradient on the wire, as last seen
+        #: by role: the bytes each worker of its role group all-reduces per gradient
+        self.allreduce_bytes: dict[str, int] = {}
         self.nonfinite_rounds = 0
         self.round_s = Stat()
         self.update_s = Stat()
@@ -128,6 +130,8 @@ class Recorder:
         for role, r in results.items():
             if r.nbytes:  # what the gradient took on the wire (none in a local run)
                 self.gradient_bytes = r.nbytes
+            if r.reduced_bytes:  # what each worker of the role's group all-reduced
+                self.allreduce_bytes[role] = r.reduced_bytes
             mine = self.worker.setdefault(role, {})
             for k, v in r.timings.items():
                 (mine.get(k) or mine.setdefault(k, Stat())).add(v)
@@ -158,6 +162,7 @@ class Recorder:
                 "elapsed_s": time.time() - self.t_start,
                 "nonfinite_rounds": self.nonfinite_rounds,
                 "gradient_bytes": self.gradient_bytes,
+                "allreduce_bytes": dict(self.allreduce_bytes),
                 "timings": {"round": self.round_s.state(), "update": self.update_s.state(),
                             "step": self.step_s.state(),
                             "update_compute": self.update_compute_s.state()},
@@ -173,6 +178,7 @@ class Recorder:
         self.t_start = time.time() - float(d.get("elapsed_s", 0.0))
         self.nonfinite_rounds = int(d.get("nonfinite_rounds", 0))
         self.gradient_bytes = d.get("gradient_bytes")
+        self.allreduce_bytes = dict(d.get("allreduce_bytes", {}))
         timings = d.get("timings", {})
         self.round_s = Stat.from_state(timings.get("round", {}))
         self.update_s = Stat.from_state(timings.get("update", {}))
@@ -205,6 +211,7 @@ class Recorder:
     def timing_summary(self) -> dict[str, Any]:
         return {"nonfinite_rounds": self.nonfinite_rounds,
                 "gradient_bytes": self.gradient_bytes,
+                "allreduce_bytes": dict(self.allreduce_bytes),
                 "step_seconds": self.step_s.summary(),
                 "update_compute_seconds": self.update_compute_s.summary(),
                 "round_seconds": self.round_s.summary(),

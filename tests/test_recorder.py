@@ -83,7 +83,8 @@ def test_summaries_are_exact_where_cheap_and_close_for_medians() -> None:
     assert abs(s["median"] - statistics.median(rounds)) <= 1.01e-3
     assert abs(s["p90"] - sorted(rounds)[int(0.9 * len(rounds))]) <= 1.01e-3
     t = rec.timing_summary()
-    assert set(t) == {"nonfinite_rounds", "gradient_bytes", "step_seconds", "round_seconds",
+    assert set(t) == {"nonfinite_rounds", "gradient_bytes", "allreduce_bytes", "step_seconds",
+                      "round_seconds",
                       "update_seconds", "update_compute_seconds", "workers"}
     assert set(t["workers"]) == set(ROLES)
     assert t["workers"]["perturbed"]["compute"]["count"] == 20_000

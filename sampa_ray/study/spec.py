@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ TRANSPORTS = ("ray", "grpc")
 DATA_PATHS = ("points", "replicated", "collective")
 WIRE_DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``--baseline``: none, or ddp (SGD and SAM data-parallel over all 2k workers, beside SAMPa)
+BASELINES = ("none", "ddp")
+#: the most workers per role a configuration accepts (``TrainConfig.workers_per_role``)
+MAX_WORKERS_PER_ROLE = 64
 
 
 @dataclass(frozen=True)
@@ -62,15 +66,26 @@ class BenchSpec:
     wire_dtype: str = "fp32"
     #: also measure per-round compute and overhead (see ``report.round_costs``)
     round_costs: bool = False
+    #: k of each pass over the grid (2k workers each; its own actors): role groups of k
+    workers_per_role: list[int] = field(default_factory=lambda: [1])
+    #: ``ddp``: SGD and SAM also run data-parallel over all 2k workers (sgd-ddp, sam-ddp)
+    baseline: str = "none"
 
     def links(self) -> list[LinkSetting]:
         """Every latency x bandwidth pair, latency outermost."""
         return [LinkSetting(lat, bw) for lat in self.latencies_ms for bw in self.bandwidths]
 
-    def combos(self) -> list[tuple[str, str]]:
-        """(transport, data path) pairs that exist: gRPC carries points only."""
+    def combos(self, k: int = 1) -> list[tuple[str, str]]:
+        """(transport, data path) pairs that exist: gRPC carries points only, and serves one
+        worker per role, so role groups (``k`` > 1) run on the ray transport alone."""
         return [(t, p) for t in self.transports for p in self.data_paths
-                if not (t == "grpc" and p != "points")]
+                if not (t == "grpc" and (p != "points" or k > 1))]
+
+    def algos(self, transport: str) -> list[str]:
+        """The algorithms of one configuration: SGD, SAM and SAMPa, and with ``--baseline ddp``
+        sgd-ddp and sam-ddp where they can run (data-parallel groups need the ray transport)."""
+        ddp = ["sgd-ddp", "sam-ddp"] if self.baseline == "ddp" and transport == "ray" else []
+        return ["sgd", "sam", "sampa", *ddp]
 
 
 def unique(values: Iterable[Any]) -> list[Any]:
@@ -95,6 +110,22 @@ def _number(flag: str, text: str) -> float:
     if not math.isfinite(v):
         raise UserError(f"--{flag}: must be finite, got {text!r}")
     return v
+
+
+def parse_workers_per_role(values: Sequence[str | int]) -> list[int]:
+    """``--workers-per-role`` values: whole numbers from 1 to 64 (the config's bound), repeats
+    dropped, ascending (the scaling table and plot read from few devices to many)."""
+    out = []
+    for text in values:
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise UserError(f"--workers-per-role: not a whole number: {text!r}") from None
+        if not 1 <= v <= MAX_WORKERS_PER_ROLE:
+            raise UserError(f"--workers-per-role: must be from 1 to {MAX_WORKERS_PER_ROLE}, "
+                            f"got {text!r}")
+        out.append(v)
+    return sorted(unique(out))
 
 
 def parse_latencies(values: Sequence[str]) -> list[float]:
@@ -129,10 +160,12 @@ def make_spec(*, models: Sequence[str] | None, transports: Sequence[str],
               data_paths: Sequence[str], latency_ms: Sequence[str],
               bandwidth_gbit: Sequence[str], repeats: int, steps: int, batch_size: int,
               threads: int | None, device: str, out: str | Path | None, overwrite: bool = False,
-              wire_dtype: str = "fp32", round_costs: bool = False) -> BenchSpec:
-    """Validate the values (as the flags give them: latencies and bandwidths as text) into a
-    :class:`BenchSpec`; a bad value is a UserError naming its flag. Without ``out``: the study
-    goes to ``runs/bench-<timestamp>``."""
+              wire_dtype: str = "fp32", round_costs: bool = False,
+              workers_per_role: Sequence[str | int] = ("1",),
+              baseline: str = "none") -> BenchSpec:
+    """Validate the values (as the flags give them: latencies, bandwidths and workers per role
+    as text) into a :class:`BenchSpec`; a bad value is a UserError naming its flag. Without
+    ``out``: the study goes to ``runs/bench-<timestamp>``."""
     from ..models import MODEL_NAMES
 
     spec = BenchSpec(
@@ -145,7 +178,9 @@ def make_spec(*, models: Sequence[str] | None, transports: Sequence[str],
         out=Path(out) if out else stamped("bench"),
         overwrite=bool(overwrite),
         wire_dtype=choice("wire-dtype", [wire_dtype], WIRE_DTYPES)[0],
-        round_costs=round_costs)
+        round_costs=round_costs,
+        workers_per_role=parse_workers_per_role(workers_per_role),
+        baseline=choice("baseline", [baseline], BASELINES)[0])
     if spec.repeats < 1:
         raise UserError(f"--repeats: must be at least 1, got {spec.repeats}")
     if spec.steps < 2:
@@ -160,4 +195,19 @@ def make_spec(*, models: Sequence[str] | None, transports: Sequence[str],
     if not spec.combos():
         raise UserError("--data-paths: the grpc transport carries points only; with "
                         "--transports grpc include points")
+    grouped = [k for k in spec.workers_per_role if k > 1]
+    if grouped and "ray" not in spec.transports:
+        raise UserError(f"--workers-per-role: role groups of {grouped[0]} workers run on the "
+                        "ray transport only (gRPC serves one worker per role); add ray to "
+                        "--transports")
+    if spec.baseline == "ddp" and "ray" not in spec.transports:
+        raise UserError("--baseline: ddp runs its data-parallel groups on the ray transport "
+                        "only; add ray to --transports")
+    # each worker of the largest group needs at least one sample of the global batch
+    need = max(spec.workers_per_role) * (2 if spec.baseline == "ddp" else 1)
+    if spec.batch_size < need:
+        raise UserError(f"--batch-size: {spec.batch_size} cannot be shared by {need} workers "
+                        f"(--workers-per-role {max(spec.workers_per_role)}"
+                        f"{', --baseline ddp' if spec.baseline == 'ddp' else ''}); each needs "
+                        "at least one sample")
     return spec

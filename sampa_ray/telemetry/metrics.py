@@ -15,6 +15,9 @@ How a round's time is split, per role:
   ``down`` (data to the worker) and ``up`` (its gradient on its way) unless measured separately
 - wait: how long a role's result waited for the slowest role of the round
 - update: the coordinator's update math after the round
+- allreduce: with role groups (``workers_per_role`` > 1, ``data_parallel``), the group's sum of
+  its shard gradients that backward did not hide, beside the bytes each worker put into it;
+  the cross-role exchange is the transfer above
 
 Bytes: on the ``points`` data path, down = the point sent to a worker, up = the gradient sent to
 the coordinator. On the ``replicated`` path (the algorithm state lives beside the workers),
@@ -52,7 +55,8 @@ METRIC_NAMES = (
     "sampa_wait_seconds", "sampa_steps_total", "sampa_samples_total", "sampa_loss",
     "sampa_accuracy", "sampa_lr", "sampa_grad_norm", "sampa_communication_share",
     "sampa_speedup_vs_sequential", "sampa_worker_restarts_total", "sampa_retried_rounds_total",
-    "sampa_nonfinite_rounds_total", "sampa_run",
+    "sampa_nonfinite_rounds_total", "sampa_run", "sampa_group_allreduce_seconds",
+    "sampa_group_allreduce_bytes_total",
 )
 
 
@@ -94,6 +98,12 @@ class RunMetrics:
                                       registry=r)
         self.wait_seconds = h("sampa_wait_seconds", "How long a role's gradient waited for the "
                               "slowest gradient of its round", ["role"], registry=r, buckets=b)
+        self.allreduce_seconds = h("sampa_group_allreduce_seconds", "A role group's all-reduce "
+                                   "of one gradient (workers_per_role > 1): what a worker waits "
+                                   "for after backward", ["role"], registry=r, buckets=b)
+        self.allreduce_bytes = Counter("sampa_group_allreduce_bytes", "Bytes each worker of a "
+                                       "role group contributes to its gradient all-reduce",
+                                       ["role"], registry=r)
         self.steps = Counter("sampa_steps", "Parameter updates applied", registry=r)
         self.samples = Counter("sampa_samples", "Training samples consumed by the updates",
                                registry=r)
@@ -200,6 +210,9 @@ class RunMetrics:
             max_compute = max(max_compute, compute)
             sum_compute += compute
             child(self.compute_seconds, role).observe(compute)
+            if r.reduced_bytes:  # computed by a role group: its all-reduce
+                child(self.allreduce_seconds, role).observe(tm.get("allreduce", 0.0))
+                child(self.allreduce_bytes, role).inc(r.reduced_bytes)
             child(self.copy_seconds, role, "host_to_device").observe(copy_in)
             child(self.copy_seconds, role, "device_to_host").observe(copy_out)
             arrived = arrivals.get(role)
