@@ -94,19 +94,21 @@ def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     """Print the comparison table; returns its rows. Per update: the time, the compute on its
     critical path, and the overhead (rounds' dispatch, transfers, the update, waiting)."""
     table = Table(title="SGD vs SAM vs SAMPa (same data, seed and model)")
-    for col in ("algorithm", "test accuracy", "wall time (s)", "s / update",
+    for col in ("algorithm", "devices", "test accuracy", "wall time (s)", "s / update",
                 "compute / update", "overhead / update", "sequential gradient rounds"):
         table.add_column(col, justify="right")
     rows = []
     for algo, r in results.items():
         step, compute, overhead = per_update(r)
-        row = {"algorithm": algo, "test_accuracy": r["final_test_accuracy"],
+        devices = r.get("role_groups", {}).get("devices", 1)
+        row = {"algorithm": algo, "devices": devices, "test_accuracy": r["final_test_accuracy"],
                "wall_time_s": r["wall_time_s"], "seconds_per_update": step,
                "compute_per_update_s": compute, "overhead_per_update_s": overhead,
                "gradient_rounds": r["gradient_rounds"]}
         rows.append(row)
         share = f" ({overhead / step:.0%})" if overhead is not None and step > 0 else ""
-        table.add_row(algo, _fmt(row["test_accuracy"]), f"{r['wall_time_s']:.1f}",
+        table.add_row(algo, str(devices), _fmt(row["test_accuracy"]),
+                      f"{r['wall_time_s']:.1f}",
                       f"{step:.4f}", "-" if compute is None else f"{compute:.4f}",
                       "-" if overhead is None else f"{overhead:.4f}{share}",
                       str(r["gradient_rounds"]))

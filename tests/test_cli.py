@@ -104,6 +104,15 @@ BAD = [
     ("unknown-wire-dtype", ["--wire-dtype", "fp16"], "wire_dtype"),
     ("batch-larger-than-dataset", ["--batch-size", "5000"], "batch_size"),
     ("out-is-a-file", ["--out", "{file}"], "out"),
+    # more than two devices
+    ("workers-per-role-0", ["--backend", "ray", "--workers-per-role", "0"], "workers_per_role"),
+    ("role-groups-on-local", ["--workers-per-role", "2"], "workers_per_role"),
+    ("data-parallel-sampa", ["--backend", "ray", "--data-parallel"], "data_parallel"),
+    ("role-groups-over-grpc", ["--backend", "ray", "--transport", "grpc",
+                               "--workers-per-role", "2"], "workers_per_role"),
+    ("batch-smaller-than-a-group", ["--backend", "ray", "--workers-per-role", "4",
+                                    "--batch-size", "3"], "batch_size"),
+    ("sync-bn-not-a-boolean", ["--sync-bn", "maybe"], "--sync-bn"),
 ]
 
 
@@ -184,6 +193,11 @@ def test_compare_rejects_bad_input_too(tmp_path: Path) -> None:
     proc = cli("compare", *COMMON, "--lam", "2", "--out", str(tmp_path / "cmp"), cwd=tmp_path)
     _assert_one_line_error(proc, "lam")
     assert not (tmp_path / "cmp" / "compare.json").exists()
+    # the data-parallel baseline runs on the Ray workers
+    proc = cli("compare", *COMMON, "--baseline", "ddp", "--out", str(tmp_path / "cmp"),
+               cwd=tmp_path)
+    _assert_one_line_error(proc, "baseline")
+    assert not (tmp_path / "cmp").exists()
 
 
 # -- nothing already written is lost ----------------------------------------------------------

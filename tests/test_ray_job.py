@@ -10,14 +10,15 @@ from conftest import REPO, job_client, submit, wait_job
 
 def test_job_with_plugins_succeeds_and_writes_result(ray_head, tmp_path):
     """A job whose working_dir is a project folder (``examples/``): its model, dataset and loss
-    are named by import path and found there, by the driver and (by value) by the workers."""
+    are named by import path and found there, by the driver and (by value) by the workers.
+    It runs on two role groups of two workers (4 in all) with synchronised BatchNorm."""
     client = job_client(ray_head)
     out = tmp_path / "job-run"
     job = submit(client,
         entrypoint=f"{sys.executable} -m sampa_ray.cli train --backend ray --steps 25 "
                    "--model my_task:build --dataset my_task:load --loss my_task:loss "
                    "--dataset-arg n_train=1024 --optimizer adamw --lr 0.01 "
-                   f"--threads 1 --out {out}",
+                   f"--threads 1 --workers-per-role 2 --sync-bn --out {out}",
         runtime_env={"working_dir": str(REPO / "examples"), "excludes": ["runs"]},
     )
     status = wait_job(client, job)
@@ -28,7 +29,11 @@ def test_job_with_plugins_succeeds_and_writes_result(ray_head, tmp_path):
     assert result["config"]["model"] == "my_task:build" and result["num_classes"] == 3
     assert result["gradient_rounds"] == 26  # SAMPa: bootstrap + one round per update
     assert result["final_test_accuracy"] > 0.5  # three rings: chance is 1/3
-    assert "placement: CPUs only" in logs
+    assert "placement: 4 workers (2 per role); CPUs only" in logs
+    groups = result["role_groups"]
+    assert groups["devices"] == 4 and groups["sync_bn"] is True and groups["backend"] == "gloo"
+    assert groups["groups"] == {"0": ["perturbed-0", "perturbed-1"],
+                                "1": ["extrapolated-0", "extrapolated-1"]}
     assert (out / "final.pt").stat().st_size > 0 and (out / "curves.png").exists()
 
 

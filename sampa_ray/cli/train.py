@@ -24,6 +24,10 @@ def add_train_commands(subparsers: Any) -> None:
     train.set_defaults(func=cmd_train)
     compare = subparsers.add_parser("compare", help="run SGD, SAM and SAMPa on the same setup")
     add_config_flags(compare)
+    compare.add_argument("--baseline", choices=("none", "ddp"), default="none",
+                         help="ddp: also SGD and SAM data-parallel over all the workers SAMPa "
+                         "uses (sgd-ddp, sam-ddp), at the same global batch, on the same "
+                         "actors (ray backend)")
     compare.set_defaults(func=cmd_compare)
 
 
@@ -70,25 +74,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     preflight(base)
     out = Path(base.out) if base.out else default_out(base, "compare")
+    baseline = getattr(args, "baseline", "none")
+    if baseline == "ddp" and base.backend != "ray":
+        from ..errors import UserError
+
+        raise UserError("baseline: ddp runs SGD and SAM data-parallel over the Ray workers; "
+                        "use --backend ray")
     with claim_out(out, args.overwrite):  # held until every run has written its outputs
-        return _compare(base, out, args.overwrite)
+        return _compare(base, out, args.overwrite, baseline)
 
 
-def _compare(base: TrainConfig, out: Path, overwrite: bool) -> int:
+def compare_runs(base: TrainConfig, baseline: str = "none") -> dict[str, TrainConfig]:
+    """The runs of ``compare`` by label: each built-in algorithm, and with ``baseline`` ddp
+    SGD and SAM data-parallel over all 2k workers (``sgd-ddp``, ``sam-ddp``)."""
     from ..algorithms import BUILTIN
+
+    runs = {a: base.model_copy(update={"algo": a}) for a in BUILTIN}
+    if baseline == "ddp":
+        for a in ("sgd", "sam"):
+            runs[f"{a}-ddp"] = TrainConfig(**{**base.model_dump(), "algo": a,
+                                               "data_parallel": True})
+    return runs
+
+
+def _compare(base: TrainConfig, out: Path, overwrite: bool, baseline: str = "none") -> int:
     from ..results import plot_runs, write_json_atomic
     from ..ui import print_comparison
 
-    runs = [(base.model_copy(update={"algo": a, "out": str(out / a)}),
-             prepare_out(out / a, overwrite)) for a in BUILTIN]
-    if base.backend == "ray":  # one set of actors for all three: like for like
+    cfgs = compare_runs(base, baseline)
+    runs = [(cfg.model_copy(update={"out": str(out / a)}), prepare_out(out / a, overwrite))
+            for a, cfg in cfgs.items()]
+    if base.backend == "ray":  # one set of actors for all of them: like for like
         from ..ray import run_ray_many
         from ..ui import ProgressView
 
         with ProgressView("compare") as view:
-            results = dict(zip(BUILTIN, run_ray_many(runs, progress=view), strict=True))
+            results = dict(zip(cfgs, run_ray_many(runs, progress=view), strict=True))
     else:
-        results = {a: run_one(cfg, sub, label=a) for a, (cfg, sub) in zip(BUILTIN, runs,
+        results = {a: run_one(cfg, sub, label=a) for a, (cfg, sub) in zip(cfgs, runs,
                                                                           strict=True)}
     rows = print_comparison(results)
     plot_runs(out / "compare.png", {a: r["epochs"] for a, r in results.items()})

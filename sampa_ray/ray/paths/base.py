@@ -186,11 +186,10 @@ class DataPath(Executor):
 
     def summary(self) -> dict[str, Any]:
         """What result.json records about the path beyond its name."""
-        if not self.grouped:
-            return {}
         return {"role_groups": {"workers_per_role": self.cfg.workers_per_role,
                                 "data_parallel": self.cfg.data_parallel,
                                 "sync_bn": self.cfg.sync_bn, "backend": self.backend,
+                                "devices": len(self.in_use),
                                 "groups": {str(s): [self.pool.name(w) for w in g]
                                            for s, g in self.groups.items()}}}
 
