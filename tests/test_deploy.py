@@ -179,7 +179,7 @@ def test_every_manifest_parses():
         assert docs and all(isinstance(d, dict) for d in docs), f
 
 
-def test_rayjob_has_a_head_and_two_one_gpu_workers():
+def test_rayjob_has_a_head_and_two_gpu_pods_of_one_role_group_each():
     job, service = rayjob()
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
@@ -190,7 +190,18 @@ def test_rayjob_has_a_head_and_two_one_gpu_workers():
     (group,) = cluster["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
     worker = group["template"]["spec"]["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    gpus = worker["resources"]["limits"]["nvidia.com/gpu"]
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert group["rayStartParams"]["num-gpus"] == str(gpus)
+    # one pod per role group: the placement packs a group of k on one node, the two apart
+    cfg = config_from_args(build_parser().parse_args(
+        shlex.split(spec["entrypoint"])[1:]))
+    assert cfg.workers_per_role == gpus == 2
+    from sampa_ray.ray.placement import plan_placement
+
+    pods = [{"CPU": 16.0, "GPU": float(gpus)}] * group["replicas"]
+    placement = plan_placement([{"CPU": 4.0}, *pods], cfg.workers_per_role, cfg.device, None)
+    assert (placement.mode, placement.strategy) == ("gpu-spread", "STRICT_SPREAD")
     assert service["kind"] == "Service"
     assert service["spec"]["ports"][0]["port"] == METRICS_PORT
     head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
