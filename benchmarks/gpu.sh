@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One prepared run for a single-GPU machine that has torch but not Ray: installs the wheels
 # carried in .whl/ (Ray and the few packages it and sampa-ray need) into /tmp/site, then prints
-# the SGD / SAM / SAMPa table per model and data path (WIRES="fp32 bf16" adds the bf16 wire).
+# the SGD / SAM / SAMPa table per model and data path (WIRES="fp32 bf16" adds the bf16 wire),
+# then `sampa-ray compare --baseline ddp` with one and two workers per role.
 # Then, without Ray, "SAMPa or data-parallel SAM?" (benchmarks/ddp.py): N = 2 and 4 processes
 # sharing the one GPU over gloo, SGD / SGD-DDP / SAM / SAM-DDP / SAMPa per model and global batch.
 #
 #   bash benchmarks/gpu.sh            # writes the tables to stdout and, if $OUT is set, CSV there
-#   DDP=0 bash benchmarks/gpu.sh      # only the Ray bench;  RAY_BENCH=0: only the DDP comparison
+#   DDP=0 bash benchmarks/gpu.sh      # only the Ray runs;  RAY_BENCH=0: only the DDP comparison
+#   COMPARE=0: skip the `compare --baseline ddp --workers-per-role 1, 2` runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,6 +27,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
   --models ${MODELS:-resnet20 resnet56 wrn28_2 wrn28_10} \
   --data-paths ${DATA_PATHS:-points replicated collective} --repeats ${REPEATS:-2} --wire-dtypes ${WIRES:-fp32} \
   ${OUT:+--csv "$OUT/gpu_bench.csv"}
+# the system itself: SGD(k), SAM(k), SAMPa(2xk) and SGD-DDP / SAM-DDP over 2k on the same actors,
+# k = 1 and 2 (2 and 4 workers sharing the one GPU; a role group's all-reduce goes over gloo)
+[ "${RAY_BENCH:-1}" = 0 ] || [ "${COMPARE:-1}" = 0 ] || for k in ${KS:-1 2}; do
+  "$PY" -m sampa_ray.cli compare --device cuda --model "${CMP_MODEL:-resnet56}" \
+    --dataset synthetic --synthetic-size 8192 --batch-size "${CMP_BATCH:-128}" \
+    --steps "${CMP_STEPS:-40}" --eval-every 1000 --threads 2 --baseline ddp \
+    --workers-per-role "$k" --out "/tmp/sampa-compare-k$k" --overwrite
+done
 # SAMPa or data-parallel SAM, no Ray: ddp.py imports torch and sampa_ray.models only
 [ "${DDP:-1}" = 0 ] || "$PY" benchmarks/ddp.py --device cuda --workers 2 4 \
   --models ${DDP_MODELS:-resnet20 resnet56} --batch-sizes ${DDP_BATCHES:-128 32} \

@@ -1,6 +1,8 @@
 """``sampa-ray bench``: a tiny real study on an embedded Ray instance (CSV, markdown, plots, an
-emulated latency that shows up where it should), the break-even interpolation and the round
-split on known numbers, and bad flags as one line with exit code 2."""
+emulated latency that shows up where it should), a tiny one over k = 1, 2 workers per role with
+the data-parallel baseline (devices per algorithm, the scaling table's ratios, scaling.png), the
+break-even interpolation and the round split on known numbers, and bad flags as one line with
+exit code 2."""
 
 from __future__ import annotations
 
@@ -12,16 +14,17 @@ import pytest
 
 from sampa_ray.cli import build_parser, main
 from sampa_ray.errors import UserError
+from sampa_ray.study.breakeven import BreakEven, break_even
 from sampa_ray.study.report import (
+    ALGOS,
     COLUMNS,
     METRICS,
-    BreakEven,
+    RUN_COLUMNS,
     Stat,
     aggregate,
-    break_even,
     sampa_breakdown,
 )
-from sampa_ray.study.spec import parse_bandwidths
+from sampa_ray.study.spec import parse_bandwidths, parse_workers_per_role
 
 PNG = b"\x89PNG\r\n\x1a\n"
 COMBOS = {("ray", "points"), ("ray", "replicated"), ("grpc", "points")}
@@ -29,6 +32,14 @@ TINY = ["--models", "cnn", "--transports", "ray", "grpc", "--data-paths", "point
         "replicated", "--latency-ms", "0", "50", "--bandwidth-gbit", "none", "--repeats", "1",
         "--steps", "4", "--batch-size", "8", "--threads", "1", "--device", "cpu",
         "--wire-dtype", "bf16"]
+
+
+#: k = 1 and 2 (2 and 4 workers on the 2 CPUs: one torch thread each) with the data-parallel
+#: baseline: a small model, one data path, one link, three updates
+SCALED = ["--models", "mlp", "--transports", "ray", "--data-paths", "replicated",
+          "--latency-ms", "0", "--bandwidth-gbit", "none", "--repeats", "1", "--steps", "3",
+          "--batch-size", "8", "--threads", "1", "--device", "cpu",
+          "--workers-per-role", "2", "1", "--baseline", "ddp"]
 
 
 def run_cli(*argv: str) -> int:
@@ -49,8 +60,21 @@ def study(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return out, buf.getvalue()
 
 
-def _rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "bench.csv", newline="") as f:
+@pytest.fixture(scope="module")
+def scaled(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench") / "scaled"
+    args = build_parser().parse_args(["bench", *SCALED, "--out", str(out)])
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert args.func(args) == 0
+    return out, buf.getvalue()
+
+
+def _rows(out: Path, name: str = "bench.csv") -> list[dict[str, str]]:
+    with open(out / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -125,6 +149,85 @@ def test_markdown_plots_and_break_even(study: tuple[Path, str]) -> None:
         assert (out / name).read_bytes()[:8] == PNG, name
 
 
+def test_scaled_rows_carry_devices_and_workers_per_role(scaled: tuple[Path, str]) -> None:
+    """One pass per k on its own actors: bench.csv a row per k, bench_runs.csv a row per
+    algorithm run; SGD(k) and SAM(k) used k workers, their -ddp forms and SAMPa 2k, as the
+    runs' own result.json say; grouped runs report an all-reduce, k = 1 SGD/SAM none."""
+    import json
+
+    out, _ = scaled
+    rows = _rows(out)
+    assert list(rows[0]) == list(COLUMNS)
+    assert [int(r["workers_per_role"]) for r in rows] == [1, 2]  # ascending, whatever the order
+    for r in rows:
+        k = int(r["workers_per_role"])
+        want = {"sgd": k, "sam": k, "sampa": 2 * k, "sgd_ddp": 2 * k, "sam_ddp": 2 * k}
+        assert {a: float(r[f"{a}_devices"]) for a in want} == want
+        times = {a: float(r[f"{a}_ms"]) for a in want}
+        assert min(times.values()) > 0, times
+        assert float(r["sam_ddp_over_sampa"]) == pytest.approx(
+            times["sam_ddp"] / times["sampa"], rel=1e-12)
+        assert float(r["sam_over_sampa"]) == pytest.approx(times["sam"] / times["sampa"],
+                                                           rel=1e-12)
+        assert float(r["sam_ddp_allreduce_ms"]) > 0  # data-parallel: always a group
+        assert (float(r["sam_allreduce_ms"]) > 0) == (k > 1)
+    runs = _rows(out, "bench_runs.csv")
+    assert list(runs[0]) == list(RUN_COLUMNS)
+    got = {(int(r["workers_per_role"]), r["algo"]): int(r["devices"]) for r in runs}
+    assert got == {(k, a): k * (1 if a in ("sgd", "sam") else 2) for k in (1, 2) for a in ALGOS}
+    for r in runs:
+        wide = rows[int(r["workers_per_role"]) - 1]
+        assert float(r["step_ms"]) == float(wide[r["algo"].replace("-", "_") + "_ms"])
+        assert float(r["over_sampa"]) == pytest.approx(
+            float(r["step_ms"]) / float(wide["sampa_ms"]), rel=1e-12)
+    # each run's result.json kept; the -ddp runs were data-parallel over all 2k workers
+    for k, name in ((1, "mlp-ray-replicated-lat0ms-bwnone-r1"),
+                    (2, "mlp-ray-replicated-lat0ms-bwnone-k2-r1")):
+        assert sorted(p.stem for p in (out / "runs" / name).glob("*.json")) == sorted(ALGOS)
+        res = json.loads((out / "runs" / name / "sam-ddp.json").read_text())
+        rg = res["role_groups"]
+        assert (rg["workers_per_role"], rg["data_parallel"]) == (k, True)
+        assert res["config"]["algo"] == "sam"
+        assert sum(len(g) for g in rg["groups"].values()) == 2 * k
+        sampa = json.loads((out / "runs" / name / "sampa.json").read_text())
+        assert sampa["config"]["workers_per_role"] == k
+        assert not sampa["config"]["data_parallel"]
+
+
+def test_scaling_table_ratios_and_plot(scaled: tuple[Path, str]) -> None:
+    """bench.md's "step time vs devices" table shows, per k, the csv's step times and SAMPa's
+    speedups over SAM-DDP and SAM(k); the existing tables tell k apart; scaling.png is a PNG."""
+    out, printed = scaled
+    md = (out / "bench.md").read_text()
+    assert "## Step time vs devices at a fixed global batch" in md
+    assert "at latency 0 ms, uncapped bandwidth," in md
+    assert "| mlp | ray | replicated k=2 | 0 | none | 1 |" in md  # the main table, k = 2
+    section = md.split("## Step time vs devices at a fixed global batch")[1]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| mlp |")]
+    assert len(lines) == 2
+    for r, line in zip(_rows(out), lines, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        k = int(r["workers_per_role"])
+        assert cells[:5] == ["mlp", "ray", "replicated", str(k), f"{k} / {2 * k}"]
+        assert cells[5:10] == [f"{float(r[c]):.1f}" for c in (
+            "sgd_ms", "sam_ms", "sgd_ddp_ms", "sam_ddp_ms", "sampa_ms")]
+        sam_ddp, sam, sampa = (float(r[c]) for c in ("sam_ddp_ms", "sam_ms", "sampa_ms"))
+        assert cells[10:] == [f"{sam_ddp / sampa:.2f}", f"{sam / sampa:.2f}"]
+    assert lines[-1] in printed
+    assert (out / "scaling.png").read_bytes()[:8] == PNG
+
+
+def test_scaling_outputs_only_when_asked(study: tuple[Path, str]) -> None:
+    """A study with k = 1 and no baseline: no scaling table, no scaling.png, and bench_runs.csv
+    holds the three algorithms with one worker per role."""
+    out, _ = study
+    assert "Step time vs devices" not in (out / "bench.md").read_text()
+    assert not (out / "scaling.png").exists()
+    runs = _rows(out, "bench_runs.csv")
+    assert {(r["algo"], r["devices"], r["workers_per_role"]) for r in runs} == {
+        ("sgd", "1", "1"), ("sam", "1", "1"), ("sampa", "2", "1")}
+
+
 def test_refuses_a_folder_that_is_not_empty(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bench.csv").write_text("earlier study\n")
@@ -146,6 +249,15 @@ def test_refuses_a_folder_that_is_not_empty(tmp_path: Path,
     (["--steps", "1"], "--steps"),
     (["--device", "tpu"], "--device"),
     (["--wire-dtype", "fp16"], "--wire-dtype"),
+    (["--workers-per-role", "0"], "--workers-per-role"),
+    (["--workers-per-role", "1", "-1"], "--workers-per-role"),
+    (["--workers-per-role", "x"], "--workers-per-role"),
+    (["--workers-per-role", "1.5"], "--workers-per-role"),
+    (["--workers-per-role", "65"], "--workers-per-role"),
+    (["--workers-per-role", "2", "--transports", "grpc"], "--workers-per-role"),
+    (["--baseline", "foo"], "--baseline"),
+    (["--baseline", "ddp", "--transports", "grpc"], "--baseline"),
+    (["--baseline", "ddp", "--workers-per-role", "2", "--batch-size", "3"], "--batch-size"),
 ])
 def test_bad_flags_are_one_line_exit_2(flags: list[str], named: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,6 +304,7 @@ def test_break_even_latency_edges_and_uncapped() -> None:
 
 def test_bandwidth_order_and_aggregate_spread() -> None:
     assert parse_bandwidths(["1", "none", "10", "0.1", "1"]) == [None, 10.0, 1.0, 0.1]
+    assert parse_workers_per_role(["4", "1", "2", "4"]) == [1, 2, 4]
     assert Stat.of([3.0, 1.0, 2.0]).fmt() == "2.0 (1.0–3.0)"
     base = {"model": "m", "transport": "ray", "data_path": "points", "latency_ms": 0.0,
             "bandwidth_gbit": "none"}

@@ -109,6 +109,27 @@ def test_round_is_split_into_compute_copies_transfer_and_wait():
     assert total(s, "sampa_transfer_bytes_total", direction="up") == 4 * 44
 
 
+def test_a_role_groups_all_reduce_is_its_own_series_beside_the_transfer():
+    """With role groups a gradient's all-reduce wait and bytes are reported per role; the
+    worker accounts for the wait, so it is not counted as transfer. One worker per role
+    (``reduced_bytes`` 0) creates no all-reduce series."""
+    m = RunMetrics()
+    grouped = result(0.10, 0.01, 0.01)
+    grouped.timings["allreduce"] = 0.03
+    grouped.reduced_bytes = 4_000
+    m.observe_round({"perturbed": grouped, "extrapolated": result(0.10)}, round_s=0.25,
+                    update_s=0.0, arrivals={"perturbed": 10.2, "extrapolated": 10.2},
+                    point_bytes={}, grad_bytes={}, transport="ray", started=10.0)
+    _, s = parse(m.text())
+    assert val(s, "sampa_group_allreduce_seconds_sum", role="perturbed") == pytest.approx(0.03)
+    assert val(s, "sampa_group_allreduce_bytes_total", role="perturbed") == 4_000
+    assert ("sampa_group_allreduce_bytes_total", frozenset({("role", "extrapolated")})) \
+        not in s
+    # 0.2 s round trip - (0.10 compute + 0.02 copies + 0.03 all-reduce) = 0.05 of transfer
+    assert val(s, "sampa_transfer_seconds_sum", role="perturbed", direction="up",
+               transport="ray") == pytest.approx(0.025)
+
+
 def test_round_start_defaults_to_last_arrival_minus_round_time_and_share_is_clipped():
     m = RunMetrics()
     # compute longer than the round (clock skew): share clips to 0, no negative transfer
@@ -169,7 +190,9 @@ def test_every_metric_exists_with_low_cardinality_labels():
     names, s = parse(m.text())
     unlabelled = {"sampa_worker_compute_seconds", "sampa_worker_copy_seconds",
                   "sampa_transfer_seconds", "sampa_transfer_bytes_total", "sampa_wait_seconds",
-                  "sampa_accuracy", "sampa_grad_norm", "sampa_run"}  # none before a value
+                  "sampa_accuracy", "sampa_grad_norm", "sampa_run",
+                  "sampa_group_allreduce_seconds",
+                  "sampa_group_allreduce_bytes_total"}  # none before a value
     assert set(METRIC_NAMES) - unlabelled <= names
     for name in ("sampa_worker_restarts_total", "sampa_retried_rounds_total",
                  "sampa_nonfinite_rounds_total", "sampa_steps_total"):
@@ -413,7 +436,11 @@ def test_live_run_is_scraped_over_http(live: LiveRun):
     fams2, s2 = parse(scrape(live.port))
     assert live.running(), "the run ended before the scrapes"
     for name in METRIC_NAMES:
+        if name.startswith("sampa_group_"):  # one worker per role: no group, no sample
+            assert name.removesuffix("_total") in fams2, name
+            continue
         assert name in fams2 or name + "_info" in fams2, name
+    assert not [k for k in s2 if k[0].startswith("sampa_group_allreduce_bytes")]
     roles = ("perturbed", "extrapolated")
     for role in roles:
         assert total(s2, "sampa_worker_compute_seconds_sum", role=role) > 0

@@ -10,23 +10,29 @@ import argparse
 import time
 from typing import Any
 
-from ..study.spec import DATA_PATHS, TRANSPORTS, BenchSpec, make_spec
+from ..study.spec import BASELINES, DATA_PATHS, TRANSPORTS, BenchSpec, make_spec
 
 
 def add_bench_command(subparsers: Any) -> None:
     """Register ``bench`` on the CLI's subparsers (handler: :func:`cmd_bench`)."""
     p = subparsers.add_parser(
-        "bench", help="communication-cost study: SGD / SAM / SAMPa over emulated links",
+        "bench", help="communication-cost study: SGD / SAM / SAMPa over emulated links and "
+        "worker counts",
         description="SGD, SAM and SAMPa side by side on the same Ray actors, on synthetic data, "
-        "for every model x transport x data path x emulated link; writes bench.csv, bench.md "
-        "and plots into --out.")
+        "for every model x transport x data path x emulated link, once per --workers-per-role "
+        "k (each k on its own 2k workers); --baseline ddp adds SGD and SAM data-parallel over "
+        "all 2k workers at the same global batch. Writes bench.csv (a row per configuration "
+        "and repeat), bench_runs.csv (a row per algorithm run, with the devices it used), "
+        "bench.md and plots (scaling.png: step time vs devices, with --baseline ddp) into "
+        "--out.")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help="models to measure (default: resnet20 resnet56; on a GPU also "
                    "wrn28_2 wrn28_10)")
     p.add_argument("--transports", nargs="+", default=list(TRANSPORTS), metavar="T",
                    help="ray and/or grpc (default: both)")
     p.add_argument("--data-paths", nargs="+", default=list(DATA_PATHS), metavar="P",
-                   help="points and/or replicated (default: both; grpc runs points only)")
+                   help="points, replicated and/or collective (default: all three; grpc runs "
+                   "points only)")
     p.add_argument("--latency-ms", nargs="+", default=["0", "1", "5", "20"], metavar="MS",
                    help="emulated latency per message, ms (default: 0 1 5 20)")
     p.add_argument("--bandwidth-gbit", nargs="+", default=["none", "10", "1", "0.1"],
@@ -34,6 +40,15 @@ def add_bench_command(subparsers: Any) -> None:
                    "(default: none 10 1 0.1)")
     p.add_argument("--wire-dtype", default="fp32", metavar="D",
                    help="gradients on the wire: fp32 or bf16 (default: fp32)")
+    p.add_argument("--workers-per-role", nargs="+", default=["1"], metavar="K",
+                   help="gradient workers per role, one pass over the grid per K on its own "
+                   "2K workers: SGD(K) and SAM(K) use one group of K, SAMPa two (default: 1; "
+                   "K > 1 runs on the ray transport only)")
+    p.add_argument("--baseline", default="none", metavar="B",
+                   help=f"{' or '.join(BASELINES)}: ddp also runs SGD and SAM data-parallel "
+                   "over all 2K workers (sgd-ddp, sam-ddp; ray transport), the same global "
+                   "batch, for the 'step time vs devices' table and scaling.png "
+                   "(default: none)")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (default: 3)")
     p.add_argument("--steps", type=int, default=12, help="updates per run; the first is not "
                    "timed (default: 12)")
@@ -54,7 +69,8 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
                      data_paths=args.data_paths, latency_ms=args.latency_ms,
                      bandwidth_gbit=args.bandwidth_gbit, repeats=args.repeats, steps=args.steps,
                      batch_size=args.batch_size, threads=args.threads, device=args.device,
-                     out=args.out, overwrite=args.overwrite, wire_dtype=args.wire_dtype)
+                     out=args.out, overwrite=args.overwrite, wire_dtype=args.wire_dtype,
+                     workers_per_role=args.workers_per_role, baseline=args.baseline)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -82,8 +98,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"(the first not timed), batch {r0['batch_size']}, {spec.repeats} repeat(s), "
               f"{r0['wire_dtype']} gradients on the wire, "
               "synthetic data, emulated links.")
+    if spec.workers_per_role != [1] or spec.baseline != "none":
+        header += (f" Workers per role: {' '.join(map(str, spec.workers_per_role))} (each on its "
+                   f"own actors); baseline: {spec.baseline}.")
     md = write_report(spec.out, rows, header)
     print(md)
-    print(f"wrote {spec.out / 'bench.csv'}, {spec.out / 'bench.md'}, "
-          f"speedup_vs_bandwidth.png, speedup_vs_latency.png and breakdown.png there")
+    plots = ["speedup_vs_bandwidth.png", "speedup_vs_latency.png", "breakdown.png"]
+    if (spec.out / "scaling.png").exists():
+        plots.append("scaling.png")
+    print(f"wrote {spec.out / 'bench.csv'}, bench_runs.csv, bench.md, {', '.join(plots[:-1])} "
+          f"and {plots[-1]} there")
     return 0

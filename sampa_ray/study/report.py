@@ -1,5 +1,7 @@
-"""What the study says: one row per run from its ``result.json`` files, medians and spread over
-the repeats, the break-even links, and ``bench.csv`` / ``bench.md`` (the plots: ``plots``).
+"""What the study says: one row per configuration and repeat from its runs' ``result.json``
+files, medians and spread over the repeats, the break-even links (``breakeven``), the step
+time against the
+devices used, and ``bench.csv`` / ``bench_runs.csv`` / ``bench.md`` (the plots: ``plots``).
 
 How SAMPa's round is split is described in the package docstring (``sampa_ray.study``); the
 split is computed here from ``result.json`` alone, so a finished study can be re-reported
@@ -15,24 +17,47 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from ..algorithms import BUILTIN, SAMPa
+from ..algorithms import SAMPa
+from .breakeven import break_evens, describe_break_even
 from .spec import LinkSetting
 
 #: SAMPa's roles: its round is split per role
 ROLES = tuple(SAMPa.slots)
 PARTS = ("compute", "copy", "transfer", "wait", "update", "other")
 
+#: the algorithms a configuration may run, as rows and tables name them: SGD, SAM, SAMPa, and
+#: with ``--baseline ddp`` SGD and SAM data-parallel over all 2k workers of the same actors
+ALGOS = ("sgd", "sam", "sampa", "sgd-ddp", "sam-ddp")
+
+
+def column(algo: str) -> str:
+    """An algorithm's prefix in bench.csv's columns (``sam-ddp`` -> ``sam_ddp``)."""
+    return algo.replace("-", "_")
+
+
+#: per configuration, what role groups add: the data-parallel baselines' step times and
+#: SAM-DDP/SAMPa (NaN where they did not run), and per algorithm the workers its run used and
+#: its all-reduce per gradient (the group's sum; 0 without role groups)
+GROUP_METRICS = ("sgd_ddp_ms", "sam_ddp_ms", "sam_ddp_over_sampa",
+                 *(f"{column(a)}_devices" for a in ALGOS),
+                 *(f"{column(a)}_allreduce_ms" for a in ALGOS))
 #: numeric columns of bench.csv that are aggregated over repeats
 METRICS = ("sgd_ms", "sam_ms", "sampa_ms", "sam_over_sampa", "sampa_over_sgd",
            "sampa_round_ms", "sampa_update_ms", "sampa_other_ms",
            *(f"sampa_{r}_{k}_ms" for r in ROLES for k in ("compute", "copy", "transfer", "wait")),
            "sampa_compute_ms", "sampa_copy_ms", "sampa_transfer_ms", "sampa_wait_ms",
-           "sampa_transfer_share", "sampa_wait_share")
-KEY = ("model", "transport", "data_path", "latency_ms", "bandwidth_gbit")
+           "sampa_transfer_share", "sampa_wait_share", *GROUP_METRICS)
+#: what tells configurations apart; ``workers_per_role`` (k) last, so rows written before
+#: role groups existed (without it) read as k = 1
+KEY = ("model", "transport", "data_path", "latency_ms", "bandwidth_gbit", "workers_per_role")
 COLUMNS = (*KEY, "repeat", "params", "grad_mb", "wire_dtype", "link_ms_per_message", "steps",
            "batch_size", "device", "placement", "threads", *METRICS)
+#: bench_runs.csv: one row per algorithm run; ``over_sampa`` = its step time / SAMPa's in the
+#: same configuration and repeat (SAMPa's speedup over it: > 1, SAMPa is faster)
+RUN_COLUMNS = (*KEY, "repeat", "algo", "devices", "step_ms", "over_sampa", "allreduce_ms",
+               "params", "wire_dtype", "steps", "batch_size", "device", "placement", "threads")
 #: the optional per-round costs (``BenchSpec.round_costs``): numeric ones are aggregated too
 ROUND_METRICS = ("one_busy_compute_ms", "both_busy_compute_ms", "sgd_overhead_ms",
                  "sampa_overhead_ms")
@@ -101,6 +126,22 @@ def round_overhead(result: Mapping[str, Any]) -> float:
     return statistics.median(gaps) if gaps else math.nan
 
 
+def devices_used(result: Mapping[str, Any]) -> int:
+    """The gradient workers a run used, from its ``result.json``: the members of its role
+    groups, or (one worker per role) its roles: SGD and SAM 1, SAMPa 2."""
+    groups = (result.get("role_groups") or {}).get("groups")
+    if groups:
+        return len({w for g in groups.values() for w in g})
+    return len(result["timings"]["workers"])
+
+
+def allreduce_seconds(result: Mapping[str, Any]) -> float:
+    """A run's median all-reduce per gradient (the group's sum, seconds), mean of its roles;
+    0.0 without role groups."""
+    vals = [_median(w.get("allreduce")) for w in result["timings"]["workers"].values()]
+    return statistics.fmean(vals) if vals else 0.0
+
+
 def round_costs(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The :data:`ROUND_COLUMNS` of a configuration: the workers' compute per gradient with one
     worker busy (SGD) and both busy (SAMPa, the slower role) -- what the machine allows -- and
@@ -115,11 +156,12 @@ def round_costs(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 def run_row(results: Mapping[str, Mapping[str, Any]], link: LinkSetting,
             repeat: int) -> dict[str, Any]:
-    """One CSV row from the three result.json of a configuration (keys: sgd, sam, sampa);
-    ``repeat`` counts from 1."""
+    """One CSV row from the result.json of a configuration's runs (keys: sgd, sam, sampa and,
+    with the data-parallel baseline, sgd-ddp and sam-ddp: NaN where absent); ``repeat``
+    counts from 1."""
     sampa = results["sampa"]
     cfg = sampa["config"]
-    step = {a: step_seconds(results[a]) for a in BUILTIN}
+    step = {a: step_seconds(results[a]) if a in results else math.nan for a in ALGOS}
     b = sampa_breakdown(sampa)
     nbytes = sampa["timings"].get("gradient_bytes") or int(sampa["num_params"]) * 4
     total = sum(b[p] for p in PARTS)
@@ -127,6 +169,7 @@ def run_row(results: Mapping[str, Mapping[str, Any]], link: LinkSetting,
         "model": cfg["model"], "transport": sampa["transport"], "data_path": sampa["data_path"],
         "latency_ms": link.latency_ms,
         "bandwidth_gbit": "none" if link.gbit_s is None else link.gbit_s,
+        "workers_per_role": int(cfg.get("workers_per_role", 1)),
         "repeat": repeat, "params": sampa["num_params"], "grad_mb": nbytes / 1e6,
         "wire_dtype": cfg.get("wire_dtype", "fp32"),
         "link_ms_per_message": link.delay_ms(nbytes), "steps": cfg["steps"],
@@ -145,7 +188,35 @@ def run_row(results: Mapping[str, Mapping[str, Any]], link: LinkSetting,
         row[f"sampa_{k}_ms"] = b[k] * 1e3
     row["sampa_transfer_share"] = b["transfer"] / total if total else 0.0
     row["sampa_wait_share"] = b["wait"] / total if total else 0.0
+    row["sgd_ddp_ms"] = step["sgd-ddp"] * 1e3
+    row["sam_ddp_ms"] = step["sam-ddp"] * 1e3
+    row["sam_ddp_over_sampa"] = step["sam-ddp"] / step["sampa"] if step["sampa"] else math.nan
+    for a in ALGOS:
+        r = results.get(a)
+        row[f"{column(a)}_devices"] = devices_used(r) if r is not None else math.nan
+        row[f"{column(a)}_allreduce_ms"] = allreduce_seconds(r) * 1e3 if r is not None \
+            else math.nan
     return row
+
+
+def algo_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """bench_runs.csv from bench.csv's rows: one row per algorithm run (:data:`RUN_COLUMNS`),
+    the shape for "step time against devices" (one row per configuration holds five runs on
+    different worker counts); algorithms that did not run are left out."""
+    out = []
+    for row in rows:
+        sampa = float(row["sampa_ms"])
+        for a in ALGOS:
+            ms = float(row.get(f"{column(a)}_ms", math.nan))
+            if math.isnan(ms):
+                continue
+            out.append({
+                **{k: row.get(k, 1) for k in KEY}, "repeat": row["repeat"], "algo": a,
+                "devices": int(row.get(f"{column(a)}_devices", 2 if a == "sampa" else 1)),
+                "step_ms": ms, "over_sampa": ms / sampa if sampa else math.nan,
+                "allreduce_ms": float(row.get(f"{column(a)}_allreduce_ms", 0.0)),
+                **{k: row[k] for k in RUN_COLUMNS[len(KEY) + 6:]}})
+    return out
 
 
 # -- aggregation over repeats ---------------------------------------------------------------------
@@ -189,8 +260,19 @@ class Aggregate:
         return None if bw in (None, "none", "") else float(bw)
 
     @property
+    def k(self) -> int:
+        """Workers per role of the configuration."""
+        return int(self.key.get("workers_per_role", 1))
+
+    @property
+    def path_label(self) -> str:
+        """The data path, with ``k=K`` when role groups ran (k > 1): the existing tables and
+        plots tell passes over the grid with different k apart by it."""
+        return self.key["data_path"] + ("" if self.k == 1 else f" k={self.k}")
+
+    @property
     def series(self) -> tuple[str, str, str]:
-        return (self.key["model"], self.key["transport"], self.key["data_path"])
+        return (self.key["model"], self.key["transport"], self.path_label)
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]],
@@ -199,107 +281,15 @@ def aggregate(rows: Sequence[Mapping[str, Any]],
     ``metrics`` (with ``BenchSpec.round_costs``: add :data:`ROUND_METRICS`)."""
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
-        key = tuple(str(row[k]) if k == "bandwidth_gbit" else row[k] for k in KEY)
+        key = (*(str(row[k]) if k == "bandwidth_gbit" else row[k] for k in KEY[:-1]),
+               int(row.get("workers_per_role", 1)))
         groups.setdefault(key, []).append(row)
     out = []
     for key, rs in groups.items():
         agg = Aggregate(dict(zip(KEY, key, strict=True)), repeats=len(rs))
-        for m in metrics:
-            agg.stats[m] = Stat.of([float(r[m]) for r in rs])
+        for m in metrics:  # a metric a row lacks (an older row, no baseline) counts as NaN
+            agg.stats[m] = Stat.of([float(r.get(m, math.nan)) for r in rs])
         out.append(agg)
-    return out
-
-
-# -- break-even -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BreakEven:
-    """Where SAM/SAMPa first drops below 1 along a sweep ordered from the best link to the worst.
-
-    kind: ``crossed`` (``value`` interpolated between the measured ``bracket``; ``value`` is None
-    when the bracket starts at the uncapped link, which has no position to interpolate from),
-    ``never`` (>= 1 at every measured point), ``always`` (< 1 already at the best link).
-    """
-
-    kind: Literal["crossed", "never", "always"]
-    value: float | None = None
-    bracket: tuple[float, float] | None = None
-
-
-def break_even(xs: Sequence[float], speedups: Sequence[float], *, log_x: bool) -> BreakEven:
-    """The x at which the speedup first drops below 1, walking ``xs`` in the given order (from
-    the best link to the worst: bandwidth from high to low, latency from low to high).
-
-    Linear interpolation between the two measured points around the crossing; with ``log_x``
-    in log10(x) (bandwidths: the sweep is geometric), otherwise in x itself (latencies). An x of
-    ``math.inf`` stands for the uncapped link. NaN speedups are skipped.
-    """
-    pts = [(float(x), float(y)) for x, y in zip(xs, speedups, strict=True) if not math.isnan(y)]
-    if not pts:
-        return BreakEven("never")
-    if pts[0][1] < 1.0:
-        return BreakEven("always")
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if y1 < 1.0 <= y0:
-            t = (y0 - 1.0) / (y0 - y1)
-            if math.isinf(x0) or math.isinf(x1):
-                return BreakEven("crossed", None, (x0, x1))
-            if log_x:
-                value = 10 ** (math.log10(x0) + t * (math.log10(x1) - math.log10(x0)))
-            else:
-                value = x0 + t * (x1 - x0)
-            return BreakEven("crossed", value, (x0, x1))
-    return BreakEven("never")
-
-
-def _fmt_bw(x: float) -> str:
-    return "uncapped" if math.isinf(x) else f"{x:.3g} Gbit/s"
-
-
-def describe_break_even(be: BreakEven, unit: str) -> str:
-    """One cell of bench.md: ``unit`` is ``Gbit/s`` (bandwidth sweep) or ``ms`` (latency)."""
-    bw = unit == "Gbit/s"
-    if be.kind == "never":
-        return "never below 1 in the measured range"
-    if be.kind == "always":
-        return "below 1 already at the best measured link"
-    assert be.bracket is not None
-    lo, hi = be.bracket
-    if be.value is None:
-        return f"between {_fmt_bw(lo)} and {_fmt_bw(hi)}"
-    where = f"{_fmt_bw(lo)} and {_fmt_bw(hi)}" if bw else f"{lo:g} and {hi:g} ms"
-    val = _fmt_bw(be.value) if bw else f"{be.value:.3g} ms"
-    return f"**{val}** (between {where})"
-
-
-def sweeps(aggs: Sequence[Aggregate], over: str
-           ) -> dict[tuple[tuple[str, str, str], Any], list[Aggregate]]:
-    """Sweeps of one link dimension with the other fixed: {(series, fixed value): aggregates
-    ordered from the best link to the worst}."""
-    out: dict[tuple[tuple[str, str, str], Any], list[Aggregate]] = defaultdict(list)
-    for a in aggs:
-        fixed = a.key["latency_ms"] if over == "bandwidth" else a.gbit_s
-        out[(a.series, fixed)].append(a)
-    for v in out.values():
-        if over == "bandwidth":
-            v.sort(key=lambda a: -math.inf if a.gbit_s is None else -a.gbit_s)
-        else:
-            v.sort(key=lambda a: a.key["latency_ms"])
-    return out
-
-
-def break_evens(aggs: Sequence[Aggregate], over: str
-                ) -> dict[tuple[tuple[str, str, str], Any], BreakEven]:
-    """Break-even of each sweep (``over`` = bandwidth | latency) on the median speedups."""
-    out = {}
-    for k, sweep in sweeps(aggs, over).items():
-        if len(sweep) < 2:  # one link setting along this axis: nothing to cross
-            continue
-        ys = [a.stats["sam_over_sampa"].median for a in sweep]
-        if over == "bandwidth":
-            xs = [math.inf if a.gbit_s is None else a.gbit_s for a in sweep]
-            out[k] = break_even(xs, ys, log_x=True)
-        else:
-            out[k] = break_even([a.key["latency_ms"] for a in sweep], ys, log_x=False)
     return out
 
 
@@ -311,7 +301,7 @@ def _bw_text(a: Aggregate) -> str:
 def label(a: Aggregate) -> str:
     """A configuration in words: ``model transport/data path, latency, bandwidth``."""
     bw = "uncapped" if a.gbit_s is None else f"{a.gbit_s:g} Gbit/s"
-    return (f"{a.key['model']} {a.key['transport']}/{a.key['data_path']}, "
+    return (f"{a.key['model']} {a.key['transport']}/{a.path_label}, "
             f"{a.key['latency_ms']:g} ms, {bw}")
 
 
@@ -322,6 +312,14 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra])
         w.writeheader()
         w.writerows(rows)
+
+
+def write_runs_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """bench_runs.csv: :func:`algo_rows` of bench.csv's rows (:data:`RUN_COLUMNS`)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(RUN_COLUMNS))
+        w.writeheader()
+        w.writerows(algo_rows(rows))
 
 
 def markdown(aggs: Sequence[Aggregate], header: str = "") -> str:
@@ -338,7 +336,7 @@ def markdown(aggs: Sequence[Aggregate], header: str = "") -> str:
     for a in aggs:
         s = a.stats
         lines.append(
-            f"| {a.key['model']} | {a.key['transport']} | {a.key['data_path']} | "
+            f"| {a.key['model']} | {a.key['transport']} | {a.path_label} | "
             f"{a.key['latency_ms']:g} | {_bw_text(a)} | {a.repeats} | {s['sgd_ms'].fmt()} | "
             f"{s['sam_ms'].fmt()} | {s['sampa_ms'].fmt()} | {s['sam_over_sampa'].fmt('.2f')} | "
             f"{s['sampa_over_sgd'].fmt('.2f')} | {s['sampa_transfer_share'].fmt('.2f')} |")
@@ -371,18 +369,28 @@ def markdown(aggs: Sequence[Aggregate], header: str = "") -> str:
         with_ = "uncapped" if bw is None else f"{bw:g} Gbit/s"
         lines.append(f"| {' | '.join(series)} | latency | bandwidth {with_} | "
                      f"{describe_break_even(be, 'ms')} |")
+    from .scaling import has_scaling, scaling_table  # (it builds on this module)
+
+    if has_scaling(aggs):
+        lines += scaling_table(aggs)
     return "\n".join(lines) + "\n"
 
 
 def write_report(out: Path, rows: Sequence[Mapping[str, Any]], header: str = "") -> str:
-    """bench.csv, bench.md and the plots from the per-run rows; returns the markdown."""
-    from .plots import plot_breakdown, plot_speedup
+    """bench.csv, bench_runs.csv, bench.md and the plots from the per-configuration rows;
+    returns the markdown. ``scaling.png`` (step time against devices) when the data-parallel
+    baseline ran: without it there is no 2k-worker SGD or SAM to set SAMPa against."""
+    from .plots import plot_breakdown, plot_scaling, plot_speedup
+    from .scaling import has_baseline
 
     write_csv(out / "bench.csv", rows)
+    write_runs_csv(out / "bench_runs.csv", rows)
     aggs = aggregate(rows)
     md = markdown(aggs, header)
     (out / "bench.md").write_text(md)
     plot_speedup(out / "speedup_vs_bandwidth.png", aggs, "bandwidth")
     plot_speedup(out / "speedup_vs_latency.png", aggs, "latency")
     plot_breakdown(out / "breakdown.png", aggs)
+    if has_baseline(aggs):
+        plot_scaling(out / "scaling.png", aggs)
     return md

@@ -1,10 +1,13 @@
 """Running the study: every configuration of a :class:`~.spec.BenchSpec` on Ray, as few sessions
 as possible, each run's ``result.json`` kept and everything else it wrote thrown away.
 
-One ``run_ray_many`` call per (model, transport) holds every data path, link, repeat and
-algorithm, ordered repeat by repeat: the runs share one coordinator and one pair of workers
-(like for like), and slow drifts of the machine spread over all configurations instead of
-landing on one.
+One ``run_ray_many`` call per (model, k, transport) holds every data path, link, repeat and
+algorithm, ordered repeat by repeat: the runs share one coordinator and one set of 2k workers
+(like for like: SGD and SAM on one group of k, their data-parallel baselines on all 2k, SAMPa on
+both groups), and slow drifts of the machine spread over all configurations instead of landing
+on one. Each k (``--workers-per-role``) gets its own actors: the workers' count and process
+groups are fixed for a session (``coordinator.WORKER_FIELDS``), while ``data_parallel`` may
+change from run to run on the same actors.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..algorithms import BUILTIN
 from ..errors import UserError
 from ..outdir import prepare_out
 from .report import round_costs, run_row, step_seconds
@@ -34,13 +36,15 @@ class _Planned:
     data_path: str
     link: LinkSetting
     repeat: int
-    algo: str
+    algo: str  # sgd, sam, sampa, sgd-ddp or sam-ddp
     run_dir: Path
     keep: Path  # where its result.json is kept
+    k: int = 1  # workers per role of the session
+    algos: tuple[str, ...] = ("sgd", "sam", "sampa")  # every algorithm of its configuration
 
     @property
     def group(self) -> tuple[Any, ...]:
-        return (self.model, self.transport, self.data_path, self.link, self.repeat)
+        return (self.model, self.transport, self.data_path, self.link, self.k, self.repeat)
 
 
 class _Collector:
@@ -80,13 +84,17 @@ class _Collector:
             with open(p.keep) as f:
                 self.steps[p.group][p.algo] = step_seconds(json.load(f))
             s = self.steps[p.group]
-            if len(s) == len(BUILTIN):
+            if len(s) == len(p.algos):
                 bw = "none" if p.link.gbit_s is None else f"{p.link.gbit_s:g} Gbit/s"
                 ratio = s["sam"] / s["sampa"] if s["sampa"] else math.nan
-                self.say(f"{p.model} {p.transport}/{p.data_path} latency {p.link.latency_ms:g} "
-                         f"ms, bandwidth {bw}, repeat {p.repeat + 1}/{self.spec.repeats}: "
+                k = "" if p.k == 1 else f" k={p.k}"
+                ddp = "".join(f"  {a.upper()} {s[a] * 1e3:.1f} ms"
+                              for a in p.algos if a.endswith("-ddp"))
+                self.say(f"{p.model} {p.transport}/{p.data_path}{k} latency "
+                         f"{p.link.latency_ms:g} ms, bandwidth {bw}, repeat "
+                         f"{p.repeat + 1}/{self.spec.repeats}: "
                          f"SGD {s['sgd'] * 1e3:.1f} ms  SAM {s['sam'] * 1e3:.1f} ms  "
-                         f"SAMPa {s['sampa'] * 1e3:.1f} ms  SAM/SAMPa {ratio:.2f}")
+                         f"SAMPa {s['sampa'] * 1e3:.1f} ms{ddp}  SAM/SAMPa {ratio:.2f}")
         self.todo = left
 
 
@@ -113,20 +121,28 @@ def prepare(spec: BenchSpec) -> Path:
 
 
 def _plan(spec: BenchSpec, model: str, transport: str, paths: Sequence[str],
-          links: Sequence[LinkSetting]) -> tuple[list[_Planned], list[tuple[Any, Path]]]:
-    """The runs of one session (one model, one transport), repeat by repeat."""
+          links: Sequence[LinkSetting], k: int = 1
+          ) -> tuple[list[_Planned], list[tuple[Any, Path]]]:
+    """The runs of one session (one model, one k, one transport), repeat by repeat; an
+    algorithm named ``<algo>-ddp`` is ``<algo>`` with ``data_parallel`` on the same actors."""
     from ..config import make_config
 
     work = spec.out / "work"
     planned: list[_Planned] = []
     runs = []
+    algos = tuple(spec.algos(transport))
     for rep in range(spec.repeats):
         for path in paths:
             for link in links:
-                name = f"{model}-{transport}-{path}-{link.tag()}-r{rep + 1}"
-                for algo in BUILTIN:
+                # k = 1 keeps the folder names of studies before role groups
+                name = (f"{model}-{transport}-{path}-{link.tag()}"
+                        f"{'' if k == 1 else f'-k{k}'}-r{rep + 1}")
+                for algo in algos:
                     cfg = make_config({
-                        "algo": algo, "model": model, "dataset": "synthetic",
+                        "algo": algo.removesuffix("-ddp"),
+                        "data_parallel": algo.endswith("-ddp"),
+                        "workers_per_role": k,
+                        "model": model, "dataset": "synthetic",
                         "synthetic_size": 8 * spec.batch_size,
                         "batch_size": spec.batch_size, "steps": spec.steps,
                         "backend": "ray", "threads": spec.threads,
@@ -136,55 +152,77 @@ def _plan(spec: BenchSpec, model: str, transport: str, paths: Sequence[str],
                         "link_gbit_s": link.gbit_s,
                         "wire_dtype": spec.wire_dtype})
                     p = _Planned(model, transport, path, link, rep, algo, work / name / algo,
-                                 spec.out / "runs" / name / f"{algo}.json")
+                                 spec.out / "runs" / name / f"{algo}.json", k, algos)
                     planned.append(p)
                     runs.append((cfg, p.run_dir))
     return planned, runs
 
 
 def run_study(spec: BenchSpec, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every configuration; returns the CSV rows (one per configuration and repeat, with
-    the per-round costs when ``spec.round_costs``). Ray must be initialised, or reachable (see
-    ``sampa_ray.ray.connect``) when ``spec.models`` names the models."""
-    from ..ray import run_ray_many
-
+    """Run every configuration; returns the CSV rows (one per configuration, k and repeat,
+    with the per-round costs when ``spec.round_costs``). Ray must be initialised, or reachable
+    (see ``sampa_ray.ray.connect``) when ``spec.models`` names the models."""
     models = spec.models or list(GPU_MODELS if _gpu_cluster(spec.device) else CPU_MODELS)
     links = spec.links()
     work = spec.out / "work"
     rows: list[dict[str, Any]] = []
-    n_runs = len(models) * len(spec.combos()) * len(links) * spec.repeats * len(BUILTIN)
+    per_model = sum(len(spec.algos(t)) for k in spec.workers_per_role for t, _ in spec.combos(k))
+    n_runs = len(models) * per_model * len(links) * spec.repeats
+    ks = " ".join(map(str, spec.workers_per_role))
     say(f"bench: {len(models)} model(s) x {len(spec.combos())} transport/data path(s) x "
-        f"{len(links)} link(s) x {spec.repeats} repeat(s) x {len(BUILTIN)} algorithms = "
-        f"{n_runs} runs of {spec.steps} steps; outputs in {spec.out}")
+        f"{len(links)} link(s) x {spec.repeats} repeat(s), workers per role {ks}, algorithms "
+        f"{' '.join(spec.algos('ray'))} = {n_runs} runs of {spec.steps} steps; outputs in "
+        f"{spec.out}")
+    for k in spec.workers_per_role:
+        skipped = sorted({t for t, _ in spec.combos()} - {t for t, _ in spec.combos(k)})
+        if skipped:
+            say(f"bench: k={k}: role groups run on the ray transport only; "
+                f"{', '.join(skipped)} skipped")
+    if spec.baseline == "ddp" and any(t != "ray" for t in spec.transports):
+        say("bench: --baseline ddp: data-parallel groups run on the ray transport only; the "
+            "other transports run sgd, sam and sampa")
     try:
         for model in models:
-            for transport in spec.transports:
-                paths = [p for t, p in spec.combos() if t == transport]
-                if not paths:
-                    continue
-                planned, runs = _plan(spec, model, transport, paths, links)
-                collector = _Collector(planned, spec, say)
-                results = run_ray_many(runs, progress=collector)
-                collector.sweep()
-                if len(results) < len(runs):
-                    say(f"bench: stopped after {len(results)} of {len(runs)} runs")
-                by_group: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
-                for p, r in zip(planned, results, strict=False):
-                    by_group[p.group][p.algo] = r
-                for group, res in by_group.items():
-                    if len(res) == len(BUILTIN):
-                        row = run_row(res, group[3], group[4] + 1)
-                        if spec.round_costs:
-                            row.update(round_costs(res))
-                        rows.append(row)
-                if len(results) < len(runs):
-                    raise UserError("bench: a run was stopped through the control API")
+            for k in spec.workers_per_role:
+                for transport in spec.transports:
+                    _session(spec, model, k, transport, links, rows, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    order = {(m, t, p, lk): i for i, (m, t, p, lk) in enumerate(
-        (m, t, p, lk) for m in models for t, p in spec.combos() for lk in links)}
+    order = {(m, t, p, lk, k): i for i, (m, t, p, lk, k) in enumerate(
+        (m, t, p, lk, k) for m in models for k in spec.workers_per_role
+        for t, p in spec.combos(k) for lk in links)}
     rows.sort(key=lambda r: (order[(r["model"], r["transport"], r["data_path"],
                                     LinkSetting(r["latency_ms"], None if r["bandwidth_gbit"]
-                                                == "none" else r["bandwidth_gbit"]))],
+                                                == "none" else r["bandwidth_gbit"]),
+                                    r["workers_per_role"])],
                              r["repeat"]))
     return rows
+
+
+def _session(spec: BenchSpec, model: str, k: int, transport: str,
+             links: Sequence[LinkSetting], rows: list[dict[str, Any]],
+             say: Callable[[str], None]) -> None:
+    """One ``run_ray_many`` call: every data path, link, repeat and algorithm of (model, k,
+    transport) on one set of 2k actors; appends a row per complete configuration and repeat."""
+    from ..ray import run_ray_many
+
+    paths = [p for t, p in spec.combos(k) if t == transport]
+    if not paths:
+        return
+    planned, runs = _plan(spec, model, transport, paths, links, k)
+    collector = _Collector(planned, spec, say)
+    results = run_ray_many(runs, progress=collector)
+    collector.sweep()
+    if len(results) < len(runs):
+        say(f"bench: stopped after {len(results)} of {len(runs)} runs")
+    by_group: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for p, r in zip(planned, results, strict=False):
+        by_group[p.group][p.algo] = r
+    for group, res in by_group.items():
+        if len(res) == len(spec.algos(transport)):
+            row = run_row(res, group[3], group[5] + 1)
+            if spec.round_costs:
+                row.update(round_costs(res))
+            rows.append(row)
+    if len(results) < len(runs):
+        raise UserError("bench: a run was stopped through the control API")
