@@ -366,13 +366,15 @@ class _Stop(Exception):
 
 
 class LiveRun:
-    """A SAMPa run on the embedded Ray instance in a background thread; stopped on request by
-    raising from its progress callback."""
+    """A SAMPa run on the embedded Ray instance in a background thread, on two role groups of
+    two workers (so every series, the groups' all-reduce too, has values); stopped on request
+    by raising from its progress callback."""
 
     def __init__(self, tmp: Path) -> None:
         self.cfg = make_config({"algo": "sampa", "model": "resnet20", "dataset": "synthetic",
                                 "synthetic_size": 256, "batch_size": 16, "threads": 1,
-                                "steps": 3000, "eval_every": 1, "backend": "ray"})
+                                "steps": 3000, "eval_every": 1, "backend": "ray",
+                                "workers_per_role": 2})
         self.out = tmp / "live"
         self.events: list[dict[str, Any]] = []
         self.port: int | None = None
@@ -436,12 +438,15 @@ def test_live_run_is_scraped_over_http(live: LiveRun):
     fams2, s2 = parse(scrape(live.port))
     assert live.running(), "the run ended before the scrapes"
     for name in METRIC_NAMES:
-        if name.startswith("sampa_group_"):  # one worker per role: no group, no sample
-            assert name.removesuffix("_total") in fams2, name
-            continue
         assert name in fams2 or name + "_info" in fams2, name
-    assert not [k for k in s2 if k[0].startswith("sampa_group_allreduce_bytes")]
     roles = ("perturbed", "extrapolated")
+    from sampa_ray.task import make_model
+
+    n = sum(p.numel() for p in make_model(live.cfg, 10).parameters())
+    for role in roles:  # each worker of a group all-reduces the whole fp32 gradient
+        rounds = total(s2, "sampa_group_allreduce_seconds_count", role=role)
+        assert rounds >= 1 and total(s2, "sampa_group_allreduce_seconds_sum", role=role) > 0
+        assert total(s2, "sampa_group_allreduce_bytes_total", role=role) == rounds * 4 * n
     for role in roles:
         assert total(s2, "sampa_worker_compute_seconds_sum", role=role) > 0
         assert total(s2, "sampa_worker_compute_seconds_count", role=role) >= 1
