@@ -94,9 +94,14 @@ def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     """Print the comparison table; returns its rows. Per update: the time, the compute on its
     critical path, and the overhead (rounds' dispatch, transfers, the update, waiting)."""
     table = Table(title="SGD vs SAM vs SAMPa (same data, seed and model)")
-    for col in ("algorithm", "devices", "test accuracy", "wall time (s)", "s / update",
-                "compute / update", "overhead / update", "sequential gradient rounds"):
-        table.add_column(col, justify="right")
+    # the devices each run used, where runs use different numbers of them (Ray: SGD and SAM one
+    # group, SAMPa two, the data-parallel baseline all)
+    show_devices = any("role_groups" in r for r in results.values())
+    cols = ("algorithm", "devices", "test accuracy", "wall time (s)", "s / update",
+            "compute / update", "overhead / update", "sequential gradient rounds")
+    for col in cols:
+        if col != "devices" or show_devices:
+            table.add_column(col, justify="right")
     rows = []
     for algo, r in results.items():
         step, compute, overhead = per_update(r)
@@ -107,7 +112,7 @@ def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
                "gradient_rounds": r["gradient_rounds"]}
         rows.append(row)
         share = f" ({overhead / step:.0%})" if overhead is not None and step > 0 else ""
-        table.add_row(algo, str(devices), _fmt(row["test_accuracy"]),
+        table.add_row(algo, *([str(devices)] if show_devices else []), _fmt(row["test_accuracy"]),
                       f"{r['wall_time_s']:.1f}",
                       f"{step:.4f}", "-" if compute is None else f"{compute:.4f}",
                       "-" if overhead is None else f"{overhead:.4f}{share}",

@@ -32,6 +32,44 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(old)
 
 
+def run_with_fault(cfg: Any, out: Path, at_step: int, fault: Callable[[int], None],
+                   victims: Callable[[dict[str, int]], list[int]]
+                   ) -> tuple[dict[str, Any], list[str], dict[str, int]]:
+    """Run ``cfg`` on Ray in a thread; once update ``at_step`` is reached, apply ``fault(pid)``
+    to each of ``victims(pids)`` (``pids``: worker name -> process, from the run's "workers:"
+    line). Returns the result, the run's info lines and the pids the fault met."""
+    from sampa_ray.ray import run_ray
+
+    pids: dict[str, int] = {}
+    steps: list[int] = []
+    infos: list[str] = []
+
+    def progress(ev: dict[str, Any]) -> None:
+        if ev["kind"] == "info":
+            infos.append(ev["text"])
+            if ev["text"].startswith("workers: "):
+                for part in ev["text"][len("workers: "):].split(", "):
+                    name, _, pid, _ = part.split(" ", 3)
+                    pids[name] = int(pid)
+        elif ev["kind"] == "round":
+            steps.append(ev["step"])
+
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.setdefault(
+        "result", run_ray(cfg, out, progress=progress)), daemon=True)
+    t.start()
+    deadline = time.time() + 120
+    while (not steps or steps[-1] < at_step) and time.time() < deadline and t.is_alive():
+        time.sleep(0.02)
+    assert steps and steps[-1] < cfg.steps, "the run ended before the fault"
+    met = dict(pids)
+    for pid in victims(pids):
+        fault(pid)
+    t.join(timeout=300)
+    assert not t.is_alive()
+    return box["result"], infos, met
+
+
 def cli_env() -> dict[str, str]:
     """The environment of a ``sampa-ray`` subprocess: an embedded Ray (no RAY_ADDRESS), one
     thread per BLAS pool, a fixed terminal width for the progress lines."""

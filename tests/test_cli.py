@@ -280,6 +280,7 @@ def test_compare(tmp_path: Path) -> None:
     for r in rows:
         assert 0.0 <= r["test_accuracy"] <= 1.0
         assert r["wall_time_s"] > 0 and r["seconds_per_update"] > 0
+        assert r["devices"] == 1  # one process
         # per update: the critical path's compute plus the rest, the overhead
         assert 0 < r["compute_per_update_s"] < r["seconds_per_update"]
         assert r["compute_per_update_s"] + r["overhead_per_update_s"] == pytest.approx(

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
-import threading
-import time
 
 import pytest
 import torch
+from conftest import run_with_fault as run_and_strike
 
 from sampa_ray.config import make_config
 from sampa_ray.local import run_local
-from sampa_ray.ray import run_ray
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -30,38 +27,12 @@ BASE = {"algo": "sampa", "lam": 0.2, "model": "resnet20", "dataset": "synthetic"
 
 
 def run_with_fault(tmp_path, fault, role: str, **over):
-    """Run in a thread; once step 6 is reached, apply ``fault(pid)`` to the worker of ``role``
-    (and SIGCONT it later for a stopped one, so nothing is left behind)."""
+    """Apply ``fault(pid)`` to the worker of ``role`` (or to both) once step 6 is reached."""
     cfg = make_config({**BASE, **over})
-    pids: dict[str, int] = {}
-    steps: list[int] = []
-    infos: list[str] = []
-
-    def progress(ev):
-        if ev["kind"] == "info":
-            infos.append(ev["text"])
-            m = re.match(r"workers: (.*)", ev["text"])
-            if m:
-                for part in m.group(1).split(", "):
-                    name, _, pid, _ = part.split(" ", 3)
-                    pids[name] = int(pid)
-        elif ev["kind"] == "round":
-            steps.append(ev["step"])
-
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault(
-        "result", run_ray(cfg, tmp_path / "faulty", progress=progress)), daemon=True)
-    t.start()
-    deadline = time.time() + 120
-    while (not steps or steps[-1] < 6) and time.time() < deadline and t.is_alive():
-        time.sleep(0.05)
-    assert steps and steps[-1] < STEPS, "the run ended before the fault"
-    victim = pids[role] if role != "both" else -1
-    for pid in (pids.values() if role == "both" else [victim]):
-        fault(pid)
-    t.join(timeout=300)
-    assert not t.is_alive()
-    return box["result"], infos, victim
+    result, infos, pids = run_and_strike(
+        cfg, tmp_path / "faulty", 6, fault,
+        lambda pids: list(pids.values()) if role == "both" else [pids[role]])
+    return result, infos, -1 if role == "both" else pids[role]
 
 
 @pytest.fixture(scope="module")

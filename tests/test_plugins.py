@@ -159,20 +159,45 @@ def test_two_ray_workers_give_the_same_gradient_on_augmented_batches(ray_up: Non
 
 
 # -- local == Ray, every data path -------------------------------------------------------------
-@pytest.mark.parametrize("path", [{"data_path": "points"}, {"data_path": "replicated"},
-                                  {"data_path": "collective"}, {"transport": "grpc"}],
-                         ids=["points", "replicated", "collective", "grpc"])
-def test_plugins_on_ray_equal_local_bit_for_bit(tmp_path: Path, ray_up: None,
-                                                path: dict) -> None:
+PATHS = {"points": {"data_path": "points"}, "replicated": {"data_path": "replicated"},
+         "collective": {"data_path": "collective"}, "grpc": {"transport": "grpc"}}
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory: pytest.TempPathFactory, ray_up: None) -> tuple[Path, dict]:
+    """The local run, and the Ray runs of every data path: the replicated one through the
+    Python API with the callables themselves, the others after it on one set of actors (the
+    callables, registered by the API call, are shipped by value)."""
+    from sampa_ray.ray import run_ray_many
+
+    root = tmp_path_factory.mktemp("parity")
     local = sampa_ray.fit(SMALL, model=my_task.build, data=my_task.load, loss=my_task.loss,
-                          out=tmp_path / "local", backend="local")
-    on_ray = sampa_ray.fit(SMALL, model=my_task.build, data=my_task.load, loss=my_task.loss,
-                           out=tmp_path / "ray", backend="ray", **path)
-    assert on_ray.metrics["steps"] == local.metrics["steps"] == 6
-    assert torch.equal(_x(tmp_path / "ray"), _x(tmp_path / "local"))
-    for a, b in zip(on_ray.model().state_dict().values(), local.model().state_dict().values(),
-                    strict=True):
-        assert torch.equal(a, b)
+                          out=root / "local", backend="local")
+    fitted = sampa_ray.fit(SMALL, model=my_task.build, data=my_task.load, loss=my_task.loss,
+                           out=root / "replicated", backend="ray", **PATHS["replicated"])
+    steps = {"local": local.metrics["steps"], "replicated": fitted.metrics["steps"]}
+    models = {"local": local.model(), "replicated": fitted.model()}
+    rest = [p for p in PATHS if p != "replicated"]
+    results = run_ray_many([(make_config({**SMALL, "backend": "ray", **PATHS[p]}), root / p)
+                            for p in rest])
+    steps.update({p: r["steps"] for p, r in zip(rest, results, strict=True)})
+    return root, {"steps": steps, "models": models}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_plugins_on_ray_equal_local_bit_for_bit(parity: tuple[Path, dict], path: str) -> None:
+    root, got = parity
+    assert got["steps"][path] == got["steps"]["local"] == 6
+    assert torch.equal(_x(root / path), _x(root / "local"))
+    ref = torch.load(root / "local" / "final.pt", weights_only=True)["buffers"]
+    mine = torch.load(root / path / "final.pt", weights_only=True)["buffers"]
+    assert ref.keys() == mine.keys()
+    for k in ref:
+        assert torch.equal(mine[k], ref[k]), k
+    if path == "replicated":  # the API's model: parameters and buffers in place
+        for a, b in zip(got["models"]["replicated"].state_dict().values(),
+                        got["models"]["local"].state_dict().values(), strict=True):
+            assert torch.equal(a, b)
 
 
 # -- bad plug-ins: one line, before anything starts ----------------------------------------------

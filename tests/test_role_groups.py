@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_with_fault
 
 from sampa_ray.config import make_config
 from sampa_ray.local import run_local
 from sampa_ray.preflight import check_plugins
-from sampa_ray.ray import run_ray, run_ray_many
+from sampa_ray.ray import run_ray_many
 from sampa_ray.ray.placement import plan_placement, role_groups, worker_names
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -208,32 +207,9 @@ def test_a_killed_member_of_a_role_group_is_replaced_and_the_result_is_unchanged
     _, clean = got[("mlp", "sampa", "replicated")]
     cfg = make_config({**GROUPED[("mlp", "sampa", "replicated")], "backend": "ray",
                        "workers_per_role": 2, "link_latency_ms": 60.0})
-    pids: dict[str, int] = {}
-    steps: list[int] = []
-    infos: list[str] = []
-
-    def progress(ev):
-        if ev["kind"] == "info":
-            infos.append(ev["text"])
-            if ev["text"].startswith("workers: "):
-                for part in ev["text"][len("workers: "):].split(", "):
-                    name, _, pid, _ = part.split(" ", 3)
-                    pids[name] = int(pid)
-        elif ev["kind"] == "round":
-            steps.append(ev["step"])
-
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault(
-        "result", run_ray(cfg, tmp_path / "faulty", progress=progress)), daemon=True)
-    t.start()
-    deadline = time.time() + 120
-    while (not steps or steps[-1] < 8) and time.time() < deadline and t.is_alive():
-        time.sleep(0.02)
-    assert steps and steps[-1] < STEPS, "the run ended before the fault"
-    os.kill(pids["perturbed-1"], signal.SIGKILL)
-    t.join(timeout=300)
-    assert not t.is_alive()
-    result = box["result"]
+    result, infos, pids = run_with_fault(cfg, tmp_path / "faulty", 8,
+                                         lambda pid: os.kill(pid, signal.SIGKILL),
+                                         lambda pids: [pids["perturbed-1"]])
     assert result["steps"] == STEPS
     assert result["worker_restarts"] >= 1 and result["retried_rounds"] >= 1
     assert any("worker perturbed-1 restarted" in i for i in infos)

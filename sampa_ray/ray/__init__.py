@@ -1,15 +1,17 @@
-"""The Ray backend: a coordinator actor and two gradient-worker actors.
+"""The Ray backend: a coordinator actor and two role groups of gradient-worker actors (one
+worker each by default, k with ``workers_per_role``).
 
     driver (CLI / `ray job submit` entrypoint)                     driver.py
       └─ Coordinator actor (asyncio): the run, services, outputs    coordinator.py
-           ├─ GradientWorker "perturbed"    (bundle 0)              worker.py, placement.py
-           └─ GradientWorker "extrapolated" (bundle 1)
+           ├─ GradientWorker "perturbed"    (or perturbed-0..k-1)    worker.py, placement.py
+           └─ GradientWorker "extrapolated" (or extrapolated-0..k-1)
 
 Workers compute gradients and know nothing of the algorithm; the coordinator decides and runs no
 model. How points, gradients and state move is a data path (``paths/``), each one module with its
-coordinator half and its worker half. Lost workers come back (``recovery.py``). Both workers exist
-for every algorithm, so SGD and SAM (which use only the first) run on exactly the actors SAMPa
-uses.
+coordinator half and its worker half; a role group's members get the same calls, compute shards
+of the batch and sum them among themselves (``sampa_ray.shards``). Lost workers come back
+(``recovery.py``). Every worker exists for every algorithm, so SGD and SAM (which use the first
+group, or all workers with ``data_parallel``) run on exactly the actors SAMPa uses.
 
 Importing this package imports Ray; the CLI imports it only when a run uses it.
 """

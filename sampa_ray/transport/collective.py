@@ -6,7 +6,8 @@ waits for the coordinator to see the object; here the workers form a process gro
 each gradient is one ``broadcast`` from the worker that computed it, straight into a buffer the
 others allocated once. On GPUs in different processes with NCCL the bytes go device to device;
 with gloo (CPU, or GPUs NCCL cannot pair, e.g. two workers sharing one GPU) they go through host
-memory over TCP.
+memory over TCP. The same process group carries the role groups' all-reduce
+(``workers_per_role``): each group is a ``new_group`` inside it.
 
 Bytes only: what the tensors mean is the caller's business.
 """

@@ -31,9 +31,11 @@ class CollectiveWorker(ReplicaWorker):
     """Worker half: a replica (as on the replicated path) and this process's membership in the
     workers' process group."""
 
-    def __init__(self, host: WorkerHost, leaders: dict[int, int]) -> None:
+    def __init__(self, host: WorkerHost, leaders: dict[int, int] | None = None) -> None:
         super().__init__(host)
-        self.leaders = leaders  # by slot: the world rank that speaks for its role group
+        # by slot: the world rank that speaks for its role group (one worker per role: the
+        # slot's own worker, world rank = slot)
+        self.leaders = leaders if leaders is not None else {0: 0, 1: 1}
         self.buffers: dict[str, torch.Tensor] = {}  # message buffers, allocated once
 
     def exchange_round(self, exchange: bool) -> dict[str, dict[str, Any]]:
