@@ -32,6 +32,21 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(old)
 
 
+def local_final(cfg: Any, out: Path) -> dict[str, Any]:
+    """Run ``cfg`` on the local backend into ``out`` (the test process's torch threads kept as
+    they were) and return its ``final.pt``: the reference a Ray run is compared with."""
+    import torch
+
+    from sampa_ray.local import run_local
+
+    threads = torch.get_num_threads()
+    try:
+        run_local(cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(out / "final.pt", weights_only=True)
+
+
 def run_with_fault(cfg: Any, out: Path, at_step: int, fault: Callable[[int], None],
                    victims: Callable[[dict[str, int]], list[int]]
                    ) -> tuple[dict[str, Any], list[str], dict[str, int]]:

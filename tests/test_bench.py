@@ -47,30 +47,26 @@ def run_cli(*argv: str) -> int:
     return main(["bench", *argv])
 
 
-@pytest.fixture(scope="module")
-def study(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("bench") / "study"
-    args = build_parser().parse_args(["bench", *TINY, "--out", str(out)])
+def _study(out: Path, argv: list[str]) -> tuple[Path, str]:
+    """Run ``sampa-ray bench ARGV --out OUT``; returns the folder and what it printed."""
     import contextlib
     import io
 
+    args = build_parser().parse_args(["bench", *argv, "--out", str(out)])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert args.func(args) == 0
     return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return _study(tmp_path_factory.mktemp("bench") / "study", TINY)
 
 
 @pytest.fixture(scope="module")
 def scaled(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("bench") / "scaled"
-    args = build_parser().parse_args(["bench", *SCALED, "--out", str(out)])
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert args.func(args) == 0
-    return out, buf.getvalue()
+    return _study(tmp_path_factory.mktemp("bench") / "scaled", SCALED)
 
 
 def _rows(out: Path, name: str = "bench.csv") -> list[dict[str, str]]:

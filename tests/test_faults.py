@@ -12,10 +12,10 @@ import signal
 
 import pytest
 import torch
+from conftest import local_final
 from conftest import run_with_fault as run_and_strike
 
 from sampa_ray.config import make_config
-from sampa_ray.local import run_local
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -38,13 +38,8 @@ def run_with_fault(tmp_path, fault, role: str, **over):
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     """The final parameters and BatchNorm statistics of the uninterrupted run (local)."""
-    out = tmp_path_factory.mktemp("clean")
-    threads = torch.get_num_threads()
-    try:
-        run_local(make_config({**BASE, "backend": "local"}), out)
-    finally:
-        torch.set_num_threads(threads)
-    return torch.load(out / "final.pt", weights_only=True)
+    return local_final(make_config({**BASE, "backend": "local"}),
+                       tmp_path_factory.mktemp("clean"))
 
 
 def kill(pid: int) -> None:

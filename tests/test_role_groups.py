@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_with_fault
+from conftest import local_final, run_with_fault
 
 from sampa_ray.config import make_config
-from sampa_ray.local import run_local
 from sampa_ray.preflight import check_plugins
 from sampa_ray.ray import run_ray_many
 from sampa_ray.ray.placement import plan_placement, role_groups, worker_names
@@ -74,12 +73,7 @@ def _ray(runs: dict, root: Path, k: int) -> dict:
 def _local(settings: dict, out: Path) -> dict:
     plain = {k: v for k, v in settings.items() if k not in ("data_path", "data_parallel",
                                                             "sync_bn")}
-    threads = torch.get_num_threads()
-    try:
-        run_local(make_config({**plain, "backend": "local"}), out)
-    finally:
-        torch.set_num_threads(threads)
-    return torch.load(out / "final.pt", weights_only=True)
+    return local_final(make_config({**plain, "backend": "local"}), out)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
