@@ -88,7 +88,8 @@ class BucketReducer:
     def __init__(self, flat: FlatParams, comm: GroupComm, bucket_bytes: int = BUCKET_BYTES
                  ) -> None:
         self.flat, self.comm = flat, comm
-        self.staged = comm.device != flat.grad.device  # gloo beside a GPU: through the host
+        # gloo beside a GPU: through the host ("cuda" and "cuda:0" are the same place here)
+        self.staged = comm.device.type != flat.grad.device.type
         # buckets over the parameters in reverse order: [lo, hi) of the flat buffer
         offsets, o = [], 0
         for p in flat.params:
