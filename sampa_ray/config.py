@@ -241,7 +241,7 @@ class TrainConfig(BaseModel):
             if len(set(lookup(self.algo).slots.values())) > 1:
                 raise ValueError(f"data_parallel: {self.algo}'s gradients already run on both "
                                  "role groups; data-parallel is for one-role algorithms "
-                                 "(sgd, sam)")
+                                 "(sgd, sam; compare runs them with --baseline ddp)")
         if bool(self.metrics_cert) != bool(self.metrics_key):
             missing = "metrics_key" if self.metrics_cert else "metrics_cert"
             raise ValueError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")
