@@ -15,6 +15,12 @@ class RunFailed(Exception):
     exit_code = 1
 
 
+def error_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def one_line(message: str) -> str:
     """The message as exactly one printable line: control characters (line breaks included)
     are shown escaped, so user-supplied text cannot split or forge output lines."""

@@ -19,7 +19,7 @@ from .. import plugins as sampa_plugins
 from .. import signals
 from ..checkpoint import list_checkpoints
 from ..config import TrainConfig
-from ..errors import RunFailed, UserError
+from ..errors import RunFailed, UserError, error_line
 from ..loop import Progress
 from .coordinator import Coordinator
 from .placement import choose_placement
@@ -46,9 +46,9 @@ def connect(cfg: TrainConfig) -> bool:
         finally:  # ray.init replaced our SIGTERM handler (and its core prints a dump on one)
             signals.install()
     except (ConnectionError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = address or "a new local instance"
-        raise UserError(f"address: cannot connect to Ray at {where}: {first}") from None
+        raise UserError(f"address: cannot connect to Ray at {where}: {error_line(err)}"
+                        ) from None
     except BaseException as err:  # a signal while Ray was starting: leave nothing running
         stop = signals.taken_over(err) if isinstance(err, SystemExit) else None
         with signals.deferred():
@@ -164,7 +164,7 @@ def resumed(cfg: TrainConfig, out: Path) -> TrainConfig:
 def coordinator_lost(err: RayActorError, outs: list[Path]) -> str:
     """The one line for a run whose coordinator died more often than ``--max-restarts``
     allows: why (briefly), and how to go on."""
-    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    why = error_line(err)
     why = why if len(why) <= 120 else why[:117] + "..."
     resumable = [o for o in outs if list_checkpoints(o / "checkpoints")]
     if resumable:

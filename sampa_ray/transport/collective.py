@@ -29,6 +29,11 @@ class CollectiveError(RuntimeError):
     """The process group could not be formed or broke."""
 
 
+def _why(err: BaseException) -> str:
+    """What torch.distributed said, in one line (the exception itself when it said nothing)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+
+
 def rendezvous_address() -> tuple[str, int]:
     """This node's address and a free TCP port on it, for rank 0 to host the group's store."""
     import ray
@@ -66,7 +71,7 @@ class PeerGroup:
                                     timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as err:  # noqa: BLE001 - any failure means: no group
             raise CollectiveError(f"{backend} group {host}:{port} rank {rank}/{world}: "
-                                  f"{str(err).strip().splitlines()[0] if str(err) else err!r}"
+                                  f"{_why(err)}"
                                   ) from None
         self.rank, self.world, self.backend = rank, world, backend
         # where the exchanged tensors live: the GPU with NCCL, host memory with gloo
@@ -82,7 +87,7 @@ class PeerGroup:
         except Exception as err:  # noqa: BLE001
             leave()
             raise CollectiveError(f"{backend} role groups {list(map(list, groups))}: "
-                                  f"{str(err).strip().splitlines()[0] if str(err) else err!r}"
+                                  f"{_why(err)}"
                                   ) from None
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
@@ -91,7 +96,7 @@ class PeerGroup:
             dist.broadcast(tensor, src=src)
         except Exception as err:  # noqa: BLE001 - a peer died or the link broke
             raise CollectiveError(f"broadcast from rank {src} failed: "
-                                  f"{str(err).strip().splitlines()[0] if str(err) else err!r}"
+                                  f"{_why(err)}"
                                   ) from None
 
 

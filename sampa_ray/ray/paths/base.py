@@ -22,7 +22,7 @@ import torch
 from ...algorithms import Algorithm, AlgoState
 from ...config import TrainConfig
 from ...engine import EvalResult, GradResult, Snapshot
-from ...errors import UserError
+from ...errors import UserError, error_line
 from ...loop import Executor
 from ...telemetry.metrics import RoundProbe
 from ...transport.collective import choose_backend
@@ -63,12 +63,6 @@ def kept_gradient(meta: dict[str, Any]) -> GradResult:
                       timings=meta["timings"], start=meta["start"], end=meta["end"],
                       finite=meta["finite"], norm=meta.get("norm"), nbytes=meta["nbytes"],
                       reduced_bytes=meta.get("reduced_bytes", 0))
-
-
-def _first_line(err: BaseException) -> str:
-    cause = getattr(err, "cause", None) or err
-    text = str(cause).strip()
-    return text.splitlines()[0] if text else type(cause).__name__
 
 
 class DataPath(Executor):
@@ -159,7 +153,8 @@ class DataPath(Executor):
                 await self.form_world()
             except Exception as err:  # noqa: BLE001 - a group is required here
                 raise UserError(f"workers_per_role: the role groups' process group did not "
-                                f"form: {_first_line(err)}") from None
+                                f"form: {error_line(getattr(err, 'cause', None) or err)}"
+                                ) from None
 
     async def form_world(self) -> None:
         """Every worker in use joins one process group (NCCL between GPUs of their own, gloo

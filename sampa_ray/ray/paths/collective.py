@@ -19,6 +19,7 @@ from ray.exceptions import RayTaskError
 
 from ...algorithms import AlgoState, GradRequest
 from ...engine import GradResult
+from ...errors import error_line
 from ...loop import round_applies
 from ...transport.collective import CollectiveError
 from ..recovery import raise_lost
@@ -134,10 +135,10 @@ class CollectivePath(ReplicatedPath):
             try:
                 await self.form_world()
             except (CollectiveError, RayTaskError, TimeoutError) as err:
-                cause = err.cause if isinstance(err, RayTaskError) else \
-                    err if str(err) else "the workers did not meet in time"
+                cause = err.cause if isinstance(err, RayTaskError) else err
                 self.group, self.backend = False, None
-                self.fallback = str(cause).strip().splitlines()[0]
+                self.fallback = error_line(cause) if str(cause).strip() else \
+                    "the workers did not meet in time"
                 self.ctx.say(f"collective: no process group ({self.fallback}); the gradients "
                              "go through Ray's object store instead")
 

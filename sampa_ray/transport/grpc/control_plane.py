@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from ...errors import UserError
+from ...errors import UserError, error_line
 from ...proto.sampa.v1 import coordinator_service_pb2 as cpb
 from ...proto.sampa.v1 import coordinator_service_pb2_grpc as cgrpc
 
@@ -144,12 +144,6 @@ def _code_for(err: BaseException) -> grpc.StatusCode:
     return SC.INTERNAL
 
 
-def error_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class ControlServicer(cgrpc.CoordinatorServiceServicer):
     """``sampa.v1.CoordinatorService`` answered by a :class:`ControlHandler`."""
 
@@ -212,7 +206,6 @@ __all__ = [
     "ControlHandler",
     "ControlServicer",
     "ProgressHub",
-    "error_line",
     "event_message",
     "status_message",
 ]

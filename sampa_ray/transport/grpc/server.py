@@ -20,12 +20,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ...errors import UserError
+from ...errors import UserError, error_line
 from ...proto.sampa.v1 import coordinator_service_pb2_grpc as cgrpc
 from ...proto.sampa.v1 import parameter_service_pb2_grpc as pgrpc
 from ...security import bearer_ok, is_loopback
 from ..codec import GRPC_OPTIONS
-from .control_plane import COORDINATOR_SERVICE, ControlServicer, error_line
+from .control_plane import COORDINATOR_SERVICE, ControlServicer
 from .data_plane import PARAMETER_SERVICE, ParameterServicer, RoundBoard
 
 HEALTH_SERVICE = health.SERVICE_NAME
