@@ -222,15 +222,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"data_path: {self.data_path} moves gradients between workers, "
                              "not through the coordinator; with --transport grpc use points "
                              "(or auto)")
-        grouped = self.workers_per_role > 1 or self.data_parallel
-        if grouped and self.backend == "local":
+        if self.workers_per_role > 1 or self.data_parallel:  # role groups of several workers
             what = "data_parallel" if self.data_parallel else "workers_per_role"
-            raise ValueError(f"{what}: role groups of several workers need the ray backend")
-        if grouped and self.transport == "grpc":
-            what = "data_parallel" if self.data_parallel else "workers_per_role"
-            raise ValueError(f"{what}: the gRPC data plane serves one worker per role; with "
-                             "role groups use --transport ray")
-        if grouped:
+            if self.backend == "local":
+                raise ValueError(f"{what}: role groups of several workers need the ray backend")
+            if self.transport == "grpc":
+                raise ValueError(f"{what}: the gRPC data plane serves one worker per role; "
+                                 "with role groups use --transport ray")
             size = self.workers_per_role * (2 if self.data_parallel else 1)
             if self.batch_size < size:
                 raise ValueError(f"batch_size: {self.batch_size} cannot be shared by a group of "

@@ -175,7 +175,7 @@ def test_role_groups_and_placement():
     pl = plan_placement([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}], 4, "auto", None)
     assert (pl.mode, pl.strategy) == ("gpu-spread", "STRICT_SPREAD")
     assert pl.bundles == [{"GPU": 4.0, "CPU": 32.0}] * 2
-    assert pl.bundle_of == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert pl.bundle_of == [0, 0, 0, 0, 1, 1, 1, 1] and pl.cpus_per_worker == 8.0
     # one node with 8 GPUs: both groups on it
     pl = plan_placement([{"CPU": 16, "GPU": 8}], 4, "auto", None)
     assert (pl.mode, pl.strategy, pl.bundle_of) == ("gpu-pack", "STRICT_PACK",
@@ -189,6 +189,7 @@ def test_role_groups_and_placement():
     # 2 CPUs, 4 workers of one thread: half a CPU each
     pl = plan_placement([{"CPU": 2}], 2, "auto", None)
     assert pl.bundles == [{"CPU": 0.5}] * 4 and pl.threads == 1
+    assert pl.cpus_per_worker == 0.5
 
 
 def test_a_killed_member_of_a_role_group_is_replaced_and_the_result_is_unchanged(runs,

@@ -189,9 +189,7 @@ class Coordinator:
         self._serve_metrics()
         pl = self.placement
         self.workers = [GradientWorker.options(
-            num_cpus=pl.bundles[i]["CPU"] if pl.mode in ("cpu", "gpu-each", "gpu-shared")
-            else float(pl.threads),
-            num_gpus=pl.gpus_per_worker,
+            num_cpus=pl.cpus_per_worker, num_gpus=pl.gpus_per_worker,
             max_restarts=self.base.max_restarts, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, pl.bundle_of[i]),
         ).remote(self.base.model_dump(), name, i, pl.threads, self.plugins)

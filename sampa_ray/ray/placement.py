@@ -57,6 +57,12 @@ class Placement:
     bundle_of: list[int] = field(default_factory=lambda: [0, 1])
     workers_per_role: int = 1
 
+    @property
+    def cpus_per_worker(self) -> float:
+        """The CPUs each worker takes from its bundle: the workers placed in one bundle (a role
+        group in a bundle of k GPUs) share its CPUs; every bundle holds as many workers."""
+        return self.bundles[0].get("CPU", 0.0) / self.bundle_of.count(0)
+
     def describe(self) -> str:
         k = self.workers_per_role
         n = 2 * k

@@ -167,12 +167,11 @@ class DataPath(Executor):
         if backend == "auto":
             backend = choose_backend(device, gpu_ids)
         host, port = await self.workers[members[0]].address.remote()
-        rank = {w: r for r, w in enumerate(members)}
-        groups = [[rank[w] for w in self.groups[s]] for s in self.used]
+        groups = [[self.world_rank(w) for w in self.groups[s]] for s in self.used]
         timeout = self.pool.deadline_s or 300.0
         await asyncio.wait_for(asyncio.gather(*[
-            self.workers[w].join.remote(rank[w], len(members), host, port, backend, timeout,
-                                        groups, self.cfg.sync_bn)
+            self.workers[w].join.remote(self.world_rank(w), len(members), host, port, backend,
+                                        timeout, groups, self.cfg.sync_bn)
             for w in members]), timeout=timeout + 30)
         self.backend = backend
 
