@@ -111,7 +111,9 @@ def ray_local() -> Iterator[None]:
     package see it is initialised and leave it running."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from sampa_ray.ray.driver import start_local
+
+    start_local(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -120,9 +122,12 @@ def ray_local() -> Iterator[None]:
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real head node on loopback (`ray start --head` with the dashboard); always stopped.
     Yields the dashboard (job API) address."""
+    from sampa_ray.ray.driver import GCS_RETRY_WAIT_S, GCS_WAIT_VAR
+
     ray_cli = str(BIN / "ray")
     gcs, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           GCS_WAIT_VAR: str(GCS_RETRY_WAIT_S)}  # a loaded machine: more than Ray's 30 s
     subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],

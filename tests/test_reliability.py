@@ -351,6 +351,33 @@ def test_a_full_disk_on_ray_is_one_line(small_disk: Callable[[int], Path]) -> No
     assert _tmp_files(out) == [] and steps_of(out) == [20]
 
 
+
+_SLOW_START = """
+import os, subprocess, ray
+from sampa_ray.ray.driver import start_local
+start_local(num_cpus=1)
+print(ray.get(ray.remote(lambda: 41 + 1).remote()))
+kids = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "comm="], capture_output=True,
+                      text=True, check=True).stdout.split()
+print(kids.count("gcs_server"), os.environ.get("RAY_gcs_server_port_wait_time_s"))
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_slow_gcs_start_is_stopped_and_started_once_more() -> None:
+    """Ray waits 30 s for a new head's GCS server; a loaded machine can take longer. With the
+    wait set to 0 the first start must time out: one line says so, the half-started server is
+    stopped (one GCS server remains, not two), the second start (120 s) works, and the caller's
+    setting is put back."""
+    env = {**cli_env(), "RAY_gcs_server_port_wait_time_s": "0"}
+    proc = subprocess.run([sys.executable, "-c", _SLOW_START], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["42", "1", "0"], proc.stdout
+    assert ("Ray's GCS server did not start within 0 s; starting once more "
+            "(waiting up to 120 s)") in proc.stderr
+
 # -- 4. a bare --resume -----------------------------------------------------------------------
 def test_bare_resume_takes_the_stored_config(tmp_path: Path) -> None:
     """Resume with no flags at all: the checkpoint's config (SAM, lr 0.07, seed 3, ...) is

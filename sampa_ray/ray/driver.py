@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def connect(cfg: TrainConfig) -> bool:
                 ray.init(address=address, logging_level="WARNING", log_to_driver=True)
             else:
                 _embedded = True
-                ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+                start_local()
         finally:  # ray.init replaced our SIGTERM handler (and its core prints a dump on one)
             signals.install()
     except (ConnectionError, ValueError, RuntimeError) as err:
@@ -57,6 +58,62 @@ def connect(cfg: TrainConfig) -> bool:
             raise stop from None
         raise
     return True
+
+
+#: Ray's variable for how long a starting head waits for its GCS server to publish its port
+GCS_WAIT_VAR = "RAY_gcs_server_port_wait_time_s"
+#: the wait (seconds) of the one retried start; Ray's own default is 30
+GCS_RETRY_WAIT_S = 120
+
+
+def start_local(**options: Any) -> None:
+    """Start an embedded local Ray instance (``ray.init`` with ``options``). On a loaded machine
+    the GCS server can take longer to come up than Ray waits for it (30 s): the half-started
+    instance is then stopped, one line says so on stderr, and it starts once more with a
+    120 s wait."""
+    opts: dict[str, Any] = {"address": "local", "include_dashboard": False,
+                            "logging_level": "WARNING", **options}
+    try:
+        ray.init(**opts)
+        return
+    except RuntimeError as err:
+        if "Timed out waiting for file" not in str(err):
+            raise
+        node = _half_started(err)
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+        waited = os.environ.get(GCS_WAIT_VAR, "30")
+    wait = max(GCS_RETRY_WAIT_S, int(waited) if waited.isdigit() else 0)
+    print(f"Ray's GCS server did not start within {waited} s; starting once more "
+          f"(waiting up to {wait} s)", file=sys.stderr, flush=True)
+    with _env(GCS_WAIT_VAR, str(wait)):
+        ray.init(**opts)
+
+
+def _half_started(err: BaseException) -> Any:
+    """The Ray node whose start raised ``err`` (its processes are still running), if any."""
+    from ray._private.node import Node
+
+    tb = err.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, Node):
+            return obj
+        tb = tb.tb_next
+    return None
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def plugins() -> dict[str, dict[str, Any]]:
