@@ -97,7 +97,10 @@ class GroupBatchNorm(_BatchNorm):
         count = torch.full((1,), rows, dtype=acc, device=x.device)
         stats = dist_fn.all_reduce(torch.cat([xa.sum(dim=dims), count]),
                                    op=dist.ReduceOp.SUM, group=self.group)
-        n = int(stats[c].item())
+        # the group's row count stays on the device (no sync of a GPU per layer); it is read on
+        # the host only when this rank has at most one row, the one case where it can be 0 or 1
+        n = stats[c].detach()
+        least = int(n.item()) if rows <= 1 else rows  # the count, or a lower bound above 1
 
         factor = 0.0 if self.momentum is None else self.momentum
         track = self.track_running_stats and self.num_batches_tracked is not None
@@ -105,9 +108,10 @@ class GroupBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                       else self.momentum)
-        if n == 1:  # as torch's BatchNorm (every rank sees the same n, so every rank raises)
+        if least == 1:  # as torch's BatchNorm (every rank sees the same n: every rank raises)
             raise ValueError("Expected more than 1 value per channel when training, got "
-                             f"{n} value(s) over the group (local input size {tuple(x.shape)})")
+                             f"{least} value(s) over the group (local input size "
+                             f"{tuple(x.shape)})")
 
         mean = stats[:c] / n
         xc = xa - mean.view(shape)
@@ -120,7 +124,7 @@ class GroupBatchNorm(_BatchNorm):
         if self.bias is not None:
             out = out + self.bias.to(acc).view(shape)
 
-        if (track and n > 1 and self.running_mean is not None
+        if (track and least > 1 and self.running_mean is not None
                 and self.running_var is not None):
             # torch: running = momentum * batch + (1 - momentum) * running; an empty batch
             # leaves the statistics as they were (the count still goes up)

@@ -142,6 +142,24 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, 
                 b1, b2 = buffers(solo), buffers(ref)
                 checks["single_bitwise"] = (torch.equal(o1, o2) and torch.equal(g1, g2)
                                             and all(torch.equal(b1[k], b2[k]) for k in b2))
+                # a group total of one row raises on every rank (as torch's BatchNorm does for
+                # one row); one row on each rank is `world` rows over the group and trains
+                xm, ym = data("mlp", dtype)
+                one = build("mlp", dtype)
+                set_group(convert_batchnorm(one), group)
+                rows = slice(0, 1 if rank == 0 else 0)
+                try:
+                    step(one, xm[rows], ym[rows])
+                    checks["one_row_raises"] = False
+                except ValueError as err:
+                    checks["one_row_raises"] = "got 1 value(s) over the group" in str(err)
+                pair, plain2 = build("mlp", dtype), build("mlp", dtype)
+                set_group(convert_batchnorm(pair), group)
+                o_pair, _ = step(pair, xm[rank:rank + 1], ym[rank:rank + 1])
+                o_full, _ = step(plain2, xm[:world], ym[:world])
+                checks["one_row_each_is_world"] = rel(o_pair[0], o_full[rank]) <= 1e-12 and all(
+                    rel(v, buffers(plain2)[k]) <= 1e-12
+                    for k, v in buffers(pair).items() if "running" in k)
                 res["checks"] = checks
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier(group=group)
@@ -236,10 +254,11 @@ def test_without_group_shard_gradients_differ(world2: list[dict]) -> None:
     assert rel(res[0]["buffers"]["1.running_mean"], full["buffers"]["1.running_mean"]) > 1e-6
 
 
-def test_eval_single_group_and_deepcopy_in_group(world2: list[dict]) -> None:
-    for r in world2:
+def test_eval_single_group_and_deepcopy_in_group(world2: list[dict], world3: list[dict]) -> None:
+    for r in world2 + world3:
         assert r["checks"] == {"eval_bitwise": True, "deepcopy_drops_group": True,
-                               "original_keeps_group": True, "single_bitwise": True}
+                               "original_keeps_group": True, "single_bitwise": True,
+                               "one_row_raises": True, "one_row_each_is_world": True}
 
 
 # -- in one process -----------------------------------------------------------------------------
