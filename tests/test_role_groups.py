@@ -18,7 +18,12 @@ from conftest import local_final, run_with_fault
 from sampa_ray.config import make_config
 from sampa_ray.preflight import check_plugins
 from sampa_ray.ray import run_ray_many
-from sampa_ray.ray.placement import plan_placement, role_groups, worker_names
+from sampa_ray.ray.placement import (
+    broadcast_fans,
+    plan_placement,
+    role_groups,
+    worker_names,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -171,6 +176,11 @@ def test_role_groups_and_placement():
     assert role_groups([0, 1], 3) == {0: [0, 1, 2], 1: [3, 4, 5]}
     assert role_groups([0], 2) == {0: [0, 1]}
     assert role_groups([0], 2, data_parallel=True) == {0: [0, 1, 2, 3]}
+    # a role's gradient goes from its group's first rank to the other role's workers only
+    assert broadcast_fans(role_groups([0, 1], 2)) == {0: [0, 2, 3], 1: [0, 1, 2]}
+    assert broadcast_fans(role_groups([0, 1], 3)) == {0: [0, 3, 4, 5], 1: [0, 1, 2, 3]}
+    assert broadcast_fans(role_groups([0, 1], 1)) == {}  # the whole world already
+    assert broadcast_fans(role_groups([0], 2, data_parallel=True)) == {}  # nothing to send
     # two nodes with 4 GPUs each: a role group of 4 on each (STRICT_SPREAD)
     pl = plan_placement([{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}], 4, "auto", None)
     assert (pl.mode, pl.strategy) == ("gpu-spread", "STRICT_SPREAD")

@@ -44,6 +44,18 @@ def role_groups(slots: list[int], k: int, data_parallel: bool = False) -> dict[i
     return {s: list(range(s * k, s * k + k)) for s in slots}
 
 
+
+def broadcast_fans(groups: dict[int, list[int]]) -> dict[int, list[int]]:
+    """By slot: the workers a role's gradient is broadcast to, its group's first rank (the
+    sender) and every worker of the other roles. The group's other members hold the gradient
+    already (their all-reduce gave it to them) and take no part. Empty for one worker per
+    role, where the broadcast spans all workers anyway, and for one role (nothing is
+    broadcast)."""
+    if len(groups) < 2 or all(len(g) <= 1 for g in groups.values()):
+        return {}
+    return {s: sorted([g[0], *(w for t, h in groups.items() if t != s for w in h)])
+            for s, g in groups.items()}
+
 @dataclass
 class Placement:
     """Where the 2k workers go. ``mode`` is gpu-spread, gpu-pack, gpu-each, gpu-shared or

@@ -105,11 +105,13 @@ class GradientWorker:
         return rendezvous_address()
 
     def join(self, rank: int, world: int, host: str, port: int, backend: str,
-             timeout_s: float, groups: list[list[int]], sync_bn: bool) -> None:
+             timeout_s: float, groups: list[list[int]], sync_bn: bool,
+             fans: list[list[int]] | None = None) -> None:
         """Join the process group of the workers in use, and this worker's role group in it:
-        the engine computes its shard of every batch and sums gradients over the group."""
+        the engine computes its shard of every batch and sums gradients over the group.
+        ``fans``: the broadcast groups a data path exchanges gradients in."""
         self.host.group = PeerGroup(rank, world, host, port, backend, self.engine.device,
-                                    timeout_s, groups)
+                                    timeout_s, groups, fans or ())
         self.engine.join_group(self.host.group.comm, sync_bn)
 
     def leave(self) -> None:

@@ -61,7 +61,8 @@ class PeerGroup:
 
     def __init__(self, rank: int, world: int, host: str, port: int, backend: str,
                  device: torch.device, timeout_s: float,
-                 groups: Sequence[Sequence[int]] = ()) -> None:
+                 groups: Sequence[Sequence[int]] = (),
+                 fans: Sequence[Sequence[int]] = ()) -> None:
         if not dist.is_available():
             raise CollectiveError("torch.distributed is not available in this torch build")
         leave()  # a group from an earlier run (or a broken one) goes first
@@ -77,6 +78,9 @@ class PeerGroup:
         # where the exchanged tensors live: the GPU with NCCL, host memory with gloo
         self.device = device if backend == "nccl" else torch.device("cpu")
         self.comm = ALONE  # this rank's role group
+        # the broadcast groups this rank is in, by their members (``fans``: a subset of the
+        # world each broadcast spans instead of all of it)
+        self.fans: dict[tuple[int, ...], dist.ProcessGroup] = {}
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
             for members in groups:
@@ -84,16 +88,24 @@ class PeerGroup:
                 pg = dist.new_group(members, timeout=timeout) if len(members) > 1 else None
                 if rank in members:
                     self.comm = GroupComm(members.index(rank), len(members), pg, self.device)
+            for members in fans:
+                members = [int(m) for m in members]
+                pg = dist.new_group(members, timeout=timeout)
+                if rank in members:
+                    self.fans[tuple(members)] = pg
         except Exception as err:  # noqa: BLE001
             leave()
             raise CollectiveError(f"{backend} role groups {list(map(list, groups))}: "
                                   f"{_why(err)}"
                                   ) from None
 
-    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        """Send ``tensor`` (``src`` is this rank) or receive into it (another rank)."""
+    def broadcast(self, tensor: torch.Tensor, src: int,
+                  fan: Sequence[int] | None = None) -> None:
+        """Send ``tensor`` (``src`` is this rank) or receive into it (another rank), over the
+        whole world or the broadcast group ``fan`` (world ranks, one of ``fans``)."""
+        group = self.fans[tuple(fan)] if fan else None
         try:
-            dist.broadcast(tensor, src=src)
+            dist.broadcast(tensor, src=src, group=group)
         except Exception as err:  # noqa: BLE001 - a peer died or the link broke
             raise CollectiveError(f"broadcast from rank {src} failed: "
                                   f"{_why(err)}"

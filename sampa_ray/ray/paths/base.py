@@ -168,15 +168,21 @@ class DataPath(Executor):
             backend = choose_backend(device, gpu_ids)
         host, port = await self.workers[members[0]].address.remote()
         groups = [[self.world_rank(w) for w in self.groups[s]] for s in self.used]
+        fans = list(self.fans().values())
         timeout = self.pool.deadline_s or 300.0
         await asyncio.wait_for(asyncio.gather(*[
             self.workers[w].join.remote(self.world_rank(w), len(members), host, port, backend,
-                                        timeout, groups, self.cfg.sync_bn)
+                                        timeout, groups, self.cfg.sync_bn, fans)
             for w in members]), timeout=timeout + 30)
         self.backend = backend
 
     def world_rank(self, worker: int) -> int:
         return self.in_use.index(worker)
+
+    def fans(self) -> dict[int, list[int]]:
+        """By slot: the world ranks its gradient is broadcast to, where the path broadcasts
+        gradients over the process group (none here)."""
+        return {}
 
     def summary(self) -> dict[str, Any]:
         """What result.json records about the path beyond its name."""

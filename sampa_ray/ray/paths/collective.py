@@ -22,6 +22,7 @@ from ...engine import GradResult
 from ...errors import error_line
 from ...loop import round_applies
 from ...transport.collective import CollectiveError
+from ..placement import broadcast_fans
 from ..recovery import raise_lost
 from ..worker import WorkerHost
 from .base import kept_gradient
@@ -32,11 +33,15 @@ class CollectiveWorker(ReplicaWorker):
     """Worker half: a replica (as on the replicated path) and this process's membership in the
     workers' process group."""
 
-    def __init__(self, host: WorkerHost, leaders: dict[int, int] | None = None) -> None:
+    def __init__(self, host: WorkerHost, leaders: dict[int, int] | None = None,
+                 fans: dict[int, list[int]] | None = None) -> None:
         super().__init__(host)
         # by slot: the world rank that speaks for its role group (one worker per role: the
         # slot's own worker, world rank = slot)
         self.leaders = leaders if leaders is not None else {0: 0, 1: 1}
+        # by slot: the world ranks its broadcast spans (role groups: the sender and the other
+        # roles' workers; none: all of them)
+        self.fans = fans or {}
         self.buffers: dict[str, torch.Tensor] = {}  # message buffers, allocated once
 
     def exchange_round(self, exchange: bool) -> dict[str, dict[str, Any]]:
@@ -67,16 +72,15 @@ class CollectiveWorker(ReplicaWorker):
             t0 = time.perf_counter()
             for req in reqs:
                 slot = self.algo.slot_of(req.role)
-                src = self.leaders[slot]
+                src, fan = self.leaders[slot], self.fans.get(slot)
                 if src == group.rank:
-                    group.broadcast(sends[req.role], src)
-                elif slot == self.slot:  # the role's group already holds it: a copy to drop
-                    group.broadcast(self._buffer("drop", n + 1, self.engine.wire,
-                                                 group.device), src)
+                    group.broadcast(sends[req.role], src, fan)
+                elif slot == self.slot:  # the role's group already holds it (all-reduce)
+                    continue
                 else:
                     buf = self._buffer(f"recv/{req.role}", n + 1, self.engine.wire,
                                        group.device)
-                    group.broadcast(buf, src)
+                    group.broadcast(buf, src, fan)
                     peers[req.role] = buf[:n].to(self.engine.device, torch.float32)
                     verdicts.append(bool(buf[n] != 0))
                     received += n * buf.element_size()
@@ -119,8 +123,12 @@ class CollectivePath(ReplicatedPath):
                 "collective": {"backend": self.backend, "fallback": self.fallback}}
 
     def attach_args(self, slot: int) -> tuple[Any, ...]:
-        # by slot: the world rank that broadcasts that role's gradient
-        return ({s: self.world_rank(self.lead(s)) for s in self.used},)
+        # by slot: the world rank that broadcasts that role's gradient, and those it reaches
+        return ({s: self.world_rank(self.lead(s)) for s in self.used}, self.fans())
+
+    def fans(self) -> dict[int, list[int]]:
+        fans = broadcast_fans({s: self.groups[s] for s in self.used})
+        return {s: [self.world_rank(w) for w in f] for s, f in fans.items()}
 
     @property
     def needs_world(self) -> bool:
