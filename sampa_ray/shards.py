@@ -16,7 +16,6 @@ No Ray here: a :class:`GroupComm` is any torch.distributed process group.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,25 +36,6 @@ def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(n, size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
-
-
-def shard_batch(batch: Any, rank: int, size: int) -> Any:
-    """Shard ``rank`` of ``size`` of a collated batch: every tensor sliced along dim 0 (nested
-    tuples, lists and mappings kept as they are)."""
-    if size == 1:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 0:
-            return batch
-        lo, hi = shard_range(int(batch.shape[0]), rank, size)
-        return batch[lo:hi]
-    if isinstance(batch, Mapping):
-        return type(batch)({k: shard_batch(v, rank, size) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(shard_batch(v, rank, size) for v in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(shard_batch(v, rank, size) for v in batch)
-    return batch
 
 
 @dataclass

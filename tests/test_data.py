@@ -15,6 +15,7 @@ import torch
 
 from sampa_ray.data import (
     DATASET_NAMES,
+    Augment,
     AugmentParams,
     BatchSchedule,
     Dataset,
@@ -26,6 +27,7 @@ from sampa_ray.data import (
     seeded_generator,
 )
 from sampa_ray.errors import UserError
+from sampa_ray.shards import shard_range
 
 # ---------------------------------------------------------------------------------- digits
 
@@ -450,6 +452,24 @@ def test_cifar_batch_augmentation_deterministic(fake_cifar: Dataset) -> None:
     assert torch.equal(x1, augment_batch(fake_cifar.x_train[idx], 11, 4))
     # Every augmented image has a cutout hole (and maybe zero padding).
     assert bool(((x1 == 0).all(dim=1).flatten(1).sum(dim=1) >= 64).all())
+
+
+@pytest.mark.parametrize("n,size", [(8, 2), (7, 3), (5, 5)])
+def test_a_shard_is_read_and_augmented_alone_as_a_slice_of_the_batch(
+        fake_cifar: Dataset, n: int, size: int) -> None:
+    """A role group's worker reads and augments only its shard, with the whole batch's random
+    draws (cutout on some images only): the shards are the whole batch's rows, bitwise."""
+    idx = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])[:n]
+    aug = Augment(cutout_p=0.5, pad_value=fake_cifar.black)
+    x, y = fake_cifar.batch(idx, seed=11, k=4, aug=aug)
+    parts = [fake_cifar.batch(idx, seed=11, k=4, aug=aug, shard=(r, size)) for r in range(size)]
+    cuts = [shard_range(n, r, size) for r in range(size)]
+    assert [p[0].shape[0] for p in parts] == [hi - lo for lo, hi in cuts]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    # the draws are the batch's: one image's shard alone differs from augmenting it on its own
+    alone = augment_batch(fake_cifar.x_train[idx[cuts[-1][0]:]], 11, 4, aug)
+    assert not torch.equal(alone, parts[-1][0])
 
 
 def test_augmentation_on_all_ones_zeroes_regions() -> None:

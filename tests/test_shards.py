@@ -4,7 +4,6 @@ whole batch's gradient, through the gradient engine and through the bucket reduc
 
 from __future__ import annotations
 
-from collections import namedtuple
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from torch import nn
 from sampa_ray.config import make_config
 from sampa_ray.engine import GradientEngine
 from sampa_ray.flat import FlatParams
-from sampa_ray.shards import BucketReducer, GroupComm, shard_batch, shard_range
+from sampa_ray.shards import BucketReducer, GroupComm, shard_range
 
 CFG = {"model": "mlp", "batch_size": 30, "backend": "local", "threads": 1, "device": "cpu"}
 BATCHES = (0, 3)
@@ -34,20 +33,6 @@ def test_shards_cover_the_batch_in_order_like_tensor_split():
             assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:], strict=False))
     with pytest.raises(ValueError, match="rank 2 outside 0..1"):
         shard_range(10, 2, 2)
-
-
-def test_shard_batch_slices_every_tensor_and_keeps_the_structure():
-    Pair = namedtuple("Pair", "x y")
-    batch = {"ids": torch.arange(10).view(5, 2), "mask": torch.ones(5),
-             "pair": Pair(torch.arange(5), [torch.arange(5) * 2, torch.tensor(3.0)]),
-             "name": "text"}
-    got = shard_batch(batch, 1, 2)  # rows 3..4 (the first shard takes the odd row)
-    assert torch.equal(got["ids"], torch.tensor([[6, 7], [8, 9]]))
-    assert torch.equal(got["mask"], torch.ones(2))
-    assert isinstance(got["pair"], Pair) and torch.equal(got["pair"].x, torch.tensor([3, 4]))
-    assert torch.equal(got["pair"].y[0], torch.tensor([6, 8]))
-    assert got["pair"].y[1] == 3.0 and got["name"] == "text"  # a 0-d tensor is not cut
-    assert shard_batch(batch, 0, 1) is batch
 
 
 class _WithUnused(nn.Module):

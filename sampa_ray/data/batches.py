@@ -204,11 +204,16 @@ def apply_augment(
     return out
 
 
-def augment_batch(x: torch.Tensor, seed: int, k: int, aug: Augment | None = None
-                  ) -> torch.Tensor:
-    """Crop + flip + cutout of batch ``x``, a pure function of ``(x, seed, k, aug)``."""
+def augment_batch(x: torch.Tensor, seed: int, k: int, aug: Augment | None = None,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Crop + flip + cutout of batch ``x``, a pure function of ``(x, seed, k, aug)``. With
+    ``rows = (lo, n)``, ``x`` is rows ``lo..`` of a batch of ``n``: the draws are the whole
+    batch's, and ``x`` gets its rows' (bitwise the whole batch's augmented rows)."""
     aug = aug or Augment()
+    lo, n = rows or (0, x.shape[0])
     g = seeded_generator(seed, TAG_AUGMENT, k)
-    params = draw_augment_params(x.shape[0], x.shape[2], x.shape[3], g,
-                                 cutout_p=aug.cutout_p)
+    params = draw_augment_params(n, x.shape[2], x.shape[3], g, cutout_p=aug.cutout_p)
+    if (lo, n) != (0, x.shape[0]):
+        hi = lo + x.shape[0]
+        params = AugmentParams(*(None if p is None else p[lo:hi] for p in params))
     return apply_augment(x, params, pad_value=aug.pad_value)

@@ -11,6 +11,7 @@ import torch
 from sampa_ray.data.batches import TAG_SYNTHETIC, Augment, augment_batch, seeded_generator
 from sampa_ray.data.cifar import CIFAR_SPECS, load_cifar
 from sampa_ray.errors import UserError
+from sampa_ray.shards import shard_range
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthetic")
 
@@ -62,19 +63,22 @@ class Dataset:
         """Number of test samples."""
         return int(self.x_test.shape[0])
 
-    def batch(self, indices: torch.Tensor, seed: int, k: int, aug: Augment | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training batch ``(x, y)`` for these sample indices.
+    def batch(self, indices: torch.Tensor, seed: int, k: int, aug: Augment | None = None,
+              shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch ``(x, y)`` for these sample indices, or shard ``rank`` of ``size``
+        of it (``shard``: ``sampa_ray.shards``'s cut), read and augmented alone.
 
         With ``augment`` the images get random crop (pad 4), horizontal flip and 16x16 cutout
-        (as ``aug`` says), drawn from a generator seeded by ``(seed, k)``: the same
-        ``(indices, seed, k, aug)`` gives a bitwise identical batch in any process.
+        (as ``aug`` says), drawn from a generator seeded by ``(seed, k)`` for the whole batch:
+        the same ``(indices, seed, k, aug)`` gives a bitwise identical batch in any process,
+        and its shards are bitwise its slices.
         """
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        x = self.x_train[idx]
-        y = self.y_train[idx]
+        lo, hi = shard_range(len(idx), *shard)
+        x = self.x_train[idx[lo:hi]]
+        y = self.y_train[idx[lo:hi]]
         if self.augment:
-            x = augment_batch(x, seed, k, aug)
+            x = augment_batch(x, seed, k, aug, rows=(lo, len(idx)))
         return x, y
 
     def split_validation(self, fraction: float) -> Dataset:

@@ -18,7 +18,7 @@ from sampa_ray.config import TrainConfig
 from sampa_ray.data.batches import Augment, BatchSchedule, derive_seed, seed_torch
 from sampa_ray.data.datasets import load_dataset, validation_split
 from sampa_ray.errors import UserError
-from sampa_ray.shards import shard_batch, shard_range
+from sampa_ray.shards import shard_range
 
 TAG_ITEM = 0x4954454D  # "ITEM": the per-item RNG seeds of plug-in datasets
 EVAL_BATCH = 1000
@@ -51,10 +51,9 @@ class BuiltinData:
         self.shard = (rank, size)
 
     def train_batch(self, k: int) -> Any:
-        # the whole batch is augmented (its random draws are the batch's), then cut: the
-        # shard's samples are exactly those of the whole batch
-        return shard_batch(self.data.batch(self.schedule.indices(k), self.seed, k, self.aug),
-                           *self.shard)
+        # only the shard's images are read and augmented, with the whole batch's random
+        # draws: the shard's samples are exactly those of the whole batch
+        return self.data.batch(self.schedule.indices(k), self.seed, k, self.aug, self.shard)
 
     def eval_batches(self, split: str) -> Iterator[Any]:
         x, y = {"test": (self.data.x_test, self.data.y_test),
