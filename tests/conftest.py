@@ -32,6 +32,38 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(old)
 
 
+# -- training outcomes: values that hold on every CPU kernel set ----------------------------
+#: (test, what, value, bar) of every outcome checked in this session, for the summary
+_OUTCOMES: list[tuple[str, str, float, str]] = []
+_COMPARE = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+
+
+@pytest.fixture
+def outcome(request: pytest.FixtureRequest) -> Callable[[str, float, str, float], None]:
+    """``outcome(what, value, op, bar)`` asserts a training outcome (an accuracy, a loss, a
+    margin) against its bar and records the value: the session's summary lists every value
+    with the CPU kernels it was measured under, so a margin's size is visible run by run.
+    Tests that use it are marked ``outcome`` and re-run under every other kernel set the
+    processor supports (``tests/kernel_sets.py``)."""
+
+    def check(what: str, value: float, op: str, bar: float) -> None:
+        _OUTCOMES.append((request.node.nodeid, what, float(value), f"{op} {bar}"))
+        assert _COMPARE[op](float(value), float(bar)), f"{what} = {value}, not {op} {bar}"
+
+    return check
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _OUTCOMES:
+        return
+    import torch
+
+    kernels = os.environ.get("SAMPA_KERNEL_SET") or torch.backends.cpu.get_cpu_capability()
+    terminalreporter.section(f"training outcomes (CPU kernels: {kernels})")
+    for test, what, value, bar in _OUTCOMES:
+        terminalreporter.write_line(f"{test}: {what} = {value:.6g} (bar {bar})")
+
+
 def local_final(cfg: Any, out: Path) -> dict[str, Any]:
     """Run ``cfg`` on the local backend into ``out`` (the test process's torch threads kept as
     they were) and return its ``final.pt``: the reference a Ray run is compared with."""

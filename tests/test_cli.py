@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, st
     return done
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("algo", ALGOS)
-def test_train_reaches_good_accuracy(algo: str, trained: dict) -> None:
+def test_train_reaches_good_accuracy(algo: str, trained: dict, outcome: Callable) -> None:
     rc, stdout, stderr, out = trained[algo]
     assert rc == 0, stderr
     assert "Traceback" not in stderr
@@ -74,7 +76,7 @@ def test_train_reaches_good_accuracy(algo: str, trained: dict) -> None:
     assert res["gradient_rounds"] == rounds
     assert len(res["epochs"]) == EPOCHS
     assert all(r["test_accuracy"] is not None for r in res["epochs"])
-    assert res["final_test_accuracy"] > 0.85
+    outcome("final test accuracy", res["final_test_accuracy"], ">", 0.85)
     assert (out / "final.pt").is_file()
     assert (out / "curves.png").read_bytes()[:8] == PNG
     assert f"{algo}: test accuracy" in stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -192,7 +194,8 @@ def test_two_classes_ok() -> None:
     assert _build("cnn", 2)(torch.randn(2, 1, 8, 8)).shape == (2, 2)
 
 
-def test_cnn_learns_digits() -> None:
+@pytest.mark.outcome
+def test_cnn_learns_digits(outcome: Callable[..., None]) -> None:
     from sklearn import datasets
     x_np, y_np = datasets.load_digits(return_X_y=True)
     x = torch.tensor(x_np / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
@@ -213,4 +216,4 @@ def test_cnn_learns_digits() -> None:
     model.eval()
     with torch.no_grad():
         acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
-    assert acc > 0.9, acc
+    outcome("test accuracy", acc, ">", 0.9)

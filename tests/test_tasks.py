@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -95,32 +96,44 @@ def test_transformer_bad_args_name_the_field(kw: dict[str, object], field: str) 
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.outcome
 @pytest.mark.parametrize("p", [7, 11])
-def test_transformer_fits_modadd(p: int) -> None:
+def test_transformer_fits_modadd(p: int, outcome: Callable[..., None]) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _fit(p)
+        outcome("min logit margin", _fit(p), ">", 3.0)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(p: int) -> None:
+def _fit(p: int) -> float:
+    """AdamW with a cosine decay to 0 over 200 steps: the learning rate ends small, so the run
+    settles instead of hovering near its last misfit sample (at a constant 3e-3 one of p = 7's
+    24 samples stayed wrong from step 50 to 250 under AVX2 kernels, and not under others).
+    Returns the smallest logit margin of a training sample (its label's logit less the best
+    other one): every sample must be right by 3; every kernel set gives 6.50-6.60 (p = 7)
+    and 7.27 (p = 11), so rounding cannot cross it."""
     train, _ = modadd.load(p=p, train_fraction=0.5, split_seed=0)
     x, y = train.tensors
     model = _build(p, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    steps = 200
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     first = None
-    for _ in range(200):
+    for _ in range(steps):
         loss = nn.functional.cross_entropy(model(x), y)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay.step()
     with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
+        logits = model(x)
+    right = logits.gather(1, y[:, None]).squeeze(1)
+    best_other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
     assert first > math.log(p) - 0.5  # it starts at chance
-    assert acc >= 0.99, acc
+    return float((right - best_other).min())
 
 
 # -- modular addition -----------------------------------------------------------------------
