@@ -9,10 +9,12 @@ train``), ``sampa_ray.load`` reads a finished run back. Nothing starts when this
     net = result.model()                      # the trained nn.Module (final parameters + buffers)
     same = sampa_ray.load("runs/mine")
 
-``model``, ``data`` and ``loss`` take callables (they follow the contracts in
-:mod:`sampa_ray.task`) or import paths (``"pkg.mod:build"``); a callable is named by its import
-path in the config (so in the config hash: resuming with another one is refused) and travels to
-Ray's processes by value.
+``model``, ``data`` (or ``dataset``, as the config and the CLI call it) and ``loss`` take
+callables (they follow the contracts in :mod:`sampa_ray.task`: functions, lambdas, closures,
+partials) or import paths (``"pkg.mod:build"``); a callable is named in the config by its import
+path, or by what it is and a digest of its value (so in the config hash: resuming with another
+one is refused). It travels to Ray's processes by value, and into the run folder
+(``parts.pkl``), so ``load(folder).model()`` works in any process, from any directory.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Result:
 def load(path: str | Path) -> Result:
     """The finished run in folder ``path`` (its ``result.json``)."""
     out = Path(path)
+    plugins.load_parts(out)
     try:
         metrics = json.loads((out / "result.json").read_text())
     except FileNotFoundError:
@@ -106,7 +109,9 @@ def supplied_fields(config: TrainConfig | Mapping[str, Any] | str | Path | None 
     base.update(fields)
     for key, part in (("model", model), ("dataset", data), ("loss", loss)):
         if part is not None:
-            base[key] = _name(part)
+            base[key] = part
+        if callable(base.get(key)):
+            base[key] = _name(base[key])
     return base
 
 
@@ -150,6 +155,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict[str, Any]:
         from .cli.train import run_one
 
         return run_one(cfg, out)
+    plugins.save_parts(cfg, out)
     if cfg.backend == "ray":
         from .ray import run_ray
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import TrainConfig
@@ -155,7 +157,8 @@ class GradientEngine:
                 "num_test": data.num_test, "num_classes": self.task.num_classes,
                 "num_val": data.num_val,
                 "batches_per_epoch": self.schedule.batches_per_epoch,
-                "device": str(self.device), "threads": torch.get_num_threads()}
+                "device": str(self.device), "threads": torch.get_num_threads(),
+                "dataset": self.cfg.dataset, "data_fingerprint": data.fingerprint}
 
     def initial_point(self) -> torch.Tensor:
         """x0: the replica's initial parameters as a flat CPU fp32 vector."""
@@ -192,7 +195,8 @@ class GradientEngine:
         dev = self.device
         t0 = time.perf_counter()
         self.flat.load_(point)
-        data = to_device(self.task.data.train_batch(batch), dev)
+        with self._user_code(f"batch {batch}"):
+            data = to_device(self.task.data.train_batch(batch), dev)
         _sync(dev)
         t1 = time.perf_counter()
         start = time.time()
@@ -202,7 +206,7 @@ class GradientEngine:
         self.model.train()
         self.flat.zero_grad_()
         with self._frozen_stats(track_stats):
-            with self._precision():
+            with self._precision(), self._user_code(f"batch {batch}"):
                 out = self.task.loss(self.model, data)
             if reducer is None:
                 out.loss.backward()
@@ -295,6 +299,19 @@ class GradientEngine:
             self._evals = [(s, f) for s, f in self._evals if (s, f) not in done]
         return [(s, f.result()) for s, f in done]
 
+    @contextmanager
+    def _user_code(self, where: str) -> Iterator[None]:
+        """The user's data, model and loss run inside: what they raise becomes one line naming
+        ``where`` (a :class:`UserError`: the run ends with exit 2, not a worker's traceback).
+        A process group's own failure inside (a lost peer during a synchronised BatchNorm)
+        stays what it is, for the fault handling to see."""
+        try:
+            yield
+        except dist.DistError:
+            raise
+        except Exception as err:
+            raise self.task.failed(err, where) from None
+
     def _precision(self) -> Any:
         """bf16 autocast around forward passes (``precision: bf16``); fp32 otherwise."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -305,12 +322,13 @@ class GradientEngine:
         model.eval()
         total_loss = torch.zeros((), device=self.device)
         correct, n = 0.0, 0
-        for batch in self.task.data.eval_batches(split):
-            with self._precision():
-                out = self.task.loss(model, to_device(batch, self.device), train=False)
-            total_loss += out.total().float()
-            correct += out.hits()
-            n += out.n
+        with self._user_code(f"the {split} split"):
+            for batch in self.task.data.eval_batches(split):
+                with self._precision():
+                    out = self.task.loss(model, to_device(batch, self.device), train=False)
+                total_loss += out.total().float()
+                correct += out.hits()
+                n += out.n
         return EvalResult(loss=float(total_loss) / n, accuracy=correct / n,
                           seconds=time.perf_counter() - t0)
 

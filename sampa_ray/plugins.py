@@ -5,16 +5,25 @@ A name is only checked for its form when a config is built; the object is import
 used (:func:`resolve`), with the current directory on ``sys.path`` as a command run from a
 project folder expects. Objects resolved or registered in the driver are shipped to the Ray
 coordinator and workers by value (:func:`registered`), so their module need not be importable
-there. Nothing here imports torch or Ray.
+there, and into the run folder (:func:`save_parts`), so :func:`sampa_ray.load` rebuilds the model
+in any process, from any directory. Any callable will do: a function of the training script
+(``__main__``), a lambda, a closure or a ``functools.partial`` is named by what it is and a
+digest of its pickled value. Nothing here imports torch or Ray.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import os
 import re
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+import cloudpickle
 
 from .errors import UserError
 
@@ -52,13 +61,46 @@ def check_name(kind: str, name: str) -> str:
                      f"package.module:function)")
 
 
+#: the run folder's file that holds its plug-ins by value (:func:`save_parts`)
+PARTS_FILE = "parts.pkl"
+
+
+def by_value(objs: Iterable[Any], pickler: Any = cloudpickle) -> None:
+    """Have ``pickler`` (cloudpickle, or Ray's copy of it) pickle the user's modules behind
+    ``objs`` by value, so the objects load where those modules cannot be imported."""
+    for obj in objs:
+        obj = obj.func if isinstance(obj, functools.partial) else obj
+        name = getattr(obj, "__module__", None) or "__main__"
+        module = sys.modules.get(name)
+        if module is not None and name != "__main__" and not name.startswith("sampa_ray."):
+            pickler.register_pickle_by_value(module)
+
+
+def _pickled(obj: Any) -> bytes:
+    by_value([obj])
+    try:
+        return cloudpickle.dumps(obj)
+    except Exception as err:
+        raise UserError(f"plug-in: {obj!r} cannot be pickled ({type(err).__name__}: {err}); "
+                        "it must travel to Ray's processes and into the run folder") from None
+
+
 def spec_of(obj: Any) -> str:
-    """The import path that names ``obj`` (``module:qualname``)."""
-    module = getattr(obj, "__module__", None) or "__main__"
-    qual = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
-    if not qual:
-        raise UserError(f"plug-in: {obj!r} has no name; pass a function or a class")
-    return f"{module}:{qual}"
+    """The name of ``obj`` in a config: its import path (``module:qualname``) where it has one;
+    else (a lambda, a closure, a partial, a callable object) what it is, made a valid name,
+    with a digest of its pickled value, so two different ones never share a name."""
+    base = obj.func if isinstance(obj, functools.partial) else obj
+    module = getattr(base, "__module__", None) or "__main__"
+    qual = getattr(base, "__qualname__", None) or getattr(base, "__name__", None) \
+        or type(base).__qualname__
+    spec = f"{module}:{qual}"
+    if base is obj and hasattr(obj, "__qualname__") and _SPEC.match(spec):
+        return spec
+    made = re.sub(r"[^\w.]", "", qual).strip(".") or "part"
+    made = made if made[0].isalpha() or made[0] == "_" else f"_{made}"
+    kind = "_partial" if base is not obj else ""
+    digest = hashlib.blake2b(_pickled(obj), digest_size=4).hexdigest()
+    return f"{module}:{made}{kind}_{digest}"
 
 
 def register(obj: Any) -> str:
@@ -133,6 +175,51 @@ def resolve(kind: str, name: str) -> Any:
     return obj
 
 
-__all__ = ["ALIASES", "BUILTIN_DATASETS", "BUILTIN_MODELS", "check_name", "install",
-           "install_shipped", "is_plugin", "register", "registered", "resolve", "shipped",
-           "spec_of"]
+def parts_of(fields: Any) -> dict[str, str]:
+    """The run's plug-ins (not the built-ins, nor the package's own aliases): their config
+    name by kind."""
+    parts = {}
+    for kind, name in (("model", fields.model), ("dataset", fields.dataset),
+                       ("loss", fields.loss)):
+        if is_plugin(kind, name) and name not in ALIASES[kind]:
+            parts[kind] = name
+    return parts
+
+
+def save_parts(cfg: Any, folder: Path) -> None:
+    """Write the run's plug-ins by value into ``folder/parts.pkl`` (written whole, then
+    renamed), so the trained model can be rebuilt where their modules do not exist: a
+    script's functions, run as ``__main__``, exist only while it runs."""
+    parts = parts_of(cfg)
+    if not parts:
+        return
+    objs = {name: resolve(kind, name) for kind, name in parts.items()}
+    by_value(objs.values())
+    try:
+        data = cloudpickle.dumps(objs)
+    except Exception as err:
+        raise UserError(f"plug-in: the run's parts cannot be pickled into {folder} "
+                        f"({type(err).__name__}: {err})") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{PARTS_FILE}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, folder / PARTS_FILE)
+
+
+def load_parts(folder: Path) -> None:
+    """Register the plug-ins a run folder holds (:func:`save_parts`), ahead of any of the same
+    name: the model is rebuilt from the code it was trained with. Unpickling runs code: load
+    only run folders you trust, as with any pickle."""
+    path = folder / PARTS_FILE
+    if not path.is_file():
+        return
+    try:
+        objs = cloudpickle.loads(path.read_bytes())
+    except Exception as err:
+        raise UserError(f"load: cannot read {path}: {type(err).__name__}: {err}") from None
+    install(objs)
+
+
+__all__ = ["ALIASES", "BUILTIN_DATASETS", "BUILTIN_MODELS", "PARTS_FILE", "by_value",
+           "check_name", "install", "install_shipped", "is_plugin", "load_parts", "parts_of",
+           "register", "registered", "resolve", "save_parts", "shipped", "spec_of"]

@@ -29,15 +29,15 @@ _PICKLE_STARTS = (b"\x80", b"(", b"}")
 
 def check_before_start(cfg: TrainConfig) -> list[str]:
     """Raise a one-line :class:`UserError` for what cannot work; return warning lines (without
-    the ``sampa-ray:`` prefix) for what would run, but badly."""
-    check_plugins(cfg)
+    the ``sampa-ray:`` prefix) for what would run, but badly, or what was inferred."""
+    notes = check_plugins(cfg)
     n = max_train_samples(cfg)
     if n is not None and cfg.batch_size > n:
         raise UserError(f"batch_size: {cfg.batch_size} is larger than the {n} training samples "
                         f"of {cfg.dataset}")
     if cfg.backend == "ray":
         _check_listeners(cfg)
-    return _check_threads(cfg)
+    return notes + _check_threads(cfg)
 
 
 def uses_plugins(cfg: TrainConfig) -> bool:
@@ -46,13 +46,14 @@ def uses_plugins(cfg: TrainConfig) -> bool:
             or cfg.loss is not None)
 
 
-def check_plugins(cfg: TrainConfig) -> None:
+def check_plugins(cfg: TrainConfig) -> list[str]:
     """A run with a plug-in builds its task here, once, as every worker will: the modules
     import, the factory returns an ``nn.Module``, the dataset's items collate into batch 0,
     the model takes it and the loss on it is a finite scalar. Each failure is one line naming
-    the plug-in; nothing has started yet."""
+    the plug-in; nothing has started yet. Returns what the data told (the classes inferred
+    from its labels, classes without a training sample)."""
     if not uses_plugins(cfg):
-        return
+        return []
     import torch  # only for runs that bring their own parts
 
     from .task import Task
@@ -61,6 +62,7 @@ def check_plugins(cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.threads)
     task = Task(cfg)
     task.check(task.build_model(), torch.device("cpu"))
+    return list(getattr(task.data, "notes", []))
 
 
 def max_train_samples(cfg: TrainConfig) -> int | None:

@@ -215,6 +215,23 @@ class Task:
         """A fresh model from the run's seed: every replica in every process is identical."""
         return make_model(self.cfg, self.num_classes)
 
+    def failed(self, err: BaseException, where: str) -> UserError:
+        """The one line for an exception the user's data, model or loss raised on ``where``
+        (``batch 0``, ``batch 17``, ``the test split``): what failed, and, for labels the
+        model's outputs cannot score, what they must be. A run that meets it ends there, with
+        exit 2, whenever it is met (before the start for batch 0, in a worker for later
+        batches of a dataset that loads lazily)."""
+        if isinstance(err, UserError):
+            return err
+        hint = ""
+        if not self.cfg.loss and isinstance(err, IndexError | RuntimeError) \
+                and ("out of bounds" in str(err) or "Target" in str(err)):
+            hint = (" (labels must be class indices from 0 to num_classes - 1 = "
+                    f"{self.num_classes - 1})")
+        return UserError(f"dataset: {where} of {self.cfg.dataset} through model "
+                         f"{self.cfg.model} and the loss failed: {type(err).__name__}: "
+                         f"{_first(err)}{hint}")
+
     def check(self, model: nn.Module, device: torch.device) -> LossOut:
         """Batch 0 through the model and the loss: one line naming what does not fit (items
         that do not collate, labels the outputs cannot score, a loss that is no finite
@@ -224,15 +241,8 @@ class Task:
         try:
             with torch.no_grad():
                 out = self.loss(model, batch)
-        except UserError:
-            raise
         except Exception as err:
-            hint = ""
-            if isinstance(batch, list | tuple) and len(batch) == 2 and not self.cfg.loss:
-                hint = (f" (do the labels match the model's {self.num_classes} outputs? "
-                        "targets must be class indices below num_classes)")
-            raise UserError(f"dataset: batch 0 through model {self.cfg.model} and the loss "
-                            f"failed: {type(err).__name__}: {_first(err)}{hint}") from None
+            raise self.failed(err, "batch 0") from None
         value = float(out.loss.detach().float())
         if not math.isfinite(value):
             raise UserError(f"loss: {self.cfg.loss or 'cross-entropy'} on batch 0 is {value}, "

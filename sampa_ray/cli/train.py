@@ -32,9 +32,13 @@ def add_train_commands(subparsers: Any) -> None:
 
 
 def run_one(cfg: TrainConfig, out: Path, label: str = "") -> dict[str, Any]:
-    """One run on the configured backend, its progress shown live; returns its result."""
+    """One run on the configured backend, its progress shown live; returns its result. Its
+    plug-ins are kept by value in ``out`` first (``sampa_ray.load`` rebuilds the model from
+    them anywhere)."""
+    from ..plugins import save_parts
     from ..ui import ProgressView
 
+    save_parts(cfg, out)
     with ProgressView(label or cfg.algo) as view:
         if cfg.backend == "ray":
             from ..ray import run_ray

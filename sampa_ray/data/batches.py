@@ -7,9 +7,13 @@ agree on batch ``k`` without talking to each other.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +56,24 @@ def seed_torch(seed: int, device: torch.device | None = None) -> None:
     torch.default_generator.manual_seed(seed)
     if device is not None and device.type == "cuda":
         torch.cuda.manual_seed(seed)
+
+
+@contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """torch's (CPU), numpy's and Python's global generators seeded from ``seed`` inside, and
+    put back as they were after: code that draws from them (a shuffle, ``train_test_split``
+    without ``random_state``) gives the same numbers in every process, and the caller's own
+    draws are not disturbed."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        seed_torch(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 class BatchSchedule:

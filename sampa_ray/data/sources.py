@@ -5,8 +5,10 @@ datasets read through a ``DataLoader``. Either way batch ``k`` is a pure functio
 
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -15,13 +17,69 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
 from sampa_ray import plugins
 from sampa_ray.config import TrainConfig
-from sampa_ray.data.batches import Augment, BatchSchedule, derive_seed, seed_torch
+from sampa_ray.data.batches import (
+    Augment,
+    BatchSchedule,
+    derive_seed,
+    seed_torch,
+    seeded_globals,
+)
 from sampa_ray.data.datasets import load_dataset, validation_split
 from sampa_ray.errors import UserError
 from sampa_ray.shards import shard_range
 
 TAG_ITEM = 0x4954454D  # "ITEM": the per-item RNG seeds of plug-in datasets
 EVAL_BATCH = 1000
+#: items of a dataset that is not a tuple of tensors read into its fingerprint
+FINGERPRINT_ITEMS = 32
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Feed ``obj`` (tensors, arrays, numbers, strings and containers of them) into hash
+    ``h``: the same values give the same bytes in any process."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        _feed(h, torch.from_numpy(np.ascontiguousarray(obj)))
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+    elif isinstance(obj, list | tuple):
+        h.update(f"S{len(obj)}".encode())
+        for item in obj:
+            _feed(h, item)
+    elif obj is None or isinstance(obj, bool | int | float | complex | str | bytes):
+        h.update(repr(obj).encode())
+    elif hasattr(obj, "__array_interface__") or hasattr(obj, "__array__"):  # PIL images
+        _feed(h, np.asarray(obj))
+    else:  # an object we cannot read: its type at least
+        h.update(type(obj).__qualname__.encode())
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hex digest of ``parts`` (see :func:`_feed`)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        _feed(h, part)
+    return h.hexdigest()
+
+
+def check_same_data(fingerprints: Mapping[str, str], dataset: str) -> None:
+    """Every process (by name) must hold the same data: else one line naming the dataset
+    function and who differs. Data that differs between the workers trains on batches that
+    are not the same samples, silently."""
+    if len(set(fingerprints.values())) <= 1:
+        return
+    first = next(iter(fingerprints.values()))
+    odd = [name for name, f in fingerprints.items() if f != first]
+    same = [name for name, f in fingerprints.items() if f == first]
+    raise UserError(f"dataset: {dataset} gave different data in different processes "
+                    f"({', '.join(same)} differ from {', '.join(odd)}); it must return the "
+                    "same data every time it is called (its randomness from a fixed seed or "
+                    "the global generators, not the clock, the process or set order)")
 
 
 class BuiltinData:
@@ -45,6 +103,13 @@ class BuiltinData:
         self.num_train, self.num_test = len(self.data.y_train), len(self.data.y_test)
         self.num_val = 0 if self.data.y_val is None else len(self.data.y_val)
         self.shard = (0, 1)
+        self.notes: list[str] = []
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of every split's tensors: two nodes with other copies of the files differ."""
+        d = self.data
+        return fingerprint(d.x_train, d.y_train, d.x_test, d.y_test, d.x_val, d.y_val)
 
     def set_shard(self, rank: int, size: int) -> None:
         """Serve shard ``rank`` of ``size`` of every training batch (``sampa_ray.shards``)."""
@@ -112,8 +177,9 @@ def _as_dataset(obj: Any, what: str) -> Any:
         try:
             return TensorDataset(*obj)
         except AssertionError:
-            raise UserError(f"dataset: the {what} tensors differ in their first "
-                            "dimension") from None
+            sizes = ", ".join(str(len(t)) if t.dim() else "a scalar" for t in obj)
+            raise UserError(f"dataset: the {what} tensors differ in their first dimension "
+                            f"({sizes}); each holds one row per sample") from None
     if not (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
         raise UserError(f"dataset: the {what} set is a {type(obj).__name__}, not a map-style "
                         "Dataset (with __getitem__ and __len__) or a tuple of tensors")
@@ -133,10 +199,12 @@ class LoaderData:
     schedule's indices; batch ``k`` is the same in every process (see :class:`_SeededItems`)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        self.name = cfg.dataset
         factory = plugins.resolve("dataset", cfg.dataset)
         given = ", ".join(f"{k}={v!r}" for k, v in cfg.dataset_args.items())
-        try:
-            made = factory(**cfg.dataset_args)
+        try:  # a shuffle or split drawn from the global generators: the same in every process
+            with seeded_globals(cfg.seed):
+                made = factory(**cfg.dataset_args)
         except UserError:
             raise
         except Exception as err:
@@ -156,7 +224,10 @@ class LoaderData:
         self.num_val = 0 if self.val is None else len(self.val)
         if self.num_train == 0:
             raise UserError(f"dataset: {cfg.dataset} has no training samples")
+        self.notes: list[str] = []
         self.num_classes = cfg.num_classes or self._infer_classes(made[0])
+        if cfg.loss is None:  # the default loss takes class indices
+            self._check_labels()
         self.seed = cfg.seed
         self.schedule = BatchSchedule(self.num_train, cfg.batch_size, cfg.seed,
                                       drop_last=cfg.last_batch == "drop")
@@ -166,7 +237,6 @@ class LoaderData:
         self._it: Iterator[Any] | None = None
         self._next = -1
         self._last: tuple[int, Any] | None = None
-        self.name = cfg.dataset
         self.shard = (0, 1)
 
     def set_shard(self, rank: int, size: int) -> None:
@@ -183,10 +253,55 @@ class LoaderData:
                 return n
         y = _labels_of(self.train)
         if y is not None and not y.is_floating_point() and y.numel():
-            return int(y.max()) + 1
+            n = int(y.max()) + 1
+            self.notes.append(f"dataset: {self.name}: labels {_values(y)}: {n} classes "
+                              "(from the largest label; set num_classes to say otherwise)")
+            return n
         raise UserError("num_classes: cannot tell how many outputs the model needs from "
-                        f"dataset {getattr(self, 'name', '')}; set num_classes, or give the "
-                        "training set a num_classes attribute")
+                        f"dataset {self.name}; set num_classes, or give the training set a "
+                        "num_classes attribute")
+
+    def _check_labels(self) -> None:
+        """Integer labels held in tensors are checked whole, every split, before anything
+        starts: one out of range would otherwise fail only when its batch (or the test
+        split's evaluation) comes, deep into the run."""
+        n = self.num_classes
+        for split, ds in (("training", self.train), ("validation", self.val),
+                          ("test", self.test)):
+            y = _labels_of(ds) if ds is not None else None
+            if y is None or y.is_floating_point() or y.dim() != 1 or not y.numel():
+                continue
+            bad = ((y < 0) | (y >= n)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise UserError(f"dataset: {split} label {int(y[i])} (sample {i} of "
+                                f"{len(y)}) of {self.name} is not a class index from 0 to "
+                                f"{n - 1} (num_classes {n}); {len(bad)} such labels")
+            if split == "training":
+                missing = sorted(set(range(n)) - set(torch.unique(y).tolist()))
+                if missing:
+                    self.notes.append(f"dataset: {self.name}: {len(missing)} of {n} classes "
+                                      f"have no training sample ({_listed(missing)})")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the splits: their tensors whole where they are tensors, else their sizes
+        and :data:`FINGERPRINT_ITEMS` items spread over each, read with seeded generators."""
+        parts: list[Any] = []
+        for ds in (self.train, self.val, self.test):
+            if ds is None:
+                parts.append(None)
+                continue
+            base, idx = (ds.dataset, ds.indices) if isinstance(ds, Subset) else (ds, None)
+            if isinstance(base, TensorDataset):
+                parts.append((base.tensors, None if idx is None else list(idx)))
+                continue
+            n = len(ds)
+            picks = sorted({i * n // FINGERPRINT_ITEMS for i in range(FINGERPRINT_ITEMS)}) \
+                if n else []
+            with seeded_globals(self.seed):
+                parts.append((n, [ds[i] for i in picks]))
+        return fingerprint(*parts)
 
     def train_batch(self, k: int) -> Any:
         if self._last is not None and self._last[0] == k:  # SAM asks batch t twice
@@ -217,4 +332,15 @@ class LoaderData:
                               generator=_own_generator())
 
 
-__all__ = ["EVAL_BATCH", "TAG_ITEM", "BuiltinData", "LoaderData"]
+def _listed(values: list[int], most: int = 12) -> str:
+    shown = ", ".join(map(str, values[:most]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > most else "")
+
+
+def _values(y: torch.Tensor) -> str:
+    """The distinct labels, as a set (abbreviated beyond a dozen)."""
+    return "{" + _listed(torch.unique(y).tolist()) + "}"
+
+
+__all__ = ["EVAL_BATCH", "FINGERPRINT_ITEMS", "TAG_ITEM", "BuiltinData", "LoaderData",
+           "check_same_data", "fingerprint"]

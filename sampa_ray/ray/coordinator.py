@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ..algorithms import AlgoState
 from ..checkpoint import Checkpoint, Checkpointer, find_resume
 from ..config import TrainConfig
+from ..data.sources import check_same_data
 from ..errors import UserError
 from ..loop import Plan, make_algorithm, train_loop
 from ..plugins import install_shipped
@@ -198,6 +199,8 @@ class Coordinator:
         for info in self.infos:
             if "error" in info:
                 raise UserError(info["error"])
+        check_same_data({i["name"]: i["data_fingerprint"] for i in self.infos},
+                        self.base.dataset)
         self._say("workers: " + ", ".join(f"{i['name']} pid {i['pid']} ({i['device']})"
                                           for i in self.infos))
         await self._serve_grpc()

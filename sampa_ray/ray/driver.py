@@ -121,12 +121,8 @@ def plugins() -> dict[str, dict[str, Any]]:
     (model, dataset, loss) resolved or registered here. They travel to the coordinator and the
     workers by value (their module need not be importable there)."""
     bundle = sampa_plugins.shipped()
-    objs = [*bundle["algorithms"].values(), *bundle["objects"].values()]
-    for obj in objs:
-        name = getattr(obj, "__module__", None) or "__main__"
-        module = sys.modules.get(name)
-        if module is not None and name != "__main__" and not name.startswith("sampa_ray."):
-            ray.cloudpickle.register_pickle_by_value(module)
+    sampa_plugins.by_value([*bundle["algorithms"].values(), *bundle["objects"].values()],
+                           ray.cloudpickle)
     return bundle
 
 

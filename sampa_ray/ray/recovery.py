@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError
 
 from ..algorithms import AlgoState
 from ..checkpoint import Checkpoint, Checkpointer
+from ..data.sources import check_same_data
 from ..errors import UserError
 from ..telemetry.metrics import RoundProbe
 
@@ -145,6 +146,10 @@ class WorkerPool:
                 info = await w.info.remote()
                 if "error" in info:
                     raise UserError(info["error"])
+                old = self.infos[slot]
+                check_same_data({f"{self.name(slot)} before": old["data_fingerprint"],
+                                 f"{self.name(slot)} restarted": info["data_fingerprint"]},
+                                info["dataset"])
                 break
             except RayActorError:
                 if time.time() > deadline:
