@@ -76,16 +76,13 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                    "override it")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
     for name, typ in CONFIG_FLAGS.items():
-        field = TrainConfig.model_fields[name]
-        default = field.default
-        help_ = field.description or ""
+        help_ = flag_help(name)
         if typ is _yes_no:  # ``--flag`` alone means true; ``--flag false`` is explicit
             p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                           nargs="?", const=True, metavar="true|false",
-                           help=f"{help_} (default: {str(default).lower()})".strip())
+                           nargs="?", const=True, metavar="true|false", help=help_)
             continue
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       metavar=name.upper(), help=f"{help_} (default: {default})".strip())
+                       metavar=name.upper(), help=help_)
     for flag, field_name in MAPPING_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="append", default=None,
                        type=_key_value, metavar="KEY=VALUE",
@@ -100,6 +97,19 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to name a folder that already holds a finished or an "
                    "interrupted run (its old checkpoints are removed first)")
+
+
+def flag_help(name: str) -> str:
+    """The help of a config field's flag: its description, then its default where that says
+    something (a description that explains its own default, or a default of None, which means
+    "see the description", gets no second one)."""
+    field = TrainConfig.model_fields[name]
+    help_ = field.description or ""
+    default = field.default
+    if default is None or "(default" in help_:
+        return help_
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"{help_} (default: {shown})".strip()
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -191,4 +201,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["CONFIG_FLAGS", "EXIT_USER", "MAPPING_FLAGS", "add_config_flags", "build_parser",
-           "config_from_args", "main"]
+           "config_from_args", "flag_help", "main"]
