@@ -126,23 +126,24 @@ def fit(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
     ``data``, ``loss``: callables or import paths (see :mod:`sampa_ray.task`). ``out``: the run
     folder (default ``runs/train-<algo>-<time>``); ``resume``: continue the run there.
     Errors a user can cause raise :class:`~sampa_ray.errors.UserError` with one line."""
-    from .outdir import claim_out, default_out
+    from .outdir import claim_run
     from .preflight import check_before_start
 
     given = supplied_fields(config, model=model, data=data, loss=loss, **fields)
     if out is not None:
         given["out"] = str(out)
     cfg = make_config(given)
-    folder = Path(cfg.out) if cfg.out else default_out(cfg, "train")
     if resume:  # the checkpoint's config; what was given may not change the trajectory
         from .checkpoint import config_for_resume
 
-        cfg = config_for_resume(str(folder), {**given, "out": str(folder)})
+        if not cfg.out:
+            raise UserError("resume: name the run folder (out=...)")
+        cfg = config_for_resume(cfg.out, {**given, "out": cfg.out})
     for line in check_before_start(cfg):
         warnings.warn(line, stacklevel=2)
-    with claim_out(folder, overwrite, resume=resume):
-        _run(cfg, folder, progress)
-    return load(folder)
+    with claim_run(cfg, "train", overwrite, resume=resume) as lock:
+        _run(cfg, lock.out, progress)
+    return load(lock.out)
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict[str, Any]:

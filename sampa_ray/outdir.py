@@ -1,7 +1,8 @@
 """The output folder's rules, shared by every command that writes one (``train``, ``compare``,
 ``bench``): never write over an earlier run unless asked to, never let two runs share a folder,
 fail early with one line when the folder cannot be used, name a fresh folder by time when none is
-given, and write every file so that a failure (a full disk) leaves no half-written file behind.
+given (with ``-2``, ``-3``, ... when that name is taken), and write every file so that a failure
+(a full disk) leaves no half-written file behind.
 
 A folder *holds a run* when it has a ``result.json`` (a finished run), checkpoints (an
 interrupted one: they would be mixed with the new run's, and ``--keep-checkpoints`` would then
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import shutil
 import time
@@ -201,10 +203,46 @@ def claim_out(out: Path, overwrite: bool, resume: bool = False) -> OutLock:
 
 
 def stamped(prefix: str) -> Path:
-    """``runs/<prefix>-<timestamp>``: where a command writes when no ``--out`` is given."""
+    """``runs/<prefix>-<timestamp>``: where a command writes when no ``--out`` is given (the
+    first free one of that name and its ``-2``, ``-3``, ... is taken: :func:`claim_new`)."""
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_new(base: Path) -> OutLock:
+    """Claim a fresh folder named ``base``, else ``base-2``, ``base-3``, ...: the first that
+    this process creates itself (``mkdir`` is atomic, so two runs started in the same second,
+    a loop over learning rates in the background, each get their own). The lock's ``out`` is
+    the folder taken; use as ``with claim_new(...) as lock:``."""
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"out: cannot create {base.parent}: {os_reason(err)}") from None
+    for n in itertools.count(1):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise UserError(f"out: cannot create {out}: {os_reason(err)}") from None
+        try:
+            return claim_out(out, overwrite=False)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+            raise
+    raise AssertionError("unreachable")
 
 
 def default_out(cfg: TrainConfig, kind: str) -> Path:
     """The default folder of ``train`` (named after the algorithm) or ``compare`` (``all``)."""
     return stamped(f"{kind}-{cfg.algo if kind == 'train' else 'all'}")
+
+
+def claim_run(cfg: TrainConfig, kind: str, overwrite: bool, resume: bool = False) -> OutLock:
+    """Claim the folder of a ``train`` or ``compare`` run: ``cfg.out`` by :func:`claim_out`'s
+    rules, else a fresh :func:`default_out` folder (:func:`claim_new`). The folder taken is
+    the lock's ``out``."""
+    if cfg.out:
+        return claim_out(Path(cfg.out), overwrite, resume)
+    return claim_new(default_out(cfg, kind))

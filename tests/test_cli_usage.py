@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,38 @@ def test_every_option_has_help_and_one_default(command: str, tmp_path: Path) -> 
     assert re.search(r"\(default: \$SAMPA_RAY_TOKEN\)$", options["--token-file"])
     assert options["--lr"].endswith("(default: 0.05)")
     assert options["--sync-bn"].count("default") == 1  # the description says it
+
+
+# -- default folder names ---------------------------------------------------------------------
+def test_runs_claimed_in_the_same_second_get_their_own_folders(tmp_path: Path) -> None:
+    """Three claims of one stamped name (as three runs started in the same second make):
+    three folders, each locked by its claim, the later ones named ``-2``, ``-3``."""
+    from sampa_ray.outdir import LOCK, claim_new
+
+    base = tmp_path / "runs" / "train-sampa-20260101-120000"
+    locks = [claim_new(base) for _ in range(3)]
+    try:
+        assert [lk.out.name for lk in locks] == [base.name, f"{base.name}-2", f"{base.name}-3"]
+        assert all((lk.out / LOCK).is_file() for lk in locks)
+    finally:
+        for lk in locks:
+            lk.release()
+    # a name left by an earlier run (a finished one, say) is passed over too
+    (base / "result.json").write_text("{}")
+    with claim_new(base) as lock:
+        assert lock.out.name == f"{base.name}-4"
+    assert (base / "result.json").read_text() == "{}"
+
+
+def test_two_runs_started_together_without_out_both_finish(tmp_path: Path) -> None:
+    """Two ``train`` commands started at once with no ``--out``: both finish, each in its own
+    ``runs/train-sgd-<time>[-N]`` folder."""
+    args = ["train", *COMMON, "--algo", "sgd", "--steps", "2", "--batch-size", "32"]
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: cli(*args, cwd=tmp_path), range(2)))
+    for p in procs:
+        assert p.returncode == 0, p.stderr
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2, folders
+    assert all(re.fullmatch(r"train-sgd-\d{8}-\d{6}(-\d+)?", f.name) for f in folders)
+    assert all((f / "result.json").is_file() for f in folders)
