@@ -124,9 +124,10 @@ def fit(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
     """Train and return the finished run. ``config``: a :class:`TrainConfig`, a mapping of its
     fields or a YAML file; ``fields`` override it (``epochs=3, backend="local"``). ``model``,
     ``data``, ``loss``: callables or import paths (see :mod:`sampa_ray.task`). ``out``: the run
-    folder (default ``runs/train-<algo>-<time>``); ``resume``: continue the run there.
+    folder (default ``runs/train-<algo>-<time>``); ``resume``: continue the run there (a
+    finished one is returned as it is).
     Errors a user can cause raise :class:`~sampa_ray.errors.UserError` with one line."""
-    from .outdir import claim_run
+    from .outdir import claim_run, finished_run
     from .preflight import check_before_start
 
     given = supplied_fields(config, model=model, data=data, loss=loss, **fields)
@@ -139,6 +140,8 @@ def fit(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
         if not cfg.out:
             raise UserError("resume: name the run folder (out=...)")
         cfg = config_for_resume(cfg.out, {**given, "out": cfg.out})
+        if finished_run(Path(cfg.out)) is not None:  # nothing to continue: the run as it is
+            return load(cfg.out)
     for line in check_before_start(cfg):
         warnings.warn(line, stacklevel=2)
     with claim_run(cfg, "train", overwrite, resume=resume) as lock:

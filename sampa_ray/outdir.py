@@ -18,12 +18,13 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 
@@ -69,6 +70,21 @@ def holds_run(out: Path) -> str | None:
     if ckpts.is_dir() and any(ckpts.glob("ckpt-*")):
         return "an interrupted run (checkpoints, no result.json)"
     return None
+
+
+def finished_run(out: Path) -> dict[str, Any] | None:
+    """``out``'s result.json when the run there trained every planned step (not one stopped
+    early, which its checkpoints can continue); None otherwise or when it cannot be read."""
+    try:
+        result = json.loads((out / "result.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(result, dict) or result.get("stopped_early"):
+        return None
+    steps, planned = result.get("steps"), result.get("planned_steps")
+    if not isinstance(steps, int) or not isinstance(planned, int) or steps < planned:
+        return None
+    return result
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool = False) -> Path:

@@ -91,3 +91,66 @@ def test_two_runs_started_together_without_out_both_finish(tmp_path: Path) -> No
     assert len(folders) == 2, folders
     assert all(re.fullmatch(r"train-sgd-\d{8}-\d{6}(-\d+)?", f.name) for f in folders)
     assert all((f / "result.json").is_file() for f in folders)
+
+
+# -- resuming ---------------------------------------------------------------------------------
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = cli("train", *COMMON, "--steps", "6", "--batch-size", "32", "--out", str(run),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    before = _snapshot(run)
+    assert "result.json" in before and any(k.startswith("checkpoints/") for k in before)
+    proc = cli("train", *COMMON, "--resume", str(run), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [f"sampa-ray: {run} is finished (6 steps); nothing to "
+                                        "resume"]
+    assert proc.stdout == ""
+    assert _snapshot(run) == before  # byte for byte, not even rewritten
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        {k.split("/")[0] for k in before})  # no lock or temporary file left either
+
+
+def test_wall_time_after_stop_and_resume_is_the_whole_run(tmp_path: Path) -> None:
+    """A run interrupted (Ctrl-C) after a checkpoint, then resumed: result.json's wall time
+    counts both sessions, so it is at least the first part's (the checkpoint's record) and
+    at least the training time its epochs record."""
+    import json
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    p = subprocess.Popen(cli_cmd("train", *COMMON, "--steps", "400", "--batch-size", "32",
+                                 "--checkpoint-every", "10", "--keep-checkpoints", "50",
+                                 "--out", str(run)),
+                         cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(run.glob("checkpoints/ckpt-0000010[0-9].json")):
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert not (run / "result.json").exists()
+    newest = max(run.glob("checkpoints/ckpt-*.json"))
+    step = json.loads(newest.read_text())["step"]
+    assert 100 <= step < 400
+    first = json.loads(newest.read_text())["record"]["wall_s"]
+    assert first > 0
+
+    proc = cli("train", *COMMON, "--resume", str(run), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((run / "result.json").read_text())
+    assert res["steps"] == 400
+    assert res["wall_time_s"] >= first
+    # the epochs' wall clock runs on from the checkpoint's: the total covers all of it
+    assert res["wall_time_s"] >= res["epochs"][-1]["wall_s"] > first

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..outdir import claim_run, prepare_out
+from ..outdir import claim_run, finished_run, prepare_out
 from . import add_config_flags, config_from_args
 
 
@@ -57,6 +57,12 @@ def preflight(cfg: TrainConfig) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """``sampa-ray train``: one run into ``--out`` (or ``runs/train-<algo>-<timestamp>``)."""
     cfg = config_from_args(args)
+    if cfg.resume is not None and (done := finished_run(Path(cfg.resume))) is not None:
+        # a finished run has nothing to continue: say so, change nothing (exit 0: the run a
+        # restarted job or a retried script asks for exists)
+        print(f"sampa-ray: {cfg.resume} is finished ({done['steps']} steps); nothing to "
+              "resume", file=sys.stderr)
+        return 0
     preflight(cfg)
     resuming_here = (cfg.resume is not None and cfg.out is not None
                      and Path(cfg.out).resolve() == Path(cfg.resume).resolve())
