@@ -124,6 +124,7 @@ class Recorder:
         self._loss = (0, 0.0)  # (count, sum) of the stats role's loss this epoch
         self._acc = (0, 0.0)
         self.last_loss = float("nan")
+        self.last_accuracy = float("nan")  # of the stats role's last round (NaN: not reported)
 
     def record_round(self, results: Mapping[str, GradResult], round_s: float,
                      update_s: float) -> None:
@@ -148,7 +149,7 @@ class Recorder:
             self._loss = (self._loss[0] + 1, self._loss[1] + r.loss)
             if math.isfinite(r.accuracy):  # a plug-in loss may report no accuracy (NaN)
                 self._acc = (self._acc[0] + 1, self._acc[1] + r.accuracy)
-            self.last_loss = r.loss
+            self.last_loss, self.last_accuracy = r.loss, r.accuracy
 
     def record_step(self, seconds: float) -> None:
         """Wall time from the previous parameter update to this one; the first after a start or

@@ -54,6 +54,40 @@ def test_every_event_carries_total_epoch_and_loss() -> None:
     assert got["loss"] == pytest.approx(0.2) and got["test_accuracy"] == pytest.approx(0.93)
 
 
+def test_watched_events_carry_the_training_accuracy(tmp_path: Path) -> None:
+    """A real (local) run's events as ``watch`` receives them: a round carries its batch's
+    training accuracy (not 0.0), an epoch the epoch's mean, and the round values average to
+    exactly that mean; before the first round there is none (null), not 0.0."""
+    from sampa_ray.config import make_config
+    from sampa_ray.local import run_local
+
+    events: list[dict] = []
+    cfg = make_config({"algo": "sgd", "steps": 44, "batch_size": 64, "threads": 1,
+                       "backend": "local", "lr_schedule": "constant", "lr": 0.1})
+    result = run_local(cfg, tmp_path / "run", progress=events.append)
+    d = _run()
+    info = message_dict(event_message(live.on_event(d, {"kind": "info", "text": "hello"})))
+    assert info["accuracy"] is None
+    wire = [message_dict(event_message(live.on_event(d, ev))) for ev in events
+            if ev["kind"] in ("round", "epoch")]
+    rounds = [ev for ev in wire if ev["kind"] == "round"]
+    epochs = [ev for ev in wire if ev["kind"] == "epoch"]
+    assert len(rounds) == 44 and len(epochs) == 2
+    assert all(ev["accuracy"] is not None and 0.0 <= ev["accuracy"] <= 1.0 for ev in rounds)
+    for k, row in enumerate(result["epochs"]):
+        mine = [ev["accuracy"] for ev in rounds[22 * k:22 * (k + 1)]]
+        assert sum(mine) / len(mine) == pytest.approx(row["train_accuracy"], abs=1e-6)
+        assert epochs[k]["accuracy"] == pytest.approx(row["train_accuracy"])
+    assert result["epochs"][-1]["train_accuracy"] > 0.8  # trained: far from the 0.0 it showed
+    assert sum(ev["accuracy"] for ev in rounds[-5:]) / 5 > 0.8
+    # ``watch --json`` prints them as they come
+    assert json.loads(json.dumps(json_safe(rounds[-1])))["accuracy"] == rounds[-1]["accuracy"]
+    # the text form shows it too
+    from sampa_ray.cli.control import _event_line
+
+    assert f"acc {rounds[-1]['accuracy']:.4g}" in _event_line(rounds[-1])
+
+
 def test_status_takes_the_accuracy_from_evaluations() -> None:
     d = _run()
     st = live.status(d, INFOS, lambda slot: None)
