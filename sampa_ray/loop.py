@@ -217,7 +217,8 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
     written: Callable[[], Awaitable[None]] | None = getattr(checkpoint, "check", None)
     epochs_done = len(recorder.epochs)
     nonfinite_streak = 0
-    last_update = perf()
+    last_update = started = perf()
+    start_step = state.step  # the rate shown is this session's updates over its time
 
     def busy() -> bool:
         return (should_stop is not None and should_stop()) or \
@@ -275,6 +276,8 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
              "round_s": t1 - t0, "update_s": t2 - t1,
              "compute_s": max((r.timings.get("compute", 0.0) for r in results.values()),
                               default=0.0),
+             "steps_per_s": (state.step - start_step) / (t2 - started)
+             if state.step > start_step and t2 > started else None,
              "lr": algo.lr_at(max(state.step - 1, 0))})
         if state.step != before:
             if written is not None:  # a background checkpoint write failed: stop here

@@ -154,3 +154,37 @@ def test_wall_time_after_stop_and_resume_is_the_whole_run(tmp_path: Path) -> Non
     assert res["wall_time_s"] >= first
     # the epochs' wall clock runs on from the checkpoint's: the total covers all of it
     assert res["wall_time_s"] >= res["epochs"][-1]["wall_s"] > first
+
+
+# -- the progress bar -------------------------------------------------------------------------
+def test_progress_rate_is_the_runs_own_when_events_come_in_a_burst(tmp_path: Path) -> None:
+    """The bar's steps/s is the run's updates over its time, also when the events reach the
+    bar as the Ray driver gets them: all at once (a poll four times a second, and a short run
+    is over within one), consecutive rounds kept as the latest (the coordinator's queue):
+    within a factor of 2 of steps / elapsed, measured here."""
+    import time
+
+    from sampa_ray.config import make_config
+    from sampa_ray.local import run_local
+    from sampa_ray.ray.live import enqueue
+    from sampa_ray.ui import ProgressView
+
+    seen: list[tuple[float, dict]] = []
+    cfg = make_config({"algo": "sgd", "steps": 24, "batch_size": 32, "threads": 1,
+                       "backend": "local"})
+    run_local(cfg, tmp_path / "run", progress=lambda ev: seen.append((time.perf_counter(), ev)))
+    rounds = [(t, ev) for t, ev in seen if ev["kind"] == "round"]
+    assert [ev["step"] for _, ev in rounds] == list(range(1, 25))
+    (t_first, first), (t_last, _) = rounds[0], rounds[-1]
+    elapsed = t_last - t_first + first["round_s"] + first["update_s"]  # from the first round
+    expected = 24 / elapsed
+    polled: list[dict] = []
+    for _, ev in seen:
+        enqueue(polled, dict(ev))
+    assert [ev["step"] for ev in polled if ev["kind"] == "round"] == [23, 24]
+    with ProgressView("sgd") as view:
+        for ev in polled:  # one poll's worth, in one burst
+            view(ev)
+        shown = float(view.progress.tasks[0].fields["rate"])
+    assert expected / 2 <= shown <= expected * 2, (shown, expected)
+    assert view.progress.tasks[0].completed == 24

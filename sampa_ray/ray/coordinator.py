@@ -97,10 +97,7 @@ class Coordinator:
         if ev["kind"] == "round" and ev.get("round_s"):
             ev["comm_share"] = max(0.0, 1.0 - ev.get("compute_s", 0.0) / ev["round_s"])
         self.hub.publish(ev)
-        if ev["kind"] == "round" and self.events and self.events[-1]["kind"] == "round":
-            self.events[-1] = ev  # the driver only needs the latest round
-        else:
-            self.events.append(ev)
+        live.enqueue(self.events, ev)  # for the driver's next poll
 
     def _say(self, text: str) -> None:
         self._progress({"kind": "info", "text": text})

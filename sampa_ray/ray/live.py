@@ -56,6 +56,16 @@ def on_event(live: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
     return ev
 
 
+def enqueue(events: list[dict[str, Any]], ev: dict[str, Any]) -> None:
+    """Add ``ev`` to the events the driver takes at its next poll (four times a second): a
+    round replaces a round just before it, since the driver only shows the latest; epochs and
+    info lines all stay. So the driver gets them in bursts, and a short run in one."""
+    if ev["kind"] == "round" and events and events[-1]["kind"] == "round":
+        events[-1] = ev
+    else:
+        events.append(ev)
+
+
 def stall_after(live: dict[str, Any]) -> float:
     """Seconds of waiting that count as stalled for this run."""
     return max(STALL_MIN_S, STALL_ROUNDS * float(live.get("round_s") or 0.0))
@@ -83,4 +93,5 @@ def status(live: dict[str, Any], infos: list[dict[str, Any]],
             "stalled": running and age > limit, "workers": workers}
 
 
-__all__ = ["STALL_MIN_S", "STALL_ROUNDS", "begin_run", "on_event", "stall_after", "status"]
+__all__ = ["STALL_MIN_S", "STALL_ROUNDS", "begin_run", "enqueue", "on_event", "stall_after",
+           "status"]
