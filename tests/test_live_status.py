@@ -5,6 +5,7 @@ command, and only positive)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -184,14 +185,13 @@ def test_every_command_gives_up_within_its_timeout(command: str, silent_port: in
                                    "(no answer within 1s)"), proc.stderr
 
 
-def test_status_json_and_text_from_a_real_server_with_no_numbers_yet() -> None:
-    """``status --json`` is valid JSON (null, not NaN) and the text shows ``-``, against a real
-    control server whose run has no loss or accuracy yet."""
+@contextlib.contextmanager
+def _control_server(d: dict) -> Iterator[int]:
+    """A real control server (gRPC, loopback) whose status is the live picture ``d``; yields
+    its port."""
     from conftest import LoopThread
 
     from sampa_ray.transport.grpc.server import start_server, stop_server
-
-    d = _run()
 
     class Handler:
         def status(self) -> dict:
@@ -202,15 +202,42 @@ def test_status_json_and_text_from_a_real_server_with_no_numbers_yet() -> None:
     try:
         server, port = lt.run(start_server(None, Handler()))
         try:
-            proc = _cli("status", "--target", f"127.0.0.1:{port}", "--json")
-            assert proc.returncode == 0, proc.stderr
-            st = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"bare {c}"))
-            assert st["loss"] is None and st["accuracy"] is None and st["total_steps"] == 2000
-            proc = _cli("status", "--target", f"127.0.0.1:{port}")
-            assert proc.returncode == 0, proc.stderr
-            assert "loss -  accuracy -" in proc.stdout and "nan" not in proc.stdout.lower()
-            assert "last round" in proc.stdout
+            yield port
         finally:
             lt.run(stop_server(server, 0))
     finally:
         lt.close()
+
+
+def test_status_json_and_text_from_a_real_server_with_no_numbers_yet() -> None:
+    """``status --json`` is valid JSON (null, not NaN) and the text shows ``-``, against a real
+    control server whose run has no loss or accuracy yet."""
+    with _control_server(_run()) as port:
+        proc = _cli("status", "--target", f"127.0.0.1:{port}", "--json")
+        assert proc.returncode == 0, proc.stderr
+        st = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+        assert st["loss"] is None and st["accuracy"] is None and st["total_steps"] == 2000
+        proc = _cli("status", "--target", f"127.0.0.1:{port}")
+        assert proc.returncode == 0, proc.stderr
+        assert "loss -  accuracy -" in proc.stdout and "nan" not in proc.stdout.lower()
+        assert "last round" in proc.stdout
+
+
+def test_status_into_a_pipe_closed_early_ends_quietly() -> None:
+    """``sampa-ray status ... | head -1``, with the reader gone before the first line: exit
+    141 (128 + SIGPIPE), nothing on stderr (no BrokenPipeError traceback); with a reader
+    there, the same command prints its lines and exits 0."""
+    with _control_server(_run()) as port:
+        for args in (["--json"], []):
+            r, w = os.pipe()
+            os.close(r)  # the reader has gone
+            env = {k: v for k, v in os.environ.items() if k != "SAMPA_RAY_TOKEN"}
+            try:
+                proc = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status",
+                                       "--target", f"127.0.0.1:{port}", *args], stdout=w,
+                                      stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+            finally:
+                os.close(w)
+            assert (proc.returncode, proc.stderr) == (141, ""), proc.stderr
+        proc = _cli("status", "--target", f"127.0.0.1:{port}")
+        assert proc.returncode == 0 and proc.stdout.startswith("run abc  sampa"), proc.stderr

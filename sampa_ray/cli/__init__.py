@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from ..errors import RunFailed, UserError, one_line
 from ..recipes import RECIPES, recipe
 
 EXIT_USER = 2
+#: 128 + SIGPIPE: the reader of the output went away (the shell's code for a tool SIGPIPE ends)
+EXIT_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,7 +185,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sampa-ray [command] [flags]``: the exit code (2 for a user's error, 1 for a run that
-    failed on its own, 130 interrupted, 143 terminated)."""
+    failed on its own, 130 interrupted, 143 terminated, 141 when the reader of its output
+    went away: ``sampa-ray runs | head -1``)."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # what is still buffered fails here, not silently at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python's "Note on SIGPIPE": point stdout at /dev/null so that the interpreter's own
+        # flush at exit cannot fail again, and end quietly, as a tool that SIGPIPE ends does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError from another pipe or
+    socket is a bug to show, not a reader that left)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with signals.handling():  # SIGINT / SIGTERM: a clean shutdown, then our line
@@ -200,5 +231,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return signals.finish(stop.exit_code)
 
 
-__all__ = ["CONFIG_FLAGS", "EXIT_USER", "MAPPING_FLAGS", "add_config_flags", "build_parser",
-           "config_from_args", "flag_help", "main"]
+__all__ = ["CONFIG_FLAGS", "EXIT_PIPE", "EXIT_USER", "MAPPING_FLAGS", "add_config_flags",
+           "build_parser", "config_from_args", "flag_help", "main"]
