@@ -188,3 +188,29 @@ def test_progress_rate_is_the_runs_own_when_events_come_in_a_burst(tmp_path: Pat
         shown = float(view.progress.tasks[0].fields["rate"])
     assert expected / 2 <= shown <= expected * 2, (shown, expected)
     assert view.progress.tasks[0].completed == 24
+
+
+# -- tables into files ------------------------------------------------------------------------
+def test_compare_table_into_a_file_has_every_header_whole(tmp_path: Path) -> None:
+    """``sampa-ray compare > file``: no terminal, no COLUMNS; every header of the table is
+    written whole, on one line, and every row too (rich would fit it into 80 columns)."""
+    import json
+
+    env = {k: v for k, v in cli_env().items() if k not in ("COLUMNS", "LINES")}
+    table = tmp_path / "table.txt"
+    with open(table, "w") as f:
+        proc = subprocess.run(cli_cmd("compare", *COMMON, "--steps", "2", "--batch-size", "32",
+                                      "--out", str(tmp_path / "cmp")),
+                              cwd=tmp_path, env=env, stdout=f, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = table.read_text()
+    headers = ["algorithm", "test accuracy", "wall time (s)", "s / update", "compute / update",
+               "overhead / update", "sequential gradient rounds"]
+    header_line = next((line for line in text.splitlines() if "algorithm" in line), text)
+    assert [h.strip() for h in header_line.strip("┃ ").split("┃")] == headers
+    assert "…" not in text
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    for r in rows:  # each run on one line, its accuracy as written to compare.json
+        line = next((line for line in text.splitlines() if f" {r['algorithm']} " in line), "")
+        assert f"{r['test_accuracy']:.4f}" in line
