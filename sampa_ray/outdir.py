@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 LOCK = ".lock"
+#: the name of a checkpoint's files: ``ckpt-<step>.pt`` and its ``.json`` (sampa_ray.checkpoint)
+CKPT_PREFIX = "ckpt-"
 
 
 class WriteError(UserError):
@@ -60,6 +62,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise WriteError(f"out: cannot write {path}: {os_reason(err)}") from None
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints' JSON files in ``folder``, newest step first (here, not in
+    :mod:`sampa_ray.checkpoint`, so that reading a folder's state needs no torch)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob(f"{CKPT_PREFIX}*.json"):
+        try:
+            found.append((int(p.stem[len(CKPT_PREFIX):]), p))
+        except ValueError:
+            continue
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def holds_run(out: Path) -> str | None:
@@ -190,6 +206,30 @@ def _read_pid(path: Path) -> int | None:
 def _holder(path: Path) -> str:
     pid = _read_pid(path)
     return f"(pid {pid})" if pid else "(its pid unknown)"
+
+
+def lock_holder(out: Path) -> int | None:
+    """The pid of the live run that holds ``out``'s lock, or None, without touching the lock
+    (trying it, even for a moment, could refuse a run starting there): on Linux the kernel's
+    table of held locks (/proc/locks) names the process that holds the lock file's inode;
+    elsewhere the pid in the file decides, if that process lives."""
+    path = out / LOCK
+    try:
+        ino = path.stat().st_ino
+    except OSError:
+        return None
+    pid = _read_pid(path)
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return pid if pid and _pid_alive(pid) else None
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:123456 0 EOF" (a waiter's line has "->")
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5].rpartition(":")[2] == str(ino):
+            with contextlib.suppress(ValueError):
+                return int(f[4])
+    return None
 
 
 def claim_out(out: Path, overwrite: bool, resume: bool = False) -> OutLock:

@@ -214,3 +214,72 @@ def test_compare_table_into_a_file_has_every_header_whole(tmp_path: Path) -> Non
     for r in rows:  # each run on one line, its accuracy as written to compare.json
         line = next((line for line in text.splitlines() if f" {r['algorithm']} " in line), "")
         assert f"{r['test_accuracy']:.4f}" in line
+
+
+# -- sampa-ray runs ---------------------------------------------------------------------------
+def test_runs_lists_each_folder_with_its_state_and_results(tmp_path: Path) -> None:
+    """A folder of real runs: a finished one, one left with only a checkpoint (interrupted),
+    one a live process holds (running), an empty one (failed), and a compare (a row per
+    algorithm); ``runs --json`` and the table say each one's state and numbers, as the run's
+    own files have them."""
+    import json
+    import shutil
+
+    from sampa_ray.cli import main
+    from sampa_ray.config import make_config
+    from sampa_ray.local import run_local
+    from sampa_ray.outdir import claim_out
+
+    runs = tmp_path / "runs"
+    small = {"steps": 6, "batch_size": 32, "threads": 1, "backend": "local",
+             "checkpoint_every": 4, "keep_checkpoints": 5}
+    done = run_local(make_config({**small, "algo": "sam"}), runs / "a-done")
+    ckpt4 = runs / "a-done" / "checkpoints" / "ckpt-00000004"
+    (runs / "b-cut" / "checkpoints").mkdir(parents=True)
+    for suffix in (".json", ".pt"):  # only the checkpoint of step 4 of 6
+        shutil.copy(ckpt4.with_suffix(suffix), runs / "b-cut" / "checkpoints")
+    record = json.loads(ckpt4.with_suffix(".json").read_text())["record"]
+    (runs / "d-empty").mkdir()
+    assert main(["compare", *COMMON, "--steps", "2", "--batch-size", "32",
+                 "--out", str(runs / "e-cmp")]) == 0
+    # a live run holds c-live while the two commands look
+    with claim_out(runs / "c-live", overwrite=False), ThreadPoolExecutor(2) as pool:
+        as_json, as_text = pool.map(lambda a: cli("runs", *a, cwd=tmp_path), [["--json"], []])
+    assert as_json.returncode == 0, as_json.stderr
+    got = {r["name"]: r for r in json.loads(as_json.stdout)}
+    assert list(got) == ["a-done", "b-cut", "c-live", "d-empty", "e-cmp/sam", "e-cmp/sampa",
+                         "e-cmp/sgd"]
+    assert got["a-done"] == {"name": "a-done", "path": str(Path("runs") / "a-done"),
+                             "status": "finished", "algorithm": "sam", "steps": 6,
+                             "planned_steps": 6,
+                             "test_accuracy": done["final_test_accuracy"],
+                             "wall_time_s": done["wall_time_s"]}
+    cut = got["b-cut"]
+    assert (cut["status"], cut["algorithm"], cut["steps"], cut["planned_steps"]) == (
+        "interrupted", "sam", 4, 6)
+    assert cut["wall_time_s"] == record["wall_s"] and cut["test_accuracy"] is None
+    assert got["c-live"]["status"] == "running"
+    assert got["d-empty"]["status"] == "failed" and got["d-empty"]["algorithm"] is None
+    for algo in ("sgd", "sam", "sampa"):
+        sub = json.loads((runs / "e-cmp" / algo / "result.json").read_text())
+        row = got[f"e-cmp/{algo}"]
+        assert (row["status"], row["algorithm"], row["steps"]) == ("finished", algo, 2)
+        assert row["test_accuracy"] == sub["final_test_accuracy"]
+    # the table (into a pipe: every column whole)
+    assert as_text.returncode == 0, as_text.stderr
+    lines = {line.split("│")[1].strip(): line for line in as_text.stdout.splitlines()
+             if line.startswith("│")}
+    assert set(lines) == set(got)
+    assert "6/6" in lines["a-done"] and "finished" in lines["a-done"]
+    assert f"{done['final_test_accuracy']:.4f}" in lines["a-done"]
+    assert "4/6" in lines["b-cut"] and "interrupted" in lines["b-cut"]
+    assert "running" in lines["c-live"] and "failed" in lines["d-empty"]
+    # once the live run has let go, nothing holds c-live: no result, no checkpoint
+    proc = cli("runs", str(runs), "--json", cwd=tmp_path)
+    assert {r["name"]: r["status"] for r in json.loads(proc.stdout)}["c-live"] == "failed"
+
+
+def test_runs_of_a_missing_folder_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = cli("runs", str(tmp_path / "nope"), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"sampa-ray: runs: {tmp_path / 'nope'} does not exist"]

@@ -1,6 +1,7 @@
-"""Command line: ``sampa-ray train``, ``sampa-ray compare`` (``.train``), ``sampa-ray bench``
-(the communication-cost study, ``sampa_ray.study``; ``.bench``), and ``status``, ``watch``,
-``checkpoint``, ``stop`` for a running coordinator (``--target HOST:PORT``; ``.control``).
+"""Command line: ``sampa-ray train``, ``sampa-ray compare`` (``.train``), ``sampa-ray runs``
+(the runs in a folder; ``.runs``), ``sampa-ray bench`` (the communication-cost study,
+``sampa_ray.study``; ``.bench``), and ``status``, ``watch``, ``checkpoint``, ``stop`` for a
+running coordinator (``--target HOST:PORT``; ``.control``).
 
 This module registers the commands and dispatches to them; each command's flags and handler
 live in its own module, imported when the parser is built so ``import sampa_ray.cli`` stays
@@ -133,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sampa-ray`` parser; every command sets ``func`` (args -> exit code)."""
     from .bench import add_bench_command
     from .control import add_control_commands
+    from .runs import add_runs_command
     from .train import add_train_commands
 
     parser = _Parser(prog="sampa-ray", description="SAMPa / SAM / SGD training, local or on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train_commands(sub)
+    add_runs_command(sub)
     add_bench_command(sub)
     add_control_commands(sub)
     return parser
