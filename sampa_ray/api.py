@@ -129,25 +129,29 @@ def fit(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
     """Train and return the finished run. ``config``: a :class:`TrainConfig`, a mapping of its
     fields or a YAML file; ``fields`` override it (``epochs=3, backend="local"``). ``model``,
     ``data``, ``loss``: callables or import paths (see :mod:`sampa_ray.task`). ``out``: the run
-    folder (default ``runs/train-<algo>-<time>``); ``resume``: continue the run there.
+    folder (default ``runs/train-<algo>-<time>``); ``resume``: continue the run there (a
+    finished one is returned as it is).
     Errors a user can cause raise :class:`~sampa_ray.errors.UserError` with one line."""
-    from .outdir import claim_out, default_out
+    from .outdir import claim_run, finished_run
     from .preflight import check_before_start
 
     given = supplied_fields(config, model=model, data=data, loss=loss, **fields)
     if out is not None:
         given["out"] = str(out)
     cfg = make_config(given)
-    folder = Path(cfg.out) if cfg.out else default_out(cfg, "train")
     if resume:  # the checkpoint's config; what was given may not change the trajectory
         from .checkpoint import config_for_resume
 
-        cfg = config_for_resume(str(folder), {**given, "out": str(folder)})
+        if not cfg.out:
+            raise UserError("resume: name the run folder (out=...)")
+        cfg = config_for_resume(cfg.out, {**given, "out": cfg.out})
+        if finished_run(Path(cfg.out)) is not None:  # nothing to continue: the run as it is
+            return load(cfg.out)
     for line in check_before_start(cfg):
         warnings.warn(line, stacklevel=2)
-    with claim_out(folder, overwrite, resume=resume):
-        _run(cfg, folder, progress)
-    return load(folder)
+    with claim_run(cfg, "train", overwrite, resume=resume) as lock:
+        _run(cfg, lock.out, progress)
+    return load(lock.out)
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict[str, Any]:

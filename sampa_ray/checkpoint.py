@@ -26,14 +26,14 @@ import torch
 
 from .algorithms import AlgoState
 from .errors import UserError
-from .outdir import write_atomic
+from .outdir import CKPT_PREFIX, list_checkpoints, write_atomic
 
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .loop import Executor
     from .results import Recorder
 
-PREFIX = "ckpt-"
+PREFIX = CKPT_PREFIX
 
 
 class CheckpointError(UserError):
@@ -98,19 +98,6 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 3) -> Path:
         for p in (old, old.with_suffix(".pt")):
             p.unlink(missing_ok=True)
     return pt
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints' JSON files in ``folder``, newest step first."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.glob(f"{PREFIX}*.json"):
-        try:
-            found.append((int(p.stem[len(PREFIX):]), p))
-        except ValueError:
-            continue
-    return [p for _, p in sorted(found, reverse=True)]
 
 
 def load_checkpoint(meta_path: Path, config_hash: str | None = None,

@@ -49,16 +49,22 @@ class TrainConfig(BaseModel):
 
     algo: str = Field("sampa", description="algorithm: sgd, sam, sampa or any registered "
                       "with sampa_ray.algorithms.register")
-    lr: float = Field(0.05, gt=0, allow_inf_nan=False)
+    lr: float = Field(0.05, gt=0, allow_inf_nan=False, description="base learning rate "
+                     "(the peak of a cosine schedule)")
     lr_schedule: Literal["constant", "cosine", "cosine-epoch"] = Field(
         "cosine", description="cosine: annealed every update; cosine-epoch: annealed once per "
         "epoch over the run's epochs (torch's CosineAnnealingLR(T_max=epochs) stepped after "
         "each epoch, as the paper's code does); constant")
-    rho: float = Field(0.05, ge=0, allow_inf_nan=False)
-    lam: float = Field(0.2, ge=0, le=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    rho: float = Field(0.05, ge=0, allow_inf_nan=False, description="SAM and SAMPa: radius "
+                      "of the perturbation")
+    lam: float = Field(0.2, ge=0, le=1, description="SAMPa: weight of the "
+                      "extrapolated gradient in the update, (1 - lam) g_p + lam g_e (0: plain "
+                      "SAMPa)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd optimizer: momentum")
+    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False, description="L2 weight "
+                                 "decay (decoupled with adamw)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the "
+                                    "default cross-entropy loss")
     label_smoothing_mode: Literal["torch", "official"] = Field(
         "torch", description="torch: cross-entropy with label_smoothing=s (s/K on every "
         "class); official: the paper's code, 1-s on the true class and s/(K-1) on each other "
@@ -87,7 +93,9 @@ class TrainConfig(BaseModel):
                        "that returns a torch.nn.Module")
     model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments "
                                        "of the model factory")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability (Wide "
+                            "ResNets: inside each block; other built-in models: before the "
+                            "last layer)")
     dataset: str = Field("digits", description="a built-in dataset (digits, cifar10, cifar100, "
                          "synthetic, modadd) or a factory package.module:function called as "
                          "f(**dataset_args) that returns (train, test) map-style datasets")
@@ -103,8 +111,10 @@ class TrainConfig(BaseModel):
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes of a "
                                 "plug-in dataset (0: in the gradient worker itself)")
     pin_memory: bool = Field(False, description="DataLoader pin_memory of a plug-in dataset")
-    data_dir: str | None = None
-    synthetic_size: int = Field(1024, ge=1)
+    data_dir: str | None = Field(None, description="folder of the extracted CIFAR python "
+                                 "batches (needed for cifar10 and cifar100)")
+    synthetic_size: int = Field(1024, ge=1, description="training samples of the synthetic "
+                                "dataset")
     val_split: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="fraction of "
                              "the training set held out for validation (0.1: the paper's 45k / "
                              "5k, the same images); each evaluation then also scores it, and "
@@ -117,13 +127,18 @@ class TrainConfig(BaseModel):
         "mean", description="CIFAR augmentation: the random crop's padding, 0 after "
         "normalisation (the mean colour) or black pixels before it")
 
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(8, ge=1, description="passes over the training set (unless steps "
+                        "is given)")
     steps: int | None = Field(None, ge=1, description="total updates; overrides epochs")
-    batch_size: int = Field(64, ge=1)
-    seed: int = Field(0, ge=0, lt=2**31)
+    batch_size: int = Field(64, ge=1, description="samples per gradient (the global batch "
+                            "of a role group)")
+    seed: int = Field(0, ge=0, lt=2**31, description="seed of the initial model, the batch "
+                      "order and the augmentation")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and at the end)")
 
-    backend: Literal["local", "ray"] = "ray"
+    backend: Literal["local", "ray"] = Field(
+        "ray", description="ray: workers as Ray actors; local: both workers in this process, "
+        "one after the other")
     transport: Literal["ray", "grpc"] = Field(
         "ray", description="ray backend: how points and gradients travel (Ray's object store, "
         "or gRPC streams to the coordinator)")
@@ -160,9 +175,13 @@ class TrainConfig(BaseModel):
     control_key: str | None = Field(None, description="PEM private key file of --control-cert")
     token_file: str | None = Field(None, description="file holding the bearer token for the "
                                    "gRPC server (default: $SAMPA_RAY_TOKEN)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch threads per worker")
-    out: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where workers compute (auto: cuda when a GPU is available)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker "
+                                  "(default: a node's CPUs shared among its workers; local: "
+                                  "torch's own)")
+    out: str | None = Field(None, description="run folder for result.json, final.pt, "
+                            "curves.png and checkpoints (default: runs/<command>-<algo>-<time>)")
     max_nonfinite: int = Field(3, ge=1, description="abort after this many rounds in a row "
                                "with a non-finite loss or gradient")
     round_timeout: float | None = Field(None, gt=0, description="seconds a worker may take "

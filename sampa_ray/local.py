@@ -18,7 +18,7 @@ from .checkpoint import Checkpointer, find_resume
 from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult, Snapshot
 from .loop import Executor, Plan, Progress, make_algorithm, train_loop
-from .results import Recorder, build_result, write_outputs
+from .results import Recorder, build_result, earlier_wall_s, write_outputs
 from .selection import write_best
 
 
@@ -72,13 +72,14 @@ def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> 
     engine = executor.engines[0]
     info = engine.info()
     plan = Plan.of(cfg, info["batches_per_epoch"])
-    recorder = Recorder(executor.algo.stats_role)
 
     def warn(msg: str) -> None:
         if progress is not None:
             progress({"kind": "info", "text": msg})
 
     resume = find_resume(cfg, info["num_params"], warn) if cfg.resume else None
+    recorder = Recorder(executor.algo.stats_role, started=t0,
+                        earlier_s=earlier_wall_s(resume.meta.get("record", {})) if resume else 0.0)
     checkpointer = Checkpointer(cfg, out / "checkpoints", executor, recorder, info["num_params"])
 
     async def go() -> tuple[AlgoState, dict[str, torch.Tensor], Snapshot | None]:
@@ -89,7 +90,7 @@ def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> 
 
     state, buffers, best = asyncio.run(go())
     result = build_result(cfg, make_algorithm(cfg, plan.total_steps), recorder, state,
-                          plan.total_steps, plan.batches_per_epoch, info, time.time() - t0,
+                          plan.total_steps, plan.batches_per_epoch, info, recorder.wall_s(),
                           backend="local", device=info["device"])
     write_best(out, result, best)
     write_outputs(out, result, state.x, buffers)

@@ -50,6 +50,11 @@ def make_algorithm(cfg: TrainConfig, total_steps: int,
     return algo
 
 
+def _number(value: float) -> float | None:
+    """A finite value, or None where there is none (an accuracy the loss does not report)."""
+    return value if math.isfinite(value) else None
+
+
 # -- the round verdict -------------------------------------------------------------------------
 def usable(loss: float, grad: torch.Tensor | None = None, norm: float | None = None) -> bool:
     """Whether one gradient can be used: its loss and every entry finite. Give the gradient
@@ -212,7 +217,8 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
     written: Callable[[], Awaitable[None]] | None = getattr(checkpoint, "check", None)
     epochs_done = len(recorder.epochs)
     nonfinite_streak = 0
-    last_update = perf()
+    last_update = started = perf()
+    start_step = state.step  # the rate shown is this session's updates over its time
 
     def busy() -> bool:
         return (should_stop is not None and should_stop()) or \
@@ -266,9 +272,12 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
             evals(await executor.finished_evals(wait=False))
             say({"kind": "epoch", **row})
         say({"kind": "round", "step": state.step, "total": plan.total_steps,
-             "loss": recorder.last_loss, "round_s": t1 - t0, "update_s": t2 - t1,
+             "loss": recorder.last_loss, "accuracy": _number(recorder.last_accuracy),
+             "round_s": t1 - t0, "update_s": t2 - t1,
              "compute_s": max((r.timings.get("compute", 0.0) for r in results.values()),
                               default=0.0),
+             "steps_per_s": (state.step - start_step) / (t2 - started)
+             if state.step > start_step and t2 > started else None,
              "lr": algo.lr_at(max(state.step - 1, 0))})
         if state.step != before:
             if written is not None:  # a background checkpoint write failed: stop here

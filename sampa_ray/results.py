@@ -97,9 +97,14 @@ class Recorder:
     """Collects per-round timings, per-epoch metrics and evaluation results of one run, in
     memory that does not grow with the number of rounds (see the module docstring)."""
 
-    def __init__(self, stats_role: str) -> None:
+    def __init__(self, stats_role: str, started: float | None = None,
+                 earlier_s: float = 0.0) -> None:
         self.stats_role = stats_role
         self.t_start = time.time()
+        #: when this session of the run began (``time.time()``), and the wall time of the
+        #: sessions before it (a resumed run's): result.json's wall time is the run's total
+        self.started = self.t_start if started is None else started
+        self.earlier_s = earlier_s
         self.rounds = 0
         self.gradient_bytes: int | None = None  # one gradient on the wire, as last seen
         #: by role: the bytes each worker of its role group all-reduces per gradient
@@ -119,6 +124,7 @@ class Recorder:
         self._loss = (0, 0.0)  # (count, sum) of the stats role's loss this epoch
         self._acc = (0, 0.0)
         self.last_loss = float("nan")
+        self.last_accuracy = float("nan")  # of the stats role's last round (NaN: not reported)
 
     def record_round(self, results: Mapping[str, GradResult], round_s: float,
                      update_s: float) -> None:
@@ -143,7 +149,7 @@ class Recorder:
             self._loss = (self._loss[0] + 1, self._loss[1] + r.loss)
             if math.isfinite(r.accuracy):  # a plug-in loss may report no accuracy (NaN)
                 self._acc = (self._acc[0] + 1, self._acc[1] + r.accuracy)
-            self.last_loss = r.loss
+            self.last_loss, self.last_accuracy = r.loss, r.accuracy
 
     def record_step(self, seconds: float) -> None:
         """Wall time from the previous parameter update to this one; the first after a start or
@@ -155,11 +161,16 @@ class Recorder:
         self.step_s.add(seconds)
         self.update_compute_s.add(compute)
 
+    def wall_s(self) -> float:
+        """Seconds the run has taken so far, over every session: the earlier sessions' (up to
+        the checkpoint this one resumed from) and this one's, start-up included."""
+        return self.earlier_s + time.time() - self.started
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the record (plain JSON, bounded like the record), so a
-        resumed run's result.json is whole, timings included."""
+        resumed run's result.json is whole, timings and wall time included."""
         return {"rounds": self.rounds, "epochs": [dict(r) for r in self.epochs],
-                "elapsed_s": time.time() - self.t_start,
+                "elapsed_s": time.time() - self.t_start, "wall_s": self.wall_s(),
                 "nonfinite_rounds": self.nonfinite_rounds,
                 "gradient_bytes": self.gradient_bytes,
                 "allreduce_bytes": dict(self.allreduce_bytes),
@@ -218,6 +229,12 @@ class Recorder:
                 "update_seconds": self.update_s.summary(),
                 "workers": {role: {k: s.summary() for k, s in d.items()}
                             for role, d in self.worker.items()}}
+
+
+def earlier_wall_s(record: Mapping[str, Any]) -> float:
+    """The wall time a checkpoint's record says the run had taken (older checkpoints, which
+    lack it, give the time since their session's record began)."""
+    return float(record.get("wall_s", record.get("elapsed_s", 0.0)))
 
 
 def _number(value: float) -> float | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,7 +31,6 @@ class ProgressView:
             console=console, transient=False)
         self.task: Any = None
         self.algo: str | None = None
-        self._first: tuple[float, int] | None = None
 
     def __enter__(self) -> ProgressView:
         return self  # the bar starts with the first round: errors before it print alone
@@ -53,21 +53,17 @@ class ProgressView:
             return
         if kind != "round":
             return
-        import time
-
-        now = time.perf_counter()
         if self.task is None or label != self.algo:
             if self.task is None:
                 self.progress.start()
             self.algo = label
             self.task = self.progress.add_task(label, total=ev["total"], loss="-",
                                                rate="-", comm="-")
-            self._first = (now, ev["step"])
-        t0, s0 = self._first or (now, 0)
-        rate = (ev["step"] - s0) / (now - t0) if now > t0 and ev["step"] > s0 else None
+        # the rate the loop measured (its updates over its own time): on Ray the events
+        # arrive in batches, four times a second, so their arrival times say nothing of it
         comm = ev.get("comm_share")
         self.progress.update(self.task, completed=ev["step"], loss=_fmt(ev.get("loss")),
-                             rate=_fmt(rate, ".1f"), comm=_fmt(comm, ".0%"))
+                             rate=_fmt(ev.get("steps_per_s"), ".1f"), comm=_fmt(comm, ".0%"))
 
 
 def print_result(result: dict[str, Any], out: Path) -> None:
@@ -90,7 +86,21 @@ def per_update(r: dict[str, Any]) -> tuple[float, float | None, float | None]:
     return r["wall_time_s"] / max(1, r["steps"]), None, None
 
 
-def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def print_table(table: Table, console: Console | None = None) -> None:
+    """Print ``table`` on ``console`` (default: stdout). At a terminal it fits the terminal, as
+    rich does; into a file or a pipe, which has no width to fit, every column gets its natural
+    width, so no header or value is cut or wrapped (rich would squeeze it into 80 columns)."""
+    console = console or out_console
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(1 << 20), table).maximum
+    # print's own width can only narrow a console: a console as wide as the table writes it
+    Console(file=console.file, width=max(natural, console.width)).print(table)
+
+
+def print_comparison(results: dict[str, dict[str, Any]],
+                     console: Console | None = None) -> list[dict[str, Any]]:
     """Print the comparison table; returns its rows. Per update: the time, the compute on its
     critical path, and the overhead (rounds' dispatch, transfers, the update, waiting)."""
     table = Table(title="SGD vs SAM vs SAMPa (same data, seed and model)")
@@ -117,5 +127,5 @@ def print_comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
                       f"{step:.4f}", "-" if compute is None else f"{compute:.4f}",
                       "-" if overhead is None else f"{overhead:.4f}{share}",
                       str(r["gradient_rounds"]))
-    out_console.print(table)
+    print_table(table, console)
     return rows

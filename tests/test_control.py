@@ -101,6 +101,7 @@ def test_status_watch_stall_checkpoint_stop(tmp_path):
     for ev in rounds:
         assert ev["total"] == 400 and ev["epoch"] == pytest.approx(ev["step"] / 16)
         assert ev["loss"] > 0 and ev["test_accuracy"] is not None
+        assert ev["accuracy"] is not None and 0.0 <= ev["accuracy"] <= 1.0  # training's
     # the CLI client too, in another process
     p = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status", "--target", target,
                         "--json"], capture_output=True, text=True, timeout=60)

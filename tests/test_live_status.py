@@ -5,6 +5,7 @@ command, and only positive)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,40 @@ def test_every_event_carries_total_epoch_and_loss() -> None:
                                                        "round_s": 0.01})))
     assert got["total"] == 2000 and got["epoch"] == pytest.approx(3.0)
     assert got["loss"] == pytest.approx(0.2) and got["test_accuracy"] == pytest.approx(0.93)
+
+
+def test_watched_events_carry_the_training_accuracy(tmp_path: Path) -> None:
+    """A real (local) run's events as ``watch`` receives them: a round carries its batch's
+    training accuracy (not 0.0), an epoch the epoch's mean, and the round values average to
+    exactly that mean; before the first round there is none (null), not 0.0."""
+    from sampa_ray.config import make_config
+    from sampa_ray.local import run_local
+
+    events: list[dict] = []
+    cfg = make_config({"algo": "sgd", "steps": 44, "batch_size": 64, "threads": 1,
+                       "backend": "local", "lr_schedule": "constant", "lr": 0.1})
+    result = run_local(cfg, tmp_path / "run", progress=events.append)
+    d = _run()
+    info = message_dict(event_message(live.on_event(d, {"kind": "info", "text": "hello"})))
+    assert info["accuracy"] is None
+    wire = [message_dict(event_message(live.on_event(d, ev))) for ev in events
+            if ev["kind"] in ("round", "epoch")]
+    rounds = [ev for ev in wire if ev["kind"] == "round"]
+    epochs = [ev for ev in wire if ev["kind"] == "epoch"]
+    assert len(rounds) == 44 and len(epochs) == 2
+    assert all(ev["accuracy"] is not None and 0.0 <= ev["accuracy"] <= 1.0 for ev in rounds)
+    for k, row in enumerate(result["epochs"]):
+        mine = [ev["accuracy"] for ev in rounds[22 * k:22 * (k + 1)]]
+        assert sum(mine) / len(mine) == pytest.approx(row["train_accuracy"], abs=1e-6)
+        assert epochs[k]["accuracy"] == pytest.approx(row["train_accuracy"])
+    assert result["epochs"][-1]["train_accuracy"] > 0.8  # trained: far from the 0.0 it showed
+    assert sum(ev["accuracy"] for ev in rounds[-5:]) / 5 > 0.8
+    # ``watch --json`` prints them as they come
+    assert json.loads(json.dumps(json_safe(rounds[-1])))["accuracy"] == rounds[-1]["accuracy"]
+    # the text form shows it too
+    from sampa_ray.cli.control import _event_line
+
+    assert f"acc {rounds[-1]['accuracy']:.4g}" in _event_line(rounds[-1])
 
 
 def test_status_takes_the_accuracy_from_evaluations() -> None:
@@ -150,14 +185,13 @@ def test_every_command_gives_up_within_its_timeout(command: str, silent_port: in
                                    "(no answer within 1s)"), proc.stderr
 
 
-def test_status_json_and_text_from_a_real_server_with_no_numbers_yet() -> None:
-    """``status --json`` is valid JSON (null, not NaN) and the text shows ``-``, against a real
-    control server whose run has no loss or accuracy yet."""
+@contextlib.contextmanager
+def _control_server(d: dict) -> Iterator[int]:
+    """A real control server (gRPC, loopback) whose status is the live picture ``d``; yields
+    its port."""
     from conftest import LoopThread
 
     from sampa_ray.transport.grpc.server import start_server, stop_server
-
-    d = _run()
 
     class Handler:
         def status(self) -> dict:
@@ -168,15 +202,42 @@ def test_status_json_and_text_from_a_real_server_with_no_numbers_yet() -> None:
     try:
         server, port = lt.run(start_server(None, Handler()))
         try:
-            proc = _cli("status", "--target", f"127.0.0.1:{port}", "--json")
-            assert proc.returncode == 0, proc.stderr
-            st = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"bare {c}"))
-            assert st["loss"] is None and st["accuracy"] is None and st["total_steps"] == 2000
-            proc = _cli("status", "--target", f"127.0.0.1:{port}")
-            assert proc.returncode == 0, proc.stderr
-            assert "loss -  accuracy -" in proc.stdout and "nan" not in proc.stdout.lower()
-            assert "last round" in proc.stdout
+            yield port
         finally:
             lt.run(stop_server(server, 0))
     finally:
         lt.close()
+
+
+def test_status_json_and_text_from_a_real_server_with_no_numbers_yet() -> None:
+    """``status --json`` is valid JSON (null, not NaN) and the text shows ``-``, against a real
+    control server whose run has no loss or accuracy yet."""
+    with _control_server(_run()) as port:
+        proc = _cli("status", "--target", f"127.0.0.1:{port}", "--json")
+        assert proc.returncode == 0, proc.stderr
+        st = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+        assert st["loss"] is None and st["accuracy"] is None and st["total_steps"] == 2000
+        proc = _cli("status", "--target", f"127.0.0.1:{port}")
+        assert proc.returncode == 0, proc.stderr
+        assert "loss -  accuracy -" in proc.stdout and "nan" not in proc.stdout.lower()
+        assert "last round" in proc.stdout
+
+
+def test_status_into_a_pipe_closed_early_ends_quietly() -> None:
+    """``sampa-ray status ... | head -1``, with the reader gone before the first line: exit
+    141 (128 + SIGPIPE), nothing on stderr (no BrokenPipeError traceback); with a reader
+    there, the same command prints its lines and exits 0."""
+    with _control_server(_run()) as port:
+        for args in (["--json"], []):
+            r, w = os.pipe()
+            os.close(r)  # the reader has gone
+            env = {k: v for k, v in os.environ.items() if k != "SAMPA_RAY_TOKEN"}
+            try:
+                proc = subprocess.run([sys.executable, "-m", "sampa_ray.cli", "status",
+                                       "--target", f"127.0.0.1:{port}", *args], stdout=w,
+                                      stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+            finally:
+                os.close(w)
+            assert (proc.returncode, proc.stderr) == (141, ""), proc.stderr
+        proc = _cli("status", "--target", f"127.0.0.1:{port}")
+        assert proc.returncode == 0 and proc.stdout.startswith("run abc  sampa"), proc.stderr

@@ -1,6 +1,7 @@
-"""Command line: ``sampa-ray train``, ``sampa-ray compare`` (``.train``), ``sampa-ray bench``
-(the communication-cost study, ``sampa_ray.study``; ``.bench``), and ``status``, ``watch``,
-``checkpoint``, ``stop`` for a running coordinator (``--target HOST:PORT``; ``.control``).
+"""Command line: ``sampa-ray train``, ``sampa-ray compare`` (``.train``), ``sampa-ray runs``
+(the runs in a folder; ``.runs``), ``sampa-ray bench`` (the communication-cost study,
+``sampa_ray.study``; ``.bench``), and ``status``, ``watch``, ``checkpoint``, ``stop`` for a
+running coordinator (``--target HOST:PORT``; ``.control``).
 
 This module registers the commands and dispatches to them; each command's flags and handler
 live in its own module, imported when the parser is built so ``import sampa_ray.cli`` stays
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,6 +25,8 @@ from ..errors import RunFailed, UserError, one_line
 from ..recipes import RECIPES, recipe
 
 EXIT_USER = 2
+#: 128 + SIGPIPE: the reader of the output went away (the shell's code for a tool SIGPIPE ends)
+EXIT_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,16 +80,13 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                    "override it")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
     for name, typ in CONFIG_FLAGS.items():
-        field = TrainConfig.model_fields[name]
-        default = field.default
-        help_ = field.description or ""
+        help_ = flag_help(name)
         if typ is _yes_no:  # ``--flag`` alone means true; ``--flag false`` is explicit
             p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                           nargs="?", const=True, metavar="true|false",
-                           help=f"{help_} (default: {str(default).lower()})".strip())
+                           nargs="?", const=True, metavar="true|false", help=help_)
             continue
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       metavar=name.upper(), help=f"{help_} (default: {default})".strip())
+                       metavar=name.upper(), help=help_)
     for flag, field_name in MAPPING_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="append", default=None,
                        type=_key_value, metavar="KEY=VALUE",
@@ -100,6 +101,19 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to name a folder that already holds a finished or an "
                    "interrupted run (its old checkpoints are removed first)")
+
+
+def flag_help(name: str) -> str:
+    """The help of a config field's flag: its description, then its default where that says
+    something (a description that explains its own default, or a default of None, which means
+    "see the description", gets no second one)."""
+    field = TrainConfig.model_fields[name]
+    help_ = field.description or ""
+    default = field.default
+    if default is None or "(default" in help_:
+        return help_
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"{help_} (default: {shown})".strip()
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -120,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sampa-ray`` parser; every command sets ``func`` (args -> exit code)."""
     from .bench import add_bench_command
     from .control import add_control_commands
+    from .runs import add_runs_command
     from .train import add_train_commands
 
     parser = _Parser(prog="sampa-ray", description="SAMPa / SAM / SGD training, local or on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train_commands(sub)
+    add_runs_command(sub)
     add_bench_command(sub)
     add_control_commands(sub)
     return parser
@@ -172,7 +188,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sampa-ray [command] [flags]``: the exit code (2 for a user's error, 1 for a run that
-    failed on its own, 130 interrupted, 143 terminated)."""
+    failed on its own, 130 interrupted, 143 terminated, 141 when the reader of its output
+    went away: ``sampa-ray runs | head -1``)."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # what is still buffered fails here, not silently at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python's "Note on SIGPIPE": point stdout at /dev/null so that the interpreter's own
+        # flush at exit cannot fail again, and end quietly, as a tool that SIGPIPE ends does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError from another pipe or
+    socket is a bug to show, not a reader that left)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with signals.handling():  # SIGINT / SIGTERM: a clean shutdown, then our line
@@ -190,5 +234,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return signals.finish(stop.exit_code)
 
 
-__all__ = ["CONFIG_FLAGS", "EXIT_USER", "MAPPING_FLAGS", "add_config_flags", "build_parser",
-           "config_from_args", "main"]
+__all__ = ["CONFIG_FLAGS", "EXIT_PIPE", "EXIT_USER", "MAPPING_FLAGS", "add_config_flags",
+           "build_parser", "config_from_args", "flag_help", "main"]

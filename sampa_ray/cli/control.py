@@ -111,6 +111,8 @@ def _event_line(ev: dict[str, Any]) -> str:
     acc = ev.get("test_accuracy")
     line = (f"[{kind}] step {ev['step']}/{ev['total']}  epoch {_fmt(ev['epoch'])}  "
             f"loss {_fmt(ev['loss'])}")
+    if ev.get("accuracy") is not None:
+        line += f"  acc {_fmt(ev['accuracy'])}"
     if acc is not None:
         line += f"  test acc {_fmt(acc)}"
     if kind == "round":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..outdir import claim_out, default_out, prepare_out
+from ..outdir import claim_run, finished_run, prepare_out
 from . import add_config_flags, config_from_args
 
 
@@ -61,10 +61,17 @@ def preflight(cfg: TrainConfig) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """``sampa-ray train``: one run into ``--out`` (or ``runs/train-<algo>-<timestamp>``)."""
     cfg = config_from_args(args)
+    if cfg.resume is not None and (done := finished_run(Path(cfg.resume))) is not None:
+        # a finished run has nothing to continue: say so, change nothing (exit 0: the run a
+        # restarted job or a retried script asks for exists)
+        print(f"sampa-ray: {cfg.resume} is finished ({done['steps']} steps); nothing to "
+              "resume", file=sys.stderr)
+        return 0
     preflight(cfg)
-    out = Path(cfg.out) if cfg.out else default_out(cfg, "train")
-    resuming_here = cfg.resume is not None and out.resolve() == Path(cfg.resume).resolve()
-    with claim_out(out, args.overwrite, resume=resuming_here):  # held until the run ends
+    resuming_here = (cfg.resume is not None and cfg.out is not None
+                     and Path(cfg.out).resolve() == Path(cfg.resume).resolve())
+    with claim_run(cfg, "train", args.overwrite, resume=resuming_here) as lock:  # to the end
+        out = lock.out
         result = run_one(cfg, out)
     from ..ui import print_result
 
@@ -77,15 +84,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ``compare.png`` and ``compare.json``."""
     base = config_from_args(args)
     preflight(base)
-    out = Path(base.out) if base.out else default_out(base, "compare")
     baseline = getattr(args, "baseline", "none")
     if baseline == "ddp" and base.backend != "ray":
         from ..errors import UserError
 
         raise UserError("baseline: ddp runs SGD and SAM data-parallel over the Ray workers; "
                         "use --backend ray")
-    with claim_out(out, args.overwrite):  # held until every run has written its outputs
-        return _compare(base, out, args.overwrite, baseline)
+    with claim_run(base, "compare", args.overwrite) as lock:  # until every run has written
+        return _compare(base, lock.out, args.overwrite, baseline)
 
 
 def compare_runs(base: TrainConfig, baseline: str = "none") -> dict[str, TrainConfig]:

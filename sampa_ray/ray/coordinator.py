@@ -30,7 +30,7 @@ from ..data.sources import check_same_data
 from ..errors import UserError
 from ..loop import Plan, make_algorithm, train_loop
 from ..plugins import install_shipped
-from ..results import Recorder, build_result, write_outputs
+from ..results import Recorder, build_result, earlier_wall_s, write_outputs
 from ..security import read_tls, read_token
 from ..selection import write_best
 from ..telemetry.listener import MetricsListener
@@ -98,10 +98,7 @@ class Coordinator:
         if ev["kind"] == "round" and ev.get("round_s"):
             ev["comm_share"] = max(0.0, 1.0 - ev.get("compute_s", 0.0) / ev["round_s"])
         self.hub.publish(ev)
-        if ev["kind"] == "round" and self.events and self.events[-1]["kind"] == "round":
-            self.events[-1] = ev  # the driver only needs the latest round
-        else:
-            self.events.append(ev)
+        live.enqueue(self.events, ev)  # for the driver's next poll
 
     def _say(self, text: str) -> None:
         self._progress({"kind": "info", "text": text})
@@ -252,7 +249,10 @@ class Coordinator:
                                 self._grpc_endpoint())
         path = self.path = paths.select(cfg)(pool, ctx)
         await path.attach_all()
-        recorder = Recorder(algo.stats_role)
+        num_params = self.infos[0]["num_params"]
+        resume = find_resume(cfg, num_params, self._say) if cfg.resume else None
+        recorder = Recorder(algo.stats_role, started=t0, earlier_s=earlier_wall_s(
+            resume.meta.get("record", {})) if resume else 0.0)
         self.probe.begin_run(f"{cfg.algo}-{cfg.hash()[:8]}-{int(t0)}", cfg.algo, cfg.model,
                              algo.stats_role, cfg.batch_size, transport=cfg.transport,
                              data_path=cfg.resolved_data_path)
@@ -266,8 +266,6 @@ class Coordinator:
             listener(ev)
             self._progress(ev)
 
-        num_params = self.infos[0]["num_params"]
-        resume = find_resume(cfg, num_params, self._say) if cfg.resume else None
         checkpointer = Checkpointer(cfg, Path(out) / "checkpoints", path, recorder, num_params)
 
         async def after_update(state: AlgoState) -> None:
@@ -303,7 +301,7 @@ class Coordinator:
         infos = self.infos
         result = build_result(
             cfg, algo, recorder, state, plan.total_steps, plan.batches_per_epoch, infos[0],
-            time.time() - t0, backend="ray", placement=asdict(self.placement),
+            recorder.wall_s(), backend="ray", placement=asdict(self.placement),
             device=infos[0]["device"],
             workers=[{k: i[k] for k in ("name", "pid", "node_id", "gpu_ids", "device", "threads")}
                      for i in infos],

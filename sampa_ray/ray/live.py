@@ -1,12 +1,12 @@
 """What the control API says about a run in progress, kept current from the loop's events.
 
 The coordinator keeps one ``live`` dict per actor. The loop's events each carry part of the
-picture (a round: step, total, loss; an epoch: epoch, train loss; an evaluation: test
-accuracy); :func:`on_event` keeps the whole picture in ``live`` and fills in what an event lacks
-from it, so a watcher sees every field on every event. :func:`status` adds how fresh that
-picture is: the age of the last round, which worker the coordinator is waiting on and for how
-long, and whether that is far longer than a round takes (a frozen worker, which nothing ends
-without ``--round-timeout``).
+picture (a round: step, total, loss, training accuracy; an epoch: epoch, train loss and
+accuracy; an evaluation: test accuracy); :func:`on_event` keeps the whole picture in ``live``
+and fills in what an event lacks from it, so a watcher sees every field on every event.
+:func:`status` adds how fresh that picture is: the age of the last round, which worker the
+coordinator is waiting on and for how long, and whether that is far longer than a round takes
+(a frozen worker, which nothing ends without ``--round-timeout``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ STALL_ROUNDS = 20.0
 def begin_run(live: dict[str, Any], algo: str, total: int, batches_per_epoch: int,
               run_id: str) -> None:
     """A run starts: its fixed facts, and nothing left over from the run before it."""
-    for key in ("test_accuracy", "loss", "epoch", "round_s"):
+    for key in ("test_accuracy", "loss", "accuracy", "epoch", "round_s"):
         live.pop(key, None)
     live.update({"state": "running", "algo": algo, "step": 0, "total": total,
                  "bpe": batches_per_epoch, "run_id": run_id, "round_at": time.monotonic()})
@@ -33,25 +33,37 @@ def begin_run(live: dict[str, Any], algo: str, total: int, batches_per_epoch: in
 
 def on_event(live: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
     """Update ``live`` from one of the loop's events and return the event with what it lacks
-    (total, epoch, loss, test accuracy) filled in from ``live``."""
+    (total, epoch, loss, training and test accuracy) filled in from ``live``."""
     kind = ev.get("kind")
     if kind == "eval":
         live["test_accuracy"] = ev["test_accuracy"]
     elif kind == "round":
         live["step"], live["round_at"] = ev["step"], time.monotonic()
         live["round_s"] = ev.get("round_s", 0.0)
-        if ev.get("loss") is not None and math.isfinite(ev["loss"]):
-            live["loss"] = ev["loss"]
+        for key in ("loss", "accuracy"):
+            if ev.get(key) is not None and math.isfinite(ev[key]):
+                live[key] = ev[key]
         if live.get("bpe"):
             live["epoch"] = ev["step"] / live["bpe"]
     elif kind == "epoch":
         live["step"], live["epoch"] = ev["step"], ev["epoch"]
-        if ev.get("loss") is None and ev.get("train_loss") is not None:
-            ev["loss"] = ev["train_loss"]  # the epoch's mean, not the last round's
-    for key in ("total", "epoch", "loss", "test_accuracy"):
+        for key in ("loss", "accuracy"):  # the epoch's means, not the last round's
+            if ev.get(key) is None and ev.get(f"train_{key}") is not None:
+                ev[key] = ev[f"train_{key}"]
+    for key in ("total", "epoch", "loss", "accuracy", "test_accuracy"):
         if ev.get(key) is None and live.get(key) is not None:
             ev[key] = live[key]
     return ev
+
+
+def enqueue(events: list[dict[str, Any]], ev: dict[str, Any]) -> None:
+    """Add ``ev`` to the events the driver takes at its next poll (four times a second): a
+    round replaces a round just before it, since the driver only shows the latest; epochs and
+    info lines all stay. So the driver gets them in bursts, and a short run in one."""
+    if ev["kind"] == "round" and events and events[-1]["kind"] == "round":
+        events[-1] = ev
+    else:
+        events.append(ev)
 
 
 def stall_after(live: dict[str, Any]) -> float:
@@ -81,4 +93,5 @@ def status(live: dict[str, Any], infos: list[dict[str, Any]],
             "stalled": running and age > limit, "workers": workers}
 
 
-__all__ = ["STALL_MIN_S", "STALL_ROUNDS", "begin_run", "on_event", "stall_after", "status"]
+__all__ = ["STALL_MIN_S", "STALL_ROUNDS", "begin_run", "enqueue", "on_event", "stall_after",
+           "status"]

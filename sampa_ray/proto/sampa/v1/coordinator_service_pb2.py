@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"sampa/v1/coordinator_service.proto\x12\x08sampa.v1\"\x0f\n\rStatusRequest\"^\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0c\x62usy_seconds\x18\x05 \x01(\x01\"\x8f\x02\n\x0bStatusReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01\x12\'\n\x07workers\x18\x07 \x03(\x0b\x32\x16.sampa.v1.WorkerStatus\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x14\n\x0cmetrics_port\x18\t \x01(\r\x12\x13\n\x0btotal_steps\x18\n \x01(\x03\x12\r\n\x05state\x18\x0b \x01(\t\x12\x19\n\x11round_age_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07stalled\x18\r \x01(\x08\"\"\n\x0cWatchRequest\x12\x12\n\nmax_events\x18\x01 \x01(\r\"\xe9\x01\n\rProgressEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x01\x12\x15\n\rround_seconds\x18\x06 \x01(\x01\x12\x11\n\talgorithm\x18\x07 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x08 \x01(\x01\x12\x1a\n\rtest_accuracy\x18\t \x01(\x01H\x00\x88\x01\x01\x12\n\n\x02lr\x18\n \x01(\x01\x12\x0c\n\x04time\x18\x0b \x01(\x01\x12\x0c\n\x04text\x18\x0c \x01(\tB\x10\n\x0e_test_accuracy\"\x13\n\x11\x43heckpointRequest\"\x1f\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\"\r\n\x0bStopRequest\"\x1d\n\tStopReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\x8f\x02\n\x12\x43oordinatorService\x12;\n\tGetStatus\x12\x17.sampa.v1.StatusRequest\x1a\x15.sampa.v1.StatusReply\x12\x42\n\rWatchProgress\x12\x16.sampa.v1.WatchRequest\x1a\x17.sampa.v1.ProgressEvent0\x01\x12\x44\n\nCheckpoint\x12\x1b.sampa.v1.CheckpointRequest\x1a\x19.sampa.v1.CheckpointReply\x12\x32\n\x04Stop\x12\x15.sampa.v1.StopRequest\x1a\x13.sampa.v1.StopReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"sampa/v1/coordinator_service.proto\x12\x08sampa.v1\"\x0f\n\rStatusRequest\"^\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0c\x62usy_seconds\x18\x05 \x01(\x01\"\x8f\x02\n\x0bStatusReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x01\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x01\x12\'\n\x07workers\x18\x07 \x03(\x0b\x32\x16.sampa.v1.WorkerStatus\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x14\n\x0cmetrics_port\x18\t \x01(\r\x12\x13\n\x0btotal_steps\x18\n \x01(\x03\x12\r\n\x05state\x18\x0b \x01(\t\x12\x19\n\x11round_age_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07stalled\x18\r \x01(\x08\"\"\n\x0cWatchRequest\x12\x12\n\nmax_events\x18\x01 \x01(\r\"\xfb\x01\n\rProgressEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\r\n\x05\x65poch\x18\x05 \x01(\x01\x12\x15\n\rround_seconds\x18\x06 \x01(\x01\x12\x11\n\talgorithm\x18\x07 \x01(\t\x12\x15\n\x08\x61\x63\x63uracy\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rtest_accuracy\x18\t \x01(\x01H\x01\x88\x01\x01\x12\n\n\x02lr\x18\n \x01(\x01\x12\x0c\n\x04time\x18\x0b \x01(\x01\x12\x0c\n\x04text\x18\x0c \x01(\tB\x0b\n\t_accuracyB\x10\n\x0e_test_accuracy\"\x13\n\x11\x43heckpointRequest\"\x1f\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\"\r\n\x0bStopRequest\"\x1d\n\tStopReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\x8f\x02\n\x12\x43oordinatorService\x12;\n\tGetStatus\x12\x17.sampa.v1.StatusRequest\x1a\x15.sampa.v1.StatusReply\x12\x42\n\rWatchProgress\x12\x16.sampa.v1.WatchRequest\x1a\x17.sampa.v1.ProgressEvent0\x01\x12\x44\n\nCheckpoint\x12\x1b.sampa.v1.CheckpointRequest\x1a\x19.sampa.v1.CheckpointReply\x12\x32\n\x04Stop\x12\x15.sampa.v1.StopRequest\x1a\x13.sampa.v1.StopReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=435
   _globals['_WATCHREQUEST']._serialized_end=469
   _globals['_PROGRESSEVENT']._serialized_start=472
-  _globals['_PROGRESSEVENT']._serialized_end=705
-  _globals['_CHECKPOINTREQUEST']._serialized_start=707
-  _globals['_CHECKPOINTREQUEST']._serialized_end=726
-  _globals['_CHECKPOINTREPLY']._serialized_start=728
-  _globals['_CHECKPOINTREPLY']._serialized_end=759
-  _globals['_STOPREQUEST']._serialized_start=761
-  _globals['_STOPREQUEST']._serialized_end=774
-  _globals['_STOPREPLY']._serialized_start=776
-  _globals['_STOPREPLY']._serialized_end=805
-  _globals['_COORDINATORSERVICE']._serialized_start=808
-  _globals['_COORDINATORSERVICE']._serialized_end=1079
+  _globals['_PROGRESSEVENT']._serialized_end=723
+  _globals['_CHECKPOINTREQUEST']._serialized_start=725
+  _globals['_CHECKPOINTREQUEST']._serialized_end=744
+  _globals['_CHECKPOINTREPLY']._serialized_start=746
+  _globals['_CHECKPOINTREPLY']._serialized_end=777
+  _globals['_STOPREQUEST']._serialized_start=779
+  _globals['_STOPREQUEST']._serialized_end=792
+  _globals['_STOPREPLY']._serialized_start=794
+  _globals['_STOPREPLY']._serialized_end=823
+  _globals['_COORDINATORSERVICE']._serialized_start=826
+  _globals['_COORDINATORSERVICE']._serialized_end=1097
 # @@protoc_insertion_point(module_scope)

@@ -176,6 +176,9 @@ class ProgressEvent(_message.Message):
     round_seconds: _builtins.float
     algorithm: _builtins.str
     accuracy: _builtins.float
+    """Training accuracy: the last round's batch accuracy (an epoch event: the epoch's mean);
+    unset until a round reports one (a loss that gives no accuracy never does).
+    """
     test_accuracy: _builtins.float
     lr: _builtins.float
     time: _builtins.float
@@ -191,18 +194,23 @@ class ProgressEvent(_message.Message):
         epoch: _builtins.float = ...,
         round_seconds: _builtins.float = ...,
         algorithm: _builtins.str = ...,
-        accuracy: _builtins.float = ...,
+        accuracy: _builtins.float | None = ...,
         test_accuracy: _builtins.float | None = ...,
         lr: _builtins.float = ...,
         time: _builtins.float = ...,
         text: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "test_accuracy", b"test_accuracy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "_test_accuracy", b"_test_accuracy", "accuracy", b"accuracy", "test_accuracy", b"test_accuracy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "accuracy", b"accuracy", "algorithm", b"algorithm", "epoch", b"epoch", "kind", b"kind", "loss", b"loss", "lr", b"lr", "round_seconds", b"round_seconds", "step", b"step", "test_accuracy", b"test_accuracy", "text", b"text", "time", b"time", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "_test_accuracy", b"_test_accuracy", "accuracy", b"accuracy", "algorithm", b"algorithm", "epoch", b"epoch", "kind", b"kind", "loss", b"loss", "lr", b"lr", "round_seconds", b"round_seconds", "step", b"step", "test_accuracy", b"test_accuracy", "text", b"text", "time", b"time", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__accuracy: _TypeAlias = _typing.Literal["accuracy"]  # noqa: Y015
+    _WhichOneofArgType__accuracy: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy"]  # noqa: Y015
     _WhichOneofReturnType__test_accuracy: _TypeAlias = _typing.Literal["test_accuracy"]  # noqa: Y015
     _WhichOneofArgType__test_accuracy: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__accuracy) -> _WhichOneofReturnType__accuracy | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__test_accuracy) -> _WhichOneofReturnType__test_accuracy | None: ...
 
 Global___ProgressEvent: _TypeAlias = ProgressEvent  # noqa: Y015
