@@ -280,17 +280,51 @@ class TrainConfig(BaseModel):
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def _one_line(err: ValidationError) -> str:
-    e = err.errors()[0]
+#: the most characters the field messages of one error line take before later fields are named
+#: without their messages (every failing field is still named)
+ERROR_DETAIL_CHARS = 300
+#: the most characters of a rejected value shown after "got"
+VALUE_CHARS = 60
+
+
+def _field_error(e: Any) -> str:
+    """One failing field as ``loc: message, got value`` (a whole-model check's own message)."""
     msg = e["msg"].removeprefix("Value error, ")
     if not e["loc"]:  # a whole-model check: its message already names the field
         return msg
     loc = ".".join(str(p) for p in e["loc"])
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    value = f", got {e['input']!r}" if e["type"] != "extra_forbidden" and "input" in e else ""
-    if isinstance(e.get("input"), dict):
-        value = ""
-    return f"{loc}: {msg}{value}{more}"
+    value = ""
+    if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], dict):
+        shown = repr(e["input"])
+        if len(shown) > VALUE_CHARS:
+            shown = shown[:VALUE_CHARS - 3] + "..."
+        value = f", got {shown}"
+    return f"{loc}: {msg}{value}"
+
+
+def _one_line(err: ValidationError) -> str:
+    """Every failing field in one line, ``lr: ...; rho: ...``: a user who fixes one field should
+    not discover the next only on the next try. One entry per field (a union's alternatives
+    each fail on their own); when the messages grow past :data:`ERROR_DETAIL_CHARS`, the
+    remaining fields are named without theirs."""
+    by_field: dict[str, str] = {}
+    for e in err.errors():
+        name = str(e["loc"][0]) if e["loc"] else ""
+        by_field.setdefault(name, _field_error(e))
+    parts = list(by_field.values())
+    line = "; ".join(parts)
+    if len(line) <= ERROR_DETAIL_CHARS:
+        return line
+    names = [name or "config" for name in by_field]
+    shown = [parts[0]]  # the first field's message always, however long
+    for part in parts[1:]:
+        rest = names[len(shown) + 1:]
+        tail = f"; also invalid: {', '.join(rest)}" if rest else ""
+        if len("; ".join([*shown, part]) + tail) > ERROR_DETAIL_CHARS:
+            break
+        shown.append(part)
+    rest = names[len(shown):]
+    return "; ".join(shown) + (f"; also invalid: {', '.join(rest)}" if rest else "")
 
 
 def make_config(data: dict[str, Any]) -> TrainConfig:
@@ -303,13 +337,59 @@ def make_config(data: dict[str, Any]) -> TrainConfig:
         raise UserError(f"config: {err}") from None
 
 
+class DuplicateKeyError(Exception):
+    """A key given twice in one YAML mapping; the message names it and both lines."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML says keys are
+    unique, yet PyYAML keeps the last one silently: ``lr: 0.1`` then ``lr: 0.2`` would train
+    with 0.2 and no word). In the top mapping, ``batch-size`` and ``batch_size`` name the same
+    field and count as one key. Merge keys (``<<: *base``) may still be overridden. A nested
+    key is named by its path (``model_args.width``)."""
+
+    _top: yaml.Node | None = None
+
+    def get_single_node(self) -> yaml.Node | None:
+        self._top = super().get_single_node()
+        self._paths: dict[yaml.Node, str] = {}  # a nested mapping's node -> "parent.key."
+        return self._top
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, tuple[str, int]] = {}
+        prefix = self._paths.get(node, "")
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:  # the base class refuses it in its own words
+                continue
+            shown = f"{prefix}{key}"
+            self._paths.setdefault(value_node, f"{shown}.")
+            if node is self._top and isinstance(key, str):
+                key = key.replace("-", "_")
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                first, at = seen[key]
+                what = (f"key {shown!r} is given twice" if first == shown else
+                        f"keys {first!r} and {shown!r} name the same field")
+                raise DuplicateKeyError(f"{what} (lines {at} and {line})")
+            seen[key] = (shown, line)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config fields (dashes in keys are accepted as underscores)."""
+    """Read a YAML mapping of config fields (dashes in keys are accepted as underscores); a
+    key given twice is refused with both its lines."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config: no such file {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as err:
+        raise UserError(f"config: {p}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -200,6 +200,35 @@ def test_compare_rejects_bad_input_too(tmp_path: Path) -> None:
     assert not (tmp_path / "cmp").exists()
 
 
+def test_every_failing_field_is_named_in_one_line(tmp_path: Path) -> None:
+    """Three bad values at once: one line names all three, with what each must be."""
+    proc = cli("train", *COMMON, "--lr", "-0.1", "--rho", "-1", "--lam", "1.5",
+               "--out", str(tmp_path / "out"), cwd=tmp_path)
+    line = _assert_one_line_error(proc, "lr")
+    assert line == ("sampa-ray: config: lr: Input should be greater than 0, got -0.1; "
+                    "rho: Input should be greater than or equal to 0, got -1.0; "
+                    "lam: Input should be less than or equal to 1, got 1.5")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,line", [
+    ("algo: sam\nlr: 0.1\nsteps: 3\nlr: 0.2\n", "key 'lr' is given twice (lines 2 and 4)"),
+    ("model: mlp\nmodel_args:\n  hidden: 32\n  depth: 2\n  hidden: 64\n",
+     "key 'model_args.hidden' is given twice (lines 3 and 5)"),
+    ("batch-size: 32\nseed: 1\nbatch_size: 16\n",
+     "keys 'batch-size' and 'batch_size' name the same field (lines 1 and 3)"),
+], ids=["top-level", "nested", "dash-and-underscore"])
+def test_a_yaml_key_given_twice_is_refused(tmp_path: Path, text: str, line: str) -> None:
+    """YAML keeps the last of two equal keys without a word; a config file that gives a field
+    twice is refused with one line naming the key and both lines, before anything runs."""
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text(text)
+    proc = cli("train", *COMMON, "--config", str(cfg), "--out", str(tmp_path / "out"),
+               cwd=tmp_path)
+    assert _assert_one_line_error(proc, "twice.yaml") == f"sampa-ray: config: {cfg}: {line}"
+    assert not (tmp_path / "out").exists()
+
+
 # -- nothing already written is lost ----------------------------------------------------------
 def test_existing_run_is_kept_unless_overwrite(trained: dict, tmp_path: Path) -> None:
     rc, _, _, src = trained["sgd"]
