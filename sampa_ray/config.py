@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import UserError
+from .errors import UserError, validation_line
 
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
@@ -280,59 +280,12 @@ class TrainConfig(BaseModel):
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-#: the most characters the field messages of one error line take before later fields are named
-#: without their messages (every failing field is still named)
-ERROR_DETAIL_CHARS = 300
-#: the most characters of a rejected value shown after "got"
-VALUE_CHARS = 60
-
-
-def _field_error(e: Any) -> str:
-    """One failing field as ``loc: message, got value`` (a whole-model check's own message)."""
-    msg = e["msg"].removeprefix("Value error, ")
-    if not e["loc"]:  # a whole-model check: its message already names the field
-        return msg
-    loc = ".".join(str(p) for p in e["loc"])
-    value = ""
-    if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], dict):
-        shown = repr(e["input"])
-        if len(shown) > VALUE_CHARS:
-            shown = shown[:VALUE_CHARS - 3] + "..."
-        value = f", got {shown}"
-    return f"{loc}: {msg}{value}"
-
-
-def _one_line(err: ValidationError) -> str:
-    """Every failing field in one line, ``lr: ...; rho: ...``: a user who fixes one field should
-    not discover the next only on the next try. One entry per field (a union's alternatives
-    each fail on their own); when the messages grow past :data:`ERROR_DETAIL_CHARS`, the
-    remaining fields are named without theirs."""
-    by_field: dict[str, str] = {}
-    for e in err.errors():
-        name = str(e["loc"][0]) if e["loc"] else ""
-        by_field.setdefault(name, _field_error(e))
-    parts = list(by_field.values())
-    line = "; ".join(parts)
-    if len(line) <= ERROR_DETAIL_CHARS:
-        return line
-    names = [name or "config" for name in by_field]
-    shown = [parts[0]]  # the first field's message always, however long
-    for part in parts[1:]:
-        rest = names[len(shown) + 1:]
-        tail = f"; also invalid: {', '.join(rest)}" if rest else ""
-        if len("; ".join([*shown, part]) + tail) > ERROR_DETAIL_CHARS:
-            break
-        shown.append(part)
-    rest = names[len(shown):]
-    return "; ".join(shown) + (f"; also invalid: {', '.join(rest)}" if rest else "")
-
-
 def make_config(data: dict[str, Any]) -> TrainConfig:
     """Validate a mapping into a :class:`TrainConfig` or raise a one-line UserError."""
     try:
         return TrainConfig(**data)
     except ValidationError as err:
-        raise UserError(f"config: {_one_line(err)}") from None
+        raise UserError(f"config: {validation_line(err.errors())}") from None
     except TypeError as err:
         raise UserError(f"config: {err}") from None
 

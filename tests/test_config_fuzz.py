@@ -122,7 +122,7 @@ def test_random_text(tmp_path, capsys, text):
 def test_many_bad_fields_are_all_named_in_a_bounded_line(tmp_path, capsys):
     """Past ERROR_DETAIL_CHARS the later fields keep only their names: the line stays short
     enough to read, and names every field that failed."""
-    from sampa_ray.config import ERROR_DETAIL_CHARS
+    from sampa_ray.errors import ERROR_DETAIL_CHARS
 
     bad = {"lr": -1.0, "rho": -1.0, "lam": 2.0, "momentum": 1.5, "weight_decay": -1.0,
            "batch_size": 0, "epochs": 0, "seed": -1, "dropout": 1.0, "algo": "adam"}
