@@ -25,9 +25,9 @@ from .errors import UserError, validation_line
 
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
-                  "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
-                  "round_timeout", "max_restarts", "link_latency_ms", "link_gbit_s",
-                  "data_path", "transport", "collective_backend", "control_host",
+                  "checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "resume",
+                  "max_nonfinite", "round_timeout", "max_restarts", "link_latency_ms",
+                  "link_gbit_s", "data_path", "transport", "collective_backend", "control_host",
                   "control_port", "token_file",
                   "metrics_port", "metrics_host", "metrics_cert", "metrics_key",
                   "control_cert", "control_key", "loader_workers", "pin_memory"}
@@ -174,8 +174,12 @@ class TrainConfig(BaseModel):
                                    "latency added to every point/gradient message (benchmarks)")
     link_gbit_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="emulated "
                                       "bandwidth cap of that link in Gbit/s (benchmarks)")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: only at "
-                                  "the end)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: by "
+                                  "time only, and at the end)")
+    checkpoint_interval_s: float = Field(600.0, ge=0, allow_inf_nan=False, description="also "
+                                         "checkpoint at the first update after this many "
+                                         "seconds since the last checkpoint (0: off), so an "
+                                         "interrupted run loses at most about that much")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     resume: str | None = Field(None, description="continue from the newest valid checkpoint "
                                "of this run folder")

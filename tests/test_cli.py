@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_cmd, cli_env
+import torch
+from conftest import cli_cmd, cli_env, local_final
 
 from sampa_ray.algorithms import BUILTIN
 
@@ -329,3 +330,59 @@ def test_compare(tmp_path: Path) -> None:
     _assert_one_line_error(proc, "out")
     assert (out / "compare.json").read_bytes() == before
     assert (out / "sgd" / "result.json").read_bytes() == sub
+
+
+# -- Ray's output, and time-based checkpoints on Ray --------------------------------------------
+def test_token_notice_filter_drops_that_notice_only() -> None:
+    """The filter on Ray's authentication logger drops its notice that token authentication is
+    on, and nothing else: the warning that it is off still reaches the user."""
+    import logging
+
+    from sampa_ray.ray.driver import TOKEN_NOTICE_LOGGER, _quiet_token_notice
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        with _quiet_token_notice():
+            logger.warning("Token authentication is enabled for this Ray cluster. Set "
+                           "RAY_AUTH_MODE=disabled to opt out.")
+            logger.warning("Token authentication is disabled for this Ray cluster.")
+        logger.warning("Token authentication is enabled for this Ray cluster. (after)")
+    finally:
+        logger.removeHandler(keep)
+    assert seen == ["Token authentication is disabled for this Ray cluster.",
+                    "Token authentication is enabled for this Ray cluster. (after)"]
+
+
+def test_ray_run_is_quiet_about_token_auth_and_checkpoints_on_time(tmp_path: Path) -> None:
+    """A real ``train`` on an embedded Ray instance: stderr holds no notice of Ray's token
+    authentication (still on), a tiny ``--checkpoint-interval-s`` has the coordinator write
+    checkpoints along the way, and the run ends on bitwise the parameters of a local run
+    without any."""
+    from sampa_ray.checkpoint import list_checkpoints
+    from sampa_ray.config import make_config
+
+    fields = {"steps": 30, "model": "mlp", "batch_size": 32, "threads": 1, "device": "cpu"}
+    flags = [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    out = tmp_path / "ray"
+    proc = cli("train", "--backend", "ray", *flags, "--checkpoint-interval-s", "0.01",
+               "--keep-checkpoints", "100", "--out", str(out), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Token authentication" not in proc.stderr and "token-auth" not in proc.stderr, \
+        proc.stderr
+    assert "placement: " in proc.stderr  # the run's own lines are there
+    steps = [int(p.stem.removeprefix("ckpt-")) for p in list_checkpoints(out / "checkpoints")]
+    assert steps[0] == 30 and len(steps) >= 2 and all(0 < s < 30 for s in steps[1:]), steps
+    ref = local_final(make_config({**fields, "backend": "local", "checkpoint_interval_s": 0}),
+                      tmp_path / "local")
+    got = torch.load(out / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], ref["x"])
+    for k in ref["buffers"]:
+        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
