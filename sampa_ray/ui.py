@@ -30,6 +30,7 @@ class ProgressView:
             console=console, transient=False)
         self.task: Any = None
         self.algo: str | None = None
+        self.step: int | None = None  # the last round's step: where an interrupted run stood
         self._first: tuple[float, int] | None = None
 
     def __enter__(self) -> ProgressView:
@@ -53,6 +54,7 @@ class ProgressView:
             return
         if kind != "round":
             return
+        self.step = ev["step"]
         import time
 
         now = time.perf_counter()

@@ -185,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RunFailed as err:
             print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
             return RunFailed.exit_code
-        except KeyboardInterrupt:  # Ray turns our Terminated into a bare KeyboardInterrupt
-            stop = signals.Terminated(signals.received() or signal.SIGINT)
+        except KeyboardInterrupt as err:  # Ray turns our Terminated into a bare one
+            stop = signals.Terminated(signals.received() or signal.SIGINT,
+                                      getattr(err, "detail", ""))
             print(stop.line, file=sys.stderr)
             return signals.finish(stop.exit_code)
 
