@@ -21,13 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import UserError
+from .errors import UserError, validation_line
 
 #: fields that say how and where a run executes, not which trajectory it follows
 RUNTIME_FIELDS = {"out", "backend", "threads", "device", "eval_every", "address",
-                  "checkpoint_every", "keep_checkpoints", "resume", "max_nonfinite",
-                  "round_timeout", "max_restarts", "link_latency_ms", "link_gbit_s",
-                  "data_path", "transport", "collective_backend", "control_host",
+                  "checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "resume",
+                  "max_nonfinite", "round_timeout", "max_restarts", "link_latency_ms",
+                  "link_gbit_s", "data_path", "transport", "collective_backend", "control_host",
                   "control_port", "token_file",
                   "metrics_port", "metrics_host", "metrics_cert", "metrics_key",
                   "control_cert", "control_key", "loader_workers", "pin_memory"}
@@ -193,8 +193,12 @@ class TrainConfig(BaseModel):
                                    "latency added to every point/gradient message (benchmarks)")
     link_gbit_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="emulated "
                                       "bandwidth cap of that link in Gbit/s (benchmarks)")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: only at "
-                                  "the end)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N updates (0: by "
+                                  "time only, and at the end)")
+    checkpoint_interval_s: float = Field(600.0, ge=0, allow_inf_nan=False, description="also "
+                                         "checkpoint at the first update after this many "
+                                         "seconds since the last checkpoint (0: off), so an "
+                                         "interrupted run loses at most about that much")
     keep_checkpoints: int = Field(3, ge=1, description="how many checkpoints to keep")
     resume: str | None = Field(None, description="continue from the newest valid checkpoint "
                                "of this run folder")
@@ -299,36 +303,69 @@ class TrainConfig(BaseModel):
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def _one_line(err: ValidationError) -> str:
-    e = err.errors()[0]
-    msg = e["msg"].removeprefix("Value error, ")
-    if not e["loc"]:  # a whole-model check: its message already names the field
-        return msg
-    loc = ".".join(str(p) for p in e["loc"])
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    value = f", got {e['input']!r}" if e["type"] != "extra_forbidden" and "input" in e else ""
-    if isinstance(e.get("input"), dict):
-        value = ""
-    return f"{loc}: {msg}{value}{more}"
-
-
 def make_config(data: dict[str, Any]) -> TrainConfig:
     """Validate a mapping into a :class:`TrainConfig` or raise a one-line UserError."""
     try:
         return TrainConfig(**data)
     except ValidationError as err:
-        raise UserError(f"config: {_one_line(err)}") from None
+        raise UserError(f"config: {validation_line(err.errors())}") from None
     except TypeError as err:
         raise UserError(f"config: {err}") from None
 
 
+class DuplicateKeyError(Exception):
+    """A key given twice in one YAML mapping; the message names it and both lines."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML says keys are
+    unique, yet PyYAML keeps the last one silently: ``lr: 0.1`` then ``lr: 0.2`` would train
+    with 0.2 and no word). In the top mapping, ``batch-size`` and ``batch_size`` name the same
+    field and count as one key. Merge keys (``<<: *base``) may still be overridden. A nested
+    key is named by its path (``model_args.width``)."""
+
+    _top: yaml.Node | None = None
+
+    def get_single_node(self) -> yaml.Node | None:
+        self._top = super().get_single_node()
+        self._paths: dict[yaml.Node, str] = {}  # a nested mapping's node -> "parent.key."
+        return self._top
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, tuple[str, int]] = {}
+        prefix = self._paths.get(node, "")
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:  # the base class refuses it in its own words
+                continue
+            shown = f"{prefix}{key}"
+            self._paths.setdefault(value_node, f"{shown}.")
+            if node is self._top and isinstance(key, str):
+                key = key.replace("-", "_")
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                first, at = seen[key]
+                what = (f"key {shown!r} is given twice" if first == shown else
+                        f"keys {first!r} and {shown!r} name the same field")
+                raise DuplicateKeyError(f"{what} (lines {at} and {line})")
+            seen[key] = (shown, line)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config fields (dashes in keys are accepted as underscores)."""
+    """Read a YAML mapping of config fields (dashes in keys are accepted as underscores); a
+    key given twice is refused with both its lines."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config: no such file {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as err:
+        raise UserError(f"config: {p}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -166,11 +166,13 @@ class Executor(ABC):
 
 
 def lookahead(algo: Algorithm, state: AlgoState, reqs: list[GradRequest], plan: Plan,
-              cfg: TrainConfig, busy: Callable[[], bool]) -> list[GradRequest] | None:
+              cfg: TrainConfig, busy: Callable[[], bool],
+              timed: bool = False) -> list[GradRequest] | None:
     """The next round's requests (on a 0-length shadow state), if the workers it needs are the
     same whether this round is applied or skipped, and nothing needs the state in between: the
-    end of the run, an epoch's end (evaluation), a checkpoint, or ``busy()`` (a stop or an
-    on-demand checkpoint is waiting)."""
+    end of the run, an epoch's end (evaluation), a checkpoint (``timed``: a time-based one is
+    due after this round's update), or ``busy()`` (a stop or an on-demand checkpoint is
+    waiting)."""
     applied, skipped = state.shadow(), state.shadow()
     algo.update(applied, {r.role: applied.x for r in reqs})
     algo.skip(skipped)
@@ -179,7 +181,7 @@ def lookahead(algo: Algorithm, state: AlgoState, reqs: list[GradRequest], plan: 
         if s.step != state.step:  # this round completes an update: what follows it?
             every = cfg.checkpoint_every
             if s.step >= plan.total_steps or plan.epoch_end(s.step) or \
-                    (every and s.step % every == 0) or busy():
+                    (every and s.step % every == 0) or timed or busy():
                 return None
         nexts.append(algo.requests(s))
     slots = [sorted({algo.slot_of(r.role) for r in n}) for n in nexts]
@@ -196,8 +198,12 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
     """Run the requests -> gradients -> update loop to ``plan.total_steps`` updates.
     Evaluation runs in the background on the trajectory worker and overlaps later rounds.
     ``should_stop`` is checked after each parameter update (never inside one); ``checkpoint``
-    is awaited every ``cfg.checkpoint_every`` updates and at the end (and its ``check``, where it
-    has one, after every update: a failed background write ends the run there); ``resume``
+    is awaited every ``cfg.checkpoint_every`` updates, after the first update that ends once
+    ``cfg.checkpoint_interval_s`` seconds have passed since the last one (or the start: a long
+    run is resumable without a choice of N, and loses at most about that much), and at the end
+    (and its ``check``, where it has one, after every update: a failed background write ends
+    the run there). A checkpoint only reads the state: where one falls never changes the
+    trajectory. ``resume``
     continues from a checkpoint (state, worker buffers, the record so far); ``after_update`` is
     awaited after every update (on-demand work such as a requested checkpoint); ``hold`` says
     such work is waiting (the loop then does not run a round ahead of it)."""
@@ -217,8 +223,9 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
     written: Callable[[], Awaitable[None]] | None = getattr(checkpoint, "check", None)
     epochs_done = len(recorder.epochs)
     nonfinite_streak = 0
-    last_update = started = perf()
+    last_update = started = last_checkpoint = perf()
     start_step = state.step  # the rate shown is this session's updates over its time
+    interval = cfg.checkpoint_interval_s if checkpoint is not None else 0.0
 
     def busy() -> bool:
         return (should_stop is not None and should_stop()) or \
@@ -232,7 +239,11 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
 
     while state.step < plan.total_steps:
         reqs = algo.requests(state)
-        ahead = lookahead(algo, state, reqs, plan, cfg, busy) if executor.runs_ahead else None
+        # a time-based checkpoint is decided before the round, so that a round run ahead of it
+        # (decided now too) never overlaps it
+        timed = bool(interval) and perf() - last_checkpoint >= interval
+        ahead = lookahead(algo, state, reqs, plan, cfg, busy, timed) \
+            if executor.runs_ahead else None
         t0 = perf()
         results = await executor.round(reqs, ahead)
         t1 = perf()
@@ -283,9 +294,10 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
             if written is not None:  # a background checkpoint write failed: stop here
                 await written()
             every = cfg.checkpoint_every
-            if checkpoint is not None and every and state.step % every == 0 \
-                    and state.step < plan.total_steps:
+            if checkpoint is not None and state.step < plan.total_steps and \
+                    (timed or (every and state.step % every == 0)):
                 await checkpoint(await executor.full_state(state))
+                last_checkpoint = perf()
             if ahead is not None:  # the next round is already under way: finish it first
                 continue
             if after_update is not None:

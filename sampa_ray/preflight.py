@@ -119,20 +119,31 @@ def _check_listeners(cfg: TrainConfig) -> None:
 
 
 def _check_threads(cfg: TrainConfig) -> list[str]:
-    """More torch threads than CPU cores: an embedded Ray instance cannot place the workers at
-    all (it has os.cpu_count() CPUs), and one process oversubscribes the cores and runs many
-    times slower (a warning: it still runs)."""
-    cores = os.cpu_count() or 1
-    if not cfg.threads:
-        return []
+    return check_threads(cfg, os.cpu_count() or 1)
+
+
+def check_threads(cfg: TrainConfig, cores: int) -> list[str]:
+    """Torch threads against a machine of ``cores`` CPU cores. An embedded Ray instance (it has
+    that many CPUs) cannot place 2k workers of several threads each beyond them (an error);
+    2k one-thread workers beyond them are placed at a share of a core each, and one process
+    with more threads than cores oversubscribes them: both still run, many times slower (a
+    warning line each)."""
     if cfg.backend == "ray" and not cfg.address:
         workers = RAY_WORKERS * cfg.workers_per_role
-        need = workers * cfg.threads
-        if need > cores and cfg.threads > 1:  # one thread each: the workers share the cores
-            raise UserError(f"threads: {workers} workers x {cfg.threads} threads need {need} "
+        threads = cfg.threads or 1  # unset: the placement gives each worker one at most
+        need = workers * threads
+        if need <= cores:
+            return []
+        if threads > 1:
+            raise UserError(f"threads: {workers} workers x {threads} threads need {need} "
                             f"CPUs and this machine has {cores} for its local Ray instance "
                             f"(use --threads {max(1, cores // workers)} or fewer)")
-    elif cfg.backend == "local" and cfg.threads > cores:
+        fewer = (f"--workers-per-role {max(1, cores // RAY_WORKERS)}" if cores >= RAY_WORKERS
+                 else "--backend local")
+        return [f"warning: {workers} workers x 1 thread need {need} CPU cores and this machine "
+                f"has {cores}; the workers share the cores, so expect slower steps (use "
+                f"{fewer} for one core each)"]
+    if cfg.backend == "local" and cfg.threads and cfg.threads > cores:
         return [f"warning: --threads {cfg.threads} is more than this machine's {cores} CPU "
                 f"cores; torch oversubscribes them and runs many times slower (use --threads "
                 f"{cores} or fewer)"]
@@ -140,4 +151,4 @@ def _check_threads(cfg: TrainConfig) -> list[str]:
 
 
 __all__ = ["DIGITS_TRAIN", "RAY_WORKERS", "check_before_start", "check_plugins",
-           "max_train_samples", "uses_plugins"]
+           "check_threads", "max_train_samples", "uses_plugins"]

@@ -40,9 +40,10 @@ class Terminated(KeyboardInterrupt):
     """The command was asked to end by a signal (a KeyboardInterrupt, so that code written for
     Ctrl-C treats SIGTERM the same way)."""
 
-    def __init__(self, signum: int = signal.SIGINT) -> None:
+    def __init__(self, signum: int = signal.SIGINT, detail: str = "") -> None:
         super().__init__(WORDS.get(signum, "interrupted"))
         self.signum = signum
+        self.detail = detail  # what the run leaves behind (" at step N; ..."), where known
 
     @property
     def exit_code(self) -> int:
@@ -50,7 +51,7 @@ class Terminated(KeyboardInterrupt):
 
     @property
     def line(self) -> str:
-        return f"sampa-ray: {WORDS.get(self.signum, 'interrupted')}"
+        return f"sampa-ray: {WORDS.get(self.signum, 'interrupted')}{self.detail}"
 
 
 def received() -> int | None:

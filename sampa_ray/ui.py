@@ -31,6 +31,7 @@ class ProgressView:
             console=console, transient=False)
         self.task: Any = None
         self.algo: str | None = None
+        self.step: int | None = None  # the last round's step: where an interrupted run stood
 
     def __enter__(self) -> ProgressView:
         return self  # the bar starts with the first round: errors before it print alone
@@ -53,6 +54,7 @@ class ProgressView:
             return
         if kind != "round":
             return
+        self.step = ev["step"]
         if self.task is None or label != self.algo:
             if self.task is None:
                 self.progress.start()

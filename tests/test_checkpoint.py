@@ -123,6 +123,40 @@ def test_resumed_run_equals_uninterrupted(tmp_path, algo):
         assert [r["step"] for r in res["epochs"]] == [r["step"] for r in full["epochs"]]
 
 
+@pytest.mark.parametrize("algo", ["sam", "sampa"])
+def test_timed_checkpoints_leave_the_trajectory_unchanged(tmp_path, algo):
+    """A tiny ``checkpoint_interval_s`` writes a checkpoint every few updates, wherever the
+    clock puts them; the run ends on bitwise the parameters and buffers of a run without any,
+    keeps the same config hash, and resumes from the oldest one to the same end."""
+    base = {"algo": algo, "steps": 60, "batch_size": 32, "threads": 1, "backend": "local",
+            "model": "mlp", "keep_checkpoints": 100}
+    off = make_config({**base, "checkpoint_interval_s": 0})
+    timed = make_config({**base, "checkpoint_interval_s": 0.02})
+    assert off.hash() == timed.hash() == make_config(base).hash()
+    run_local(off, tmp_path / "off")
+    run_local(timed, tmp_path / "timed")
+
+    def steps(run):
+        return [json.loads(p.read_text())["step"] for p in list_checkpoints(run / "checkpoints")]
+
+    assert steps(tmp_path / "off") == [60]  # at the end only
+    periodic = steps(tmp_path / "timed")[1:]
+    assert steps(tmp_path / "timed")[0] == 60 and periodic and all(0 < s < 60 for s in periodic)
+    ref = torch.load(tmp_path / "off" / "final.pt", weights_only=True)
+    got = torch.load(tmp_path / "timed" / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], ref["x"])
+    assert ref["buffers"].keys() == got["buffers"].keys()
+    for k in ref["buffers"]:
+        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+
+    part = tmp_path / "part"  # only the oldest timed checkpoint: resumed, the same end
+    shutil.copytree(tmp_path / "timed" / "checkpoints", part / "checkpoints")
+    for p in list_checkpoints(part / "checkpoints")[:-1]:
+        p.unlink()
+    run_local(off.model_copy(update={"resume": str(part)}), part)
+    assert torch.equal(torch.load(part / "final.pt", weights_only=True)["x"], ref["x"])
+
+
 def test_cli_resume_refuses_mismatched_config(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "sampa_ray.cli", "train", "--backend", "local", "--threads",

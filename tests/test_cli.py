@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_cmd, cli_env
+import torch
+from conftest import cli_cmd, cli_env, local_final
 
 from sampa_ray.algorithms import BUILTIN
 
@@ -202,6 +203,35 @@ def test_compare_rejects_bad_input_too(tmp_path: Path) -> None:
     assert not (tmp_path / "cmp").exists()
 
 
+def test_every_failing_field_is_named_in_one_line(tmp_path: Path) -> None:
+    """Three bad values at once: one line names all three, with what each must be."""
+    proc = cli("train", *COMMON, "--lr", "-0.1", "--rho", "-1", "--lam", "1.5",
+               "--out", str(tmp_path / "out"), cwd=tmp_path)
+    line = _assert_one_line_error(proc, "lr")
+    assert line == ("sampa-ray: config: lr: Input should be greater than 0, got -0.1; "
+                    "rho: Input should be greater than or equal to 0, got -1.0; "
+                    "lam: Input should be less than or equal to 1, got 1.5")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,line", [
+    ("algo: sam\nlr: 0.1\nsteps: 3\nlr: 0.2\n", "key 'lr' is given twice (lines 2 and 4)"),
+    ("model: mlp\nmodel_args:\n  hidden: 32\n  depth: 2\n  hidden: 64\n",
+     "key 'model_args.hidden' is given twice (lines 3 and 5)"),
+    ("batch-size: 32\nseed: 1\nbatch_size: 16\n",
+     "keys 'batch-size' and 'batch_size' name the same field (lines 1 and 3)"),
+], ids=["top-level", "nested", "dash-and-underscore"])
+def test_a_yaml_key_given_twice_is_refused(tmp_path: Path, text: str, line: str) -> None:
+    """YAML keeps the last of two equal keys without a word; a config file that gives a field
+    twice is refused with one line naming the key and both lines, before anything runs."""
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text(text)
+    proc = cli("train", *COMMON, "--config", str(cfg), "--out", str(tmp_path / "out"),
+               cwd=tmp_path)
+    assert _assert_one_line_error(proc, "twice.yaml") == f"sampa-ray: config: {cfg}: {line}"
+    assert not (tmp_path / "out").exists()
+
+
 # -- nothing already written is lost ----------------------------------------------------------
 def test_existing_run_is_kept_unless_overwrite(trained: dict, tmp_path: Path) -> None:
     rc, _, _, src = trained["sgd"]
@@ -302,3 +332,59 @@ def test_compare(tmp_path: Path) -> None:
     _assert_one_line_error(proc, "out")
     assert (out / "compare.json").read_bytes() == before
     assert (out / "sgd" / "result.json").read_bytes() == sub
+
+
+# -- Ray's output, and time-based checkpoints on Ray --------------------------------------------
+def test_token_notice_filter_drops_that_notice_only() -> None:
+    """The filter on Ray's authentication logger drops its notice that token authentication is
+    on, and nothing else: the warning that it is off still reaches the user."""
+    import logging
+
+    from sampa_ray.ray.driver import TOKEN_NOTICE_LOGGER, _quiet_token_notice
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        with _quiet_token_notice():
+            logger.warning("Token authentication is enabled for this Ray cluster. Set "
+                           "RAY_AUTH_MODE=disabled to opt out.")
+            logger.warning("Token authentication is disabled for this Ray cluster.")
+        logger.warning("Token authentication is enabled for this Ray cluster. (after)")
+    finally:
+        logger.removeHandler(keep)
+    assert seen == ["Token authentication is disabled for this Ray cluster.",
+                    "Token authentication is enabled for this Ray cluster. (after)"]
+
+
+def test_ray_run_is_quiet_about_token_auth_and_checkpoints_on_time(tmp_path: Path) -> None:
+    """A real ``train`` on an embedded Ray instance: stderr holds no notice of Ray's token
+    authentication (still on), a tiny ``--checkpoint-interval-s`` has the coordinator write
+    checkpoints along the way, and the run ends on bitwise the parameters of a local run
+    without any."""
+    from sampa_ray.checkpoint import list_checkpoints
+    from sampa_ray.config import make_config
+
+    fields = {"steps": 30, "model": "mlp", "batch_size": 32, "threads": 1, "device": "cpu"}
+    flags = [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    out = tmp_path / "ray"
+    proc = cli("train", "--backend", "ray", *flags, "--checkpoint-interval-s", "0.01",
+               "--keep-checkpoints", "100", "--out", str(out), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Token authentication" not in proc.stderr and "token-auth" not in proc.stderr, \
+        proc.stderr
+    assert "placement: " in proc.stderr  # the run's own lines are there
+    steps = [int(p.stem.removeprefix("ckpt-")) for p in list_checkpoints(out / "checkpoints")]
+    assert steps[0] == 30 and len(steps) >= 2 and all(0 < s < 30 for s in steps[1:]), steps
+    ref = local_final(make_config({**fields, "backend": "local", "checkpoint_interval_s": 0}),
+                      tmp_path / "local")
+    got = torch.load(out / "final.pt", weights_only=True)
+    assert torch.equal(got["x"], ref["x"])
+    for k in ref["buffers"]:
+        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k

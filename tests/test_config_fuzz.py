@@ -117,3 +117,20 @@ def test_random_text(tmp_path, capsys, text):
         text = "bogus_key: 1\n"
     code, err = run_cli(tmp_path, capsys, text)
     assert_one_line(code, err)
+
+
+def test_many_bad_fields_are_all_named_in_a_bounded_line(tmp_path, capsys):
+    """Past ERROR_DETAIL_CHARS the later fields keep only their names: the line stays short
+    enough to read, and names every field that failed."""
+    from sampa_ray.errors import ERROR_DETAIL_CHARS
+
+    bad = {"lr": -1.0, "rho": -1.0, "lam": 2.0, "momentum": 1.5, "weight_decay": -1.0,
+           "batch_size": 0, "epochs": 0, "seed": -1, "dropout": 1.0, "algo": "adam"}
+    code, err = run_cli(tmp_path, capsys, yaml.safe_dump(bad))
+    assert_one_line(code, err)
+    line = err.strip()
+    for name in bad:
+        assert f"{name}" in line, name
+    assert "more)" not in line and "; also invalid: " in line
+    assert line.startswith("sampa-ray: config: algo: unknown algorithm 'adam'")
+    assert len(line) <= len("sampa-ray: config: ") + ERROR_DETAIL_CHARS

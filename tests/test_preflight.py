@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO
 
 from sampa_ray.config import make_config
-from sampa_ray.preflight import DIGITS_TRAIN, RAY_WORKERS, check_before_start, max_train_samples
+from sampa_ray.errors import UserError
+from sampa_ray.preflight import (
+    DIGITS_TRAIN,
+    RAY_WORKERS,
+    check_before_start,
+    check_threads,
+    max_train_samples,
+)
 
 CORES = os.cpu_count() or 1
 NO_RAY = "ray must not be imported before the input is checked"
@@ -26,7 +34,9 @@ def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (fake / "ray").mkdir(parents=True, exist_ok=True)
     (fake / "ray" / "__init__.py").write_text(f"raise ImportError({NO_RAY!r})\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SAMPA_RAY_TOKEN")}
-    env.update(PYTHONPATH=str(fake), OMP_NUM_THREADS="1", COLUMNS="120")
+    # this checkout's package, whatever the environment has installed
+    env.update(PYTHONPATH=os.pathsep.join([str(fake), str(REPO)]), OMP_NUM_THREADS="1",
+               COLUMNS="120")
     return subprocess.run([sys.executable, "-m", "sampa_ray.cli", "train", *args], cwd=tmp,
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -105,6 +115,48 @@ def test_local_backend_warns_of_more_threads_than_cores(tmp_path: Path) -> None:
     assert first.startswith(f"sampa-ray: warning: --threads {threads} is more than") and \
         f"{CORES} CPU cores" in first
     assert (tmp_path / "out" / "result.json").is_file()
+
+
+def test_more_ray_workers_than_cores_is_one_warning_line() -> None:
+    """2k one-thread workers on an embedded instance with fewer cores are placed at a share of
+    a core each: a warning saying so (it runs); several threads each cannot be placed at all."""
+    def cfg(**kw: Any) -> Any:
+        return make_config({"backend": "ray", **kw})
+
+    assert check_threads(cfg(workers_per_role=3), 2) == [
+        "warning: 6 workers x 1 thread need 6 CPU cores and this machine has 2; the workers "
+        "share the cores, so expect slower steps (use --workers-per-role 1 for one core each)"]
+    assert check_threads(cfg(workers_per_role=3, threads=1), 4) == [
+        "warning: 6 workers x 1 thread need 6 CPU cores and this machine has 4; the workers "
+        "share the cores, so expect slower steps (use --workers-per-role 2 for one core each)"]
+    assert "use --backend local" in check_threads(cfg(), 1)[0]
+    assert check_threads(cfg(workers_per_role=3), 6) == []  # one core each
+    assert check_threads(cfg(), 2) == []
+    # a cluster brings its own CPUs; one process has no workers to place
+    assert check_threads(cfg(workers_per_role=3, address="10.0.0.1:6379"), 2) == []
+    assert check_threads(make_config({"backend": "local"}), 1) == []
+    with pytest.raises(UserError, match="threads: 6 workers x 2 threads need 12 CPUs"):
+        check_threads(cfg(workers_per_role=3, threads=2), 8)
+
+
+def test_cli_warns_of_more_ray_workers_than_cores(tmp_path: Path) -> None:
+    """The warning comes first, before anything else is decided: here the --out folder holds a
+    finished run, so the command ends there (exit 2), with Ray never imported."""
+    k = CORES // RAY_WORKERS + 1  # 2k workers: more than the cores
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "result.json").write_text("{}\n")
+    proc = _cli(tmp_path, "--backend", "ray", "--workers-per-role", str(k), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == (
+        f"sampa-ray: warning: {2 * k} workers x 1 thread need {2 * k} CPU cores and this machine "
+        f"has {CORES}; the workers share the cores, so expect slower steps (use "
+        + (f"--workers-per-role {CORES // 2}" if CORES >= 2 else "--backend local")
+        + " for one core each)"), proc.stderr
+    assert len(lines) == 2 and lines[1].startswith("sampa-ray: out: ") and "--overwrite" in lines[1]
+    assert NO_RAY not in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "result.json").read_text() == "{}\n"
 
 
 def test_fitting_input_passes_and_warns_of_nothing(tmp_path: Path) -> None:

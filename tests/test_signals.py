@@ -8,6 +8,7 @@ that is replaced, the run ending with exit 0 on the uninterrupted run's paramete
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 CLI = [sys.executable, "-m", "sampa_ray.cli", "train"]
 TINY = ["--steps", "100000", "--model", "mlp", "--batch-size", "32", "--threads", "1",
         "--device", "cpu"]
+TRAIN_STEPS_PER_EPOCH = 1437 // 32  # digits' training images, batches of 32
 
 
 class Run:
@@ -94,11 +96,13 @@ def _started(tmp: Path, *args: str) -> tuple[Run, dict[int, str]]:
     return run, procs
 
 
-def _ends_with(run: Run, procs: dict[int, str], rc: int, last: str) -> None:
-    """The command ended with ``rc`` and our line ``last``, and none of ``procs`` outlived it."""
+def _ends_with(run: Run, procs: dict[int, str], rc: int, last: str,
+               detail: re.Pattern[str] | None = None) -> None:
+    """The command ended with ``rc`` and our line ``last`` (then ``detail``), and none of
+    ``procs`` outlived it."""
     code, lines = run.finish()
     assert code == rc, "\n".join(lines)
-    _assert_ours(lines, last)
+    _assert_ours(lines, last, detail)
     assert _survivors(procs) == {}
 
 
@@ -113,9 +117,19 @@ def _kill_coordinator_after_a_checkpoint(run: Run, procs: dict[int, str]) -> Non
     os.kill(coord[0], signal.SIGKILL)
 
 
-def _assert_ours(lines: list[str], last: str) -> None:
+#: the end of the line of a run stopped before its first checkpoint (``--checkpoint-interval-s``
+#: is 600 s by default: the runs here write none)
+NOTHING_TO_RESUME = re.compile(r" at step [1-9]\d*; no checkpoint was written, so nothing can "
+                               r"be resumed \(use --checkpoint-every N or "
+                               r"--checkpoint-interval-s S\)")
+
+
+def _assert_ours(lines: list[str], last: str, detail: re.Pattern[str] | None = None) -> None:
+    """The last line is ``last``, followed by what ``detail`` matches where given."""
     text = "\n".join(lines)
-    assert lines and lines[-1] == last, text
+    assert lines and lines[-1].startswith(last), text
+    rest = lines[-1][len(last):]
+    assert (detail.fullmatch(rest) if detail is not None else rest == ""), text
     for dump in ("SIGTERM received", "PC: @", "Traceback", "*** ", "logging.cc"):
         assert dump not in text, text
 
@@ -128,7 +142,7 @@ def test_sigterm_ends_the_run_with_our_line_and_no_process_left(tmp_path: Path,
         os.kill(run.proc.pid, signal.SIGTERM)
     else:  # systemd, a shell's job control: every process of the group at once
         os.killpg(run.proc.pid, signal.SIGTERM)
-    _ends_with(run, procs, 143, "sampa-ray: terminated")
+    _ends_with(run, procs, 143, "sampa-ray: terminated", NOTHING_TO_RESUME)
 
 
 def test_ctrl_c_twice_ends_at_once_with_no_process_left(tmp_path: Path) -> None:
@@ -136,7 +150,10 @@ def test_ctrl_c_twice_ends_at_once_with_no_process_left(tmp_path: Path) -> None:
     os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
     time.sleep(0.3)
     os.killpg(run.proc.pid, signal.SIGINT)
-    _ends_with(run, procs, 130, "sampa-ray: interrupted")
+    # the second signal ends it at once, with the word alone (or, when the first one's clean
+    # shutdown was quicker, with what it left)
+    either = re.compile(f"|{NOTHING_TO_RESUME.pattern}")
+    _ends_with(run, procs, 130, "sampa-ray: interrupted", either)
 
 
 def test_a_killed_coordinator_says_resume_continues(tmp_path: Path) -> None:
@@ -159,7 +176,39 @@ def test_sigterm_on_the_local_backend(tmp_path: Path) -> None:
     os.kill(run.proc.pid, signal.SIGTERM)
     rc, lines = run.finish()
     assert rc == 143
-    _assert_ours(lines, "sampa-ray: terminated")
+    _assert_ours(lines, "sampa-ray: terminated", NOTHING_TO_RESUME)
+
+
+def test_ctrl_c_without_a_checkpoint_says_nothing_can_be_resumed(tmp_path: Path) -> None:
+    """Time-based checkpoints off and none by count: Ctrl-C says at which step the run stood
+    and that nothing of it can be resumed."""
+    run = Run(tmp_path, "--backend", "local", "--checkpoint-interval-s", "0")
+    run.wait_for("[sampa] epoch")
+    os.kill(run.proc.pid, signal.SIGINT)
+    rc, lines = run.finish()
+    assert rc == 130
+    _assert_ours(lines, "sampa-ray: interrupted", NOTHING_TO_RESUME)
+    step = int(lines[-1].split(" at step ")[1].split(";")[0])
+    assert step >= TRAIN_STEPS_PER_EPOCH  # past the first epoch's end, which it waited for
+    assert not list(run.out.glob("checkpoints/ckpt-*"))
+
+
+def test_ctrl_c_after_a_checkpoint_names_the_resume_command(tmp_path: Path) -> None:
+    """With a checkpoint on disk, Ctrl-C names the command that continues the run, and the
+    step it continues from: the newest checkpoint's."""
+    run = Run(tmp_path, "--backend", "local", "--checkpoint-interval-s", "0.5")
+    deadline = time.monotonic() + 120
+    while not list(run.out.glob("checkpoints/ckpt-*.json")):
+        assert run.proc.poll() is None and time.monotonic() < deadline, "\n".join(run.lines)
+        time.sleep(0.1)
+    os.kill(run.proc.pid, signal.SIGINT)
+    rc, lines = run.finish()
+    assert rc == 130
+    saved = max(int(p.stem.removeprefix("ckpt-")) for p in run.out.glob("checkpoints/*.json"))
+    detail = re.compile(rf" at step (\d+); `sampa-ray train --resume {re.escape(str(run.out))}` "
+                        rf"continues from its checkpoint at step {saved}")
+    _assert_ours(lines, "sampa-ray: interrupted", detail)
+    assert int(detail.fullmatch(lines[-1].removeprefix("sampa-ray: interrupted"))[1]) >= saved
 
 
 # -- the mechanism, in this process -------------------------------------------------------------

@@ -54,7 +54,8 @@ CONFIG_FLAGS: dict[str, Any] = {
     "control_cert": str, "control_key": str,
     "device": str,
     "threads": int, "out": str, "address": str, "checkpoint_every": int,
-    "keep_checkpoints": int, "max_nonfinite": int, "metrics_port": int, "metrics_host": str,
+    "checkpoint_interval_s": float, "keep_checkpoints": int, "max_nonfinite": int,
+    "metrics_port": int, "metrics_host": str,
     "metrics_cert": str, "metrics_key": str,
     "round_timeout": float, "max_restarts": int, "link_latency_ms": float,
     "link_gbit_s": float,
@@ -228,8 +229,9 @@ def _main(argv: Sequence[str] | None) -> int:
         except RunFailed as err:
             print(f"sampa-ray: {one_line(str(err))}", file=sys.stderr)
             return RunFailed.exit_code
-        except KeyboardInterrupt:  # Ray turns our Terminated into a bare KeyboardInterrupt
-            stop = signals.Terminated(signals.received() or signal.SIGINT)
+        except KeyboardInterrupt as err:  # Ray turns our Terminated into a bare one
+            stop = signals.Terminated(signals.received() or signal.SIGINT,
+                                      getattr(err, "detail", ""))
             print(stop.line, file=sys.stderr)
             return signals.finish(stop.exit_code)
 

@@ -8,13 +8,18 @@ imported when a command runs so that building the parser does not load a backend
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import signals
 from ..config import TrainConfig
 from ..outdir import claim_run, finished_run, prepare_out
 from . import add_config_flags, config_from_args
+
+if TYPE_CHECKING:
+    from ..ui import ProgressView
 
 
 def add_train_commands(subparsers: Any) -> None:
@@ -31,22 +36,23 @@ def add_train_commands(subparsers: Any) -> None:
     compare.set_defaults(func=cmd_compare)
 
 
-def run_one(cfg: TrainConfig, out: Path, label: str = "") -> dict[str, Any]:
-    """One run on the configured backend, its progress shown live; returns its result. Its
-    plug-ins are kept by value in ``out`` first (``sampa_ray.load`` rebuilds the model from
-    them anywhere)."""
+def run_one(cfg: TrainConfig, out: Path, label: str = "",
+            view: ProgressView | None = None) -> dict[str, Any]:
+    """One run on the configured backend, its progress shown live (on ``view``, where given);
+    returns its result. Its plug-ins are kept by value in ``out`` first (``sampa_ray.load``
+    rebuilds the model from them anywhere)."""
     from ..plugins import save_parts
     from ..ui import ProgressView
 
     save_parts(cfg, out)
-    with ProgressView(label or cfg.algo) as view:
+    with view or ProgressView(label or cfg.algo) as shown:
         if cfg.backend == "ray":
             from ..ray import run_ray
 
-            return run_ray(cfg, out, progress=view)
+            return run_ray(cfg, out, progress=shown)
         from ..local import run_local
 
-        return run_local(cfg, out, progress=view)
+        return run_local(cfg, out, progress=shown)
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -70,13 +76,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     preflight(cfg)
     resuming_here = (cfg.resume is not None and cfg.out is not None
                      and Path(cfg.out).resolve() == Path(cfg.resume).resolve())
-    with claim_run(cfg, "train", args.overwrite, resume=resuming_here) as lock:  # to the end
-        out = lock.out
-        result = run_one(cfg, out)
+    from ..ui import ProgressView
+
+    view = ProgressView(cfg.algo)
+    out: Path | None = None
+    try:
+        with claim_run(cfg, "train", args.overwrite, resume=resuming_here) as lock:  # to the end
+            out = lock.out
+            result = run_one(cfg, out, view=view)
+    except KeyboardInterrupt:  # a signal: our line says what is left to resume
+        if out is None:
+            raise
+        raise signals.Terminated(signals.received() or signal.SIGINT,
+                                 left_behind(out, view.step)) from None
     from ..ui import print_result
 
     print_result(result, out)
     return 0
+
+
+def left_behind(out: Path, step: int | None) -> str:
+    """The end of an interrupted run's line: the step it reached, and the command that
+    continues it from its newest checkpoint, or that none was written (nothing to resume: the
+    next run starts over), so the user learns it now rather than at the next start."""
+    from ..checkpoint import PREFIX, list_checkpoints
+
+    at = f" at step {step}" if step is not None else ""
+    newest = list_checkpoints(out / "checkpoints")
+    if newest:
+        saved = int(newest[0].stem[len(PREFIX):])
+        return (f"{at}; `sampa-ray train --resume {out}` continues from its checkpoint at "
+                f"step {saved}")
+    if step is None:  # stopped before its first update: nothing was lost
+        return ""
+    return (f"{at}; no checkpoint was written, so nothing can be resumed (use "
+            "--checkpoint-every N or --checkpoint-interval-s S)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

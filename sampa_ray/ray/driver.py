@@ -4,6 +4,7 @@ and show its progress until the runs are done (the CLI and `ray job submit` entr
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -66,15 +67,45 @@ GCS_WAIT_VAR = "RAY_gcs_server_port_wait_time_s"
 GCS_RETRY_WAIT_S = 120
 
 
+#: the logger of Ray's notice that a new local cluster turned token authentication on
+#: (``ray._private.authentication.authentication_token_setup._warn_token_auth_enabled``)
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray 2.60's WARNING that token authentication is on, for the embedded instance we
+    start: on every run it says what we want (the instance is ours, the token stays on) and
+    reads like a problem. Setting ``RAY_AUTH_MODE=token`` would not do: Ray reads its config
+    once, when it is imported, so the variable set later leaves the token off. Every other
+    record of that logger (the warning that authentication is off among them) passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
+@contextlib.contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    logger = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    notice = _TokenAuthNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def start_local(**options: Any) -> None:
-    """Start an embedded local Ray instance (``ray.init`` with ``options``). On a loaded machine
+    """Start an embedded local Ray instance (``ray.init`` with ``options``), without Ray's
+    notice that token authentication is on (:class:`_TokenAuthNotice`). On a loaded machine
     the GCS server can take longer to come up than Ray waits for it (30 s): the half-started
     instance is then stopped, one line says so on stderr, and it starts once more with a
     120 s wait."""
     opts: dict[str, Any] = {"address": "local", "include_dashboard": False,
                             "logging_level": "WARNING", **options}
     try:
-        ray.init(**opts)
+        with _quiet_token_notice():
+            ray.init(**opts)
         return
     except RuntimeError as err:
         if "Timed out waiting for file" not in str(err):
@@ -86,7 +117,7 @@ def start_local(**options: Any) -> None:
     wait = max(GCS_RETRY_WAIT_S, int(waited) if waited.isdigit() else 0)
     print(f"Ray's GCS server did not start within {waited} s; starting once more "
           f"(waiting up to {wait} s)", file=sys.stderr, flush=True)
-    with _env(GCS_WAIT_VAR, str(wait)):
+    with _env(GCS_WAIT_VAR, str(wait)), _quiet_token_notice():
         ray.init(**opts)
 
 

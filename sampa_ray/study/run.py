@@ -150,7 +150,9 @@ def _plan(spec: BenchSpec, model: str, transport: str, paths: Sequence[str],
                         "transport": transport, "data_path": path,
                         "link_latency_ms": link.latency_ms,
                         "link_gbit_s": link.gbit_s,
-                        "wire_dtype": spec.wire_dtype})
+                        "wire_dtype": spec.wire_dtype,
+                        # timed runs: no checkpoint may land inside the measured steps
+                        "checkpoint_interval_s": 0})
                     p = _Planned(model, transport, path, link, rep, algo, work / name / algo,
                                  spec.out / "runs" / name / f"{algo}.json", k, algos)
                     planned.append(p)
