@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from . import plugins
-from .config import TrainConfig, load_yaml, make_config
+from .config import TrainConfig, make_config
+from .config_yaml import load_yaml
 from .errors import UserError
 
 Part = str | Callable[..., Any] | None

@@ -44,7 +44,7 @@ def make_algorithm(cfg: TrainConfig, total_steps: int,
     def lr(step: int) -> float:
         return cfg.lr_at(step, total_steps, batches_per_epoch)
 
-    algo = algorithms.create(cfg.algo, lr, cfg.model_dump())
+    algo = algorithms.create(cfg.algo, lr, {**cfg.model_dump(), **cfg.algo_params()})
     if cfg.bn_stats == "perturbed" and "perturbed" in algo.slots:
         algo.keep_stats_of("perturbed")
     return algo

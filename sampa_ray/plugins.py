@@ -36,8 +36,9 @@ ALIASES: dict[str, dict[str, str]] = {
     "model": {"transformer": "sampa_ray.models.transformer:build"},
     "dataset": {"modadd": "sampa_ray.data.modadd:load"},
     "loss": {},
+    "algo": {},
 }
-_BUILTIN = {"model": BUILTIN_MODELS, "dataset": BUILTIN_DATASETS, "loss": ()}
+_BUILTIN = {"model": BUILTIN_MODELS, "dataset": BUILTIN_DATASETS, "loss": (), "algo": ()}
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 #: objects by import path, registered in this process (resolved ones and ``fit``'s callables)
@@ -180,8 +181,8 @@ def parts_of(fields: Any) -> dict[str, str]:
     name by kind."""
     parts = {}
     for kind, name in (("model", fields.model), ("dataset", fields.dataset),
-                       ("loss", fields.loss)):
-        if is_plugin(kind, name) and name not in ALIASES[kind]:
+                       ("loss", fields.loss), ("algo", fields.algo)):
+        if name and ":" in name and name not in ALIASES[kind]:  # an import path's form
             parts[kind] = name
     return parts
 

@@ -15,6 +15,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 from .base import LR, Algorithm, AlgoState, GradRequest
 from .optim import OPTIMIZERS, AdamW, BaseOptimizer, SGDMomentum, make_optimizer
 from .sam import SAM
@@ -25,6 +27,13 @@ from .sgd import SGD
 BUILTIN: tuple[str, ...] = ("sgd", "sam", "sampa")
 
 _REGISTRY: dict[str, type[Algorithm]] = {"sgd": SGD, "sam": SAM, "sampa": SAMPa}
+
+
+def baselines() -> tuple[str, ...]:
+    """The data-parallel baselines ``compare --baseline ddp`` and the study run beside the
+    built-ins (``sgd-ddp``, ``sam-ddp``): each built-in algorithm of one role, its gradient
+    computed by all 2k workers together."""
+    return tuple(f"{a}-ddp" for a in BUILTIN if len(set(_REGISTRY[a].slots.values())) == 1)
 
 
 def register(name: str, cls: type[Algorithm]) -> None:
@@ -59,6 +68,42 @@ def lookup(name: str) -> type[Algorithm]:
                          f"{', '.join(_REGISTRY)})") from None
 
 
+def known(name: str) -> str:
+    """``name`` if it names an algorithm: a registered one, or an :class:`Algorithm` subclass
+    by import path (``package.module:Class``, imported and registered under that path, as a
+    model plug-in is); else ValueError (a config field's one-line error)."""
+    if name in _REGISTRY:
+        return name
+    if ":" in name:
+        from ..plugins import check_name, resolve
+
+        check_name("algo", name)
+        try:
+            register(name, resolve("algo", name))
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        return name
+    raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(_REGISTRY)}; or an "
+                     "Algorithm subclass as package.module:Class)")
+
+
+def params_of(name: str, args: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Algorithm ``name``'s own hyperparameters, validated by its ``Params`` model: from the
+    config ``fields`` of the same names (``rho``, ``lam``), with ``args`` (``algo_args``) on
+    top. A bad or unknown one is a ValueError naming ``algo_args.<name>``."""
+    params = lookup(name).Params
+    unknown = sorted(set(args) - set(params.model_fields))
+    if unknown:
+        raise ValueError(f"algo_args.{unknown[0]}: not a parameter of {name} (its parameters: "
+                         f"{', '.join(params.model_fields) or 'none'})")
+    given = {n: fields[n] for n in params.model_fields if n in fields}
+    try:
+        return params.model_validate({**given, **args}).model_dump()
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ValueError(f"algo_args.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}") from None
+
+
 def create(name: str, lr: LR, hyper: Mapping[str, Any]) -> Algorithm:
     """An instance of the algorithm ``name`` with learning rate ``lr`` and, of ``hyper``, the
     values its ``__init__`` takes by name."""
@@ -69,5 +114,6 @@ def create(name: str, lr: LR, hyper: Mapping[str, Any]) -> Algorithm:
 
 
 __all__ = ["BUILTIN", "OPTIMIZERS", "SAM", "SGD", "AdamW", "AlgoState", "Algorithm",
-           "BaseOptimizer", "GradRequest", "SAMPa", "SGDMomentum", "create", "lookup",
-           "make_optimizer", "names", "register", "registered", "unregister"]
+           "BaseOptimizer", "GradRequest", "SAMPa", "SGDMomentum", "baselines", "create", "known",
+           "lookup",
+           "make_optimizer", "names", "params_of", "register", "registered", "unregister"]

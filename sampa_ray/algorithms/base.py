@@ -20,8 +20,10 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from .optim import BaseOptimizer, make_optimizer, scratch
 
@@ -118,6 +120,12 @@ def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool,
         raise ValueError(f"{name}: {value!r} is outside {left}{lo}, {hi}{right}")
 
 
+class NoParams(BaseModel):
+    """An algorithm without hyperparameters of its own."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class Algorithm(ABC):
     """Base class: hyperparameter checks, the learning rate, gradient validation and the base
     optimizer (``self.opt``: PyTorch SGD with momentum, or AdamW) whose step every algorithm
@@ -129,6 +137,10 @@ class Algorithm(ABC):
     #: every role the algorithm ever requests, and which worker (0 or 1) serves it: roles in
     #: one round on different workers run in parallel
     slots: Mapping[str, int] = {}
+    #: the algorithm's own hyperparameters, with their defaults and bounds: the config's
+    #: ``algo_args`` are validated by it (one line per bad value) and handed to ``__init__``
+    #: by name (the base optimizer's are the config's own fields)
+    Params: ClassVar[type[BaseModel]] = NoParams
 
     def __init__(self, lr: LR, momentum: float = 0.0, weight_decay: float = 0.0,
                  optimizer: str = "sgd", beta1: float = 0.9, beta2: float = 0.999,

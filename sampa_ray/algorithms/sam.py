@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from .base import LR, Algorithm, AlgoState, GradRequest, _check_range, normalized_step
 
@@ -17,6 +18,11 @@ class SAM(Algorithm):
     name = "sam"
     stats_role = "ascent"
     slots = {"ascent": 0, "perturbed": 0}  # sequential: one worker
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        rho: float = Field(0.05, ge=0, allow_inf_nan=False, description="radius of the "
+                           "perturbation")
 
     def __init__(self, lr: LR, rho: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  optimizer: str = "sgd", beta1: float = 0.9, beta2: float = 0.999,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from .base import LR, Algorithm, AlgoState, GradRequest, _check_range, normalized_step
 
@@ -30,6 +31,13 @@ class SAMPa(Algorithm):
     name = "sampa"
     stats_role = "extrapolated"
     slots = {"perturbed": 0, "extrapolated": 1}  # independent: two workers at once
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        rho: float = Field(0.05, ge=0, allow_inf_nan=False, description="radius of the "
+                           "perturbation")
+        lam: float = Field(0.2, ge=0, le=1, description="weight of the extrapolated gradient "
+                           "in the update, (1 - lam) g_p + lam g_e (0: plain SAMPa)")
 
     def __init__(self, lr: LR, rho: float, lam: float = 0.0, momentum: float = 0.0,
                  weight_decay: float = 0.0, optimizer: str = "sgd", beta1: float = 0.9,

@@ -15,14 +15,18 @@ import os
 import select
 import signal
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import signals
-from ..config import TrainConfig, load_yaml, make_config
+from ..config import TrainConfig, make_config
+from ..config_yaml import load_yaml
 from ..errors import RunFailed, UserError, one_line
 from ..recipes import RECIPES, recipe
+from ..settings import GROUPS, meta
 
 EXIT_USER = 2
 #: 128 + SIGPIPE: the reader of the output went away (the shell's code for a tool SIGPIPE ends)
@@ -43,72 +47,82 @@ def _yes_no(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
 
 
-# Flags that map one-to-one onto TrainConfig fields (flag -> type).
-CONFIG_FLAGS: dict[str, Any] = {
-    "algo": str, "lr": float, "lr_schedule": str, "rho": float, "lam": float, "momentum": float,
-    "weight_decay": float, "label_smoothing": float, "model": str, "dropout": float,
-    "dataset": str, "data_dir": str, "synthetic_size": int, "epochs": int, "steps": int,
-    "batch_size": int, "seed": int, "eval_every": int, "backend": str, "data_path": str,
-    "transport": str, "wire_dtype": str, "collective_backend": str, "control_host": str,
-    "control_port": int, "token_file": str,
-    "control_cert": str, "control_key": str,
-    "device": str,
-    "threads": int, "out": str, "address": str, "checkpoint_every": int,
-    "checkpoint_interval_s": float, "keep_checkpoints": int, "max_nonfinite": int,
-    "metrics_port": int, "metrics_host": str,
-    "metrics_cert": str, "metrics_key": str,
-    "round_timeout": float, "max_restarts": int, "link_latency_ms": float,
-    "link_gbit_s": float,
-    # the paper's recipe, field by field (``--recipe paper`` sets them all)
-    "label_smoothing_mode": str, "bn_stats": str, "val_split": float, "last_batch": str,
-    "cutout_p": float, "pad_fill": str,
-    # your own parts, the base optimizer and the number format
-    "loss": str, "num_classes": int, "optimizer": str, "beta1": float, "beta2": float,
-    "eps": float, "precision": str, "loader_workers": int, "pin_memory": _yes_no,
-    # more than two devices: role groups, and the data-parallel baseline
-    "workers_per_role": int, "data_parallel": _yes_no, "sync_bn": _yes_no,
-}
+def _flag_type(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """A flag's argument type (and choices) from a config field's annotation: bool, int,
+    float, str, a Literal of strings, each optionally ``| None``; None for what a flag cannot
+    give (mappings)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, tuple(str(v) for v in typing.get_args(annotation))
+    return {bool: _yes_no, int: int, float: float, str: str}.get(annotation), None
+
+
+def config_flags(cls: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
+    """The flags that map one-to-one onto config fields (field -> argument type), derived
+    from the fields' declarations (``config.setting``): a field with a flag gets one."""
+    flags = {}
+    for name, field in cls.model_fields.items():
+        typ, _ = _flag_type(field.annotation)
+        if meta(cls, name).get("flag") and name != "resume" and typ is not None:
+            flags[name] = typ
+    return flags
+
+
+#: the flags that map one-to-one onto TrainConfig fields (field -> argument type)
+CONFIG_FLAGS: dict[str, Any] = config_flags()
 #: flags that add one KEY=VALUE entry to a mapping field (the value read as YAML: 3, 0.5, true)
-MAPPING_FLAGS = {"model_arg": "model_args", "dataset_arg": "dataset_args"}
+MAPPING_FLAGS = {"model_arg": "model_args", "dataset_arg": "dataset_args",
+                 "algo_arg": "algo_args"}
+_MAPPING_OF = {"model_args": "the model factory", "dataset_args": "the dataset factory",
+               "algo_args": "the algorithm (its Params; rho and lam are flags of their own)"}
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """``--recipe``, ``--config``, one flag per :data:`CONFIG_FLAGS` field, ``--resume`` and
-    ``--overwrite``."""
+def add_config_flags(p: argparse.ArgumentParser, cls: type[TrainConfig] = TrainConfig) -> None:
+    """``--recipe``, ``--config``, one flag per config field that has one (its choices where
+    it is a Literal), grouped as the fields are (``config.GROUPS``), the ``--x-arg`` flags of
+    the mapping fields, ``--resume`` and ``--overwrite``."""
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="start from a named recipe's fields (paper: the official code's "
                    "training recipe; see README 'Reproducing the paper'); --config and flags "
                    "override it")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
-    for name, typ in CONFIG_FLAGS.items():
-        help_ = flag_help(name)
+    groups = {g: p.add_argument_group(f"{g} options") for g in GROUPS}
+    for name, typ in config_flags(cls).items():
+        group = groups.get(meta(cls, name).get("group", ""), p)
+        flag, help_ = "--" + name.replace("_", "-"), flag_help(name, cls)
+        _, choices = _flag_type(cls.model_fields[name].annotation)
         if typ is _yes_no:  # ``--flag`` alone means true; ``--flag false`` is explicit
-            p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                           nargs="?", const=True, metavar="true|false", help=help_)
-            continue
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       metavar=name.upper(), help=help_)
+            group.add_argument(flag, dest=name, type=typ, default=None, nargs="?", const=True,
+                               metavar="true|false", help=help_)
+        else:
+            group.add_argument(flag, dest=name, type=typ, default=None, choices=choices,
+                               metavar="{" + ",".join(choices) + "}" if choices else
+                               name.upper(), help=help_)
     for flag, field_name in MAPPING_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="append", default=None,
-                       type=_key_value, metavar="KEY=VALUE",
-                       help=f"one keyword argument of the {field_name.split('_')[0]} factory "
-                       "(repeat the flag for more; VALUE is read as YAML: 3, 0.5, true, text)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR|auto",
-                   help="continue the run in folder DIR (default: the --out folder) from its "
-                   "newest valid checkpoint, with the config stored there: other flags may "
-                   "only change how it runs (threads, backend, ...); outputs go to that folder. "
-                   "'auto': continue the --out folder's run if it has checkpoints, else start "
-                   "it (for jobs that a cluster restarts)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow --out to name a folder that already holds a finished or an "
-                   "interrupted run (its old checkpoints are removed first)")
+        group = groups.get(meta(cls, field_name).get("group", ""), p)
+        group.add_argument("--" + flag.replace("_", "-"), dest=flag, action="append",
+                           default=None, type=_key_value, metavar="KEY=VALUE",
+                           help=f"one keyword argument of {_MAPPING_OF[field_name]} (repeat "
+                           "the flag for more; VALUE is read as YAML: 3, 0.5, true, text)")
+    out = groups["outputs"]
+    out.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR|auto",
+                     help="continue the run in folder DIR (default: the --out folder) from its "
+                     "newest valid checkpoint, with the config stored there: other flags may "
+                     "only change how it runs (threads, backend, ...); outputs go to that "
+                     "folder. 'auto': continue the --out folder's run if it has checkpoints, "
+                     "else start it (for jobs that a cluster restarts)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="allow --out to name a folder that already holds a finished or an "
+                     "interrupted run (its old checkpoints are removed first)")
 
 
-def flag_help(name: str) -> str:
+def flag_help(name: str, cls: type[TrainConfig] = TrainConfig) -> str:
     """The help of a config field's flag: its description, then its default where that says
     something (a description that explains its own default, or a default of None, which means
     "see the description", gets no second one)."""
-    field = TrainConfig.model_fields[name]
+    field = cls.model_fields[name]
     help_ = field.description or ""
     default = field.default
     if default is None or "(default" in help_:
@@ -155,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     data: dict[str, Any] = recipe(args.recipe) if getattr(args, "recipe", None) else {}
     data.update(load_yaml(args.config) if args.config else {})
     for name in CONFIG_FLAGS:
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is not None:
             data[name] = value
     for flag, field_name in MAPPING_FLAGS.items():

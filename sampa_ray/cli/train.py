@@ -131,13 +131,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def compare_runs(base: TrainConfig, baseline: str = "none") -> dict[str, TrainConfig]:
     """The runs of ``compare`` by label: each built-in algorithm, and with ``baseline`` ddp
     SGD and SAM data-parallel over all 2k workers (``sgd-ddp``, ``sam-ddp``)."""
-    from ..algorithms import BUILTIN
+    from ..algorithms import BUILTIN, baselines
 
     runs = {a: base.model_copy(update={"algo": a}) for a in BUILTIN}
     if baseline == "ddp":
-        for a in ("sgd", "sam"):
-            runs[f"{a}-ddp"] = TrainConfig(**{**base.model_dump(), "algo": a,
-                                               "data_parallel": True})
+        for label in baselines():
+            runs[label] = TrainConfig(**{**base.model_dump(), "algo": label.removesuffix("-ddp"),
+                                         "data_parallel": True})
     return runs
 
 

@@ -11,9 +11,11 @@ import torch
 from sampa_ray.data.batches import TAG_SYNTHETIC, Augment, augment_batch, seeded_generator
 from sampa_ray.data.cifar import CIFAR_SPECS, load_cifar
 from sampa_ray.errors import UserError
+from sampa_ray.plugins import BUILTIN_DATASETS
 from sampa_ray.shards import shard_range
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthetic")
+#: the built-in in-memory datasets: the one list of them (``plugins``, torch-free)
+DATASET_NAMES: tuple[str, ...] = BUILTIN_DATASETS
 
 
 def validation_split(n: int, fraction: float) -> tuple[list[int], list[int]]:

@@ -18,6 +18,7 @@ from sampa_ray.models.resnet import resnet20, resnet56
 from sampa_ray.models.small import cnn, mlp
 from sampa_ray.models.vgg import vgg19_bn
 from sampa_ray.models.wrn import wrn28_2, wrn28_10
+from sampa_ray.plugins import BUILTIN_MODELS
 
 __all__ = [
     "MODEL_NAMES",
@@ -27,15 +28,9 @@ __all__ = [
     "input_shape_for",
 ]
 
-MODEL_NAMES: tuple[str, ...] = (
-    "resnet20",
-    "resnet56",
-    "wrn28_2",
-    "wrn28_10",
-    "vgg19_bn",
-    "mlp",
-    "cnn",
-)
+#: the built-in models: the one list of them (``plugins``, torch-free, so a config is checked
+#: without torch), which the builders below must serve
+MODEL_NAMES: tuple[str, ...] = BUILTIN_MODELS
 
 _BUILDERS: dict[str, Callable[[int, int, float], nn.Module]] = {
     "resnet20": resnet20,

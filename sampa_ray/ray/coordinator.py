@@ -33,6 +33,7 @@ from ..plugins import install_shipped
 from ..results import Recorder, build_result, earlier_wall_s, write_outputs
 from ..security import read_tls, read_token
 from ..selection import write_best
+from ..settings import worker_differences
 from ..telemetry.listener import MetricsListener
 from ..telemetry.metrics import RoundProbe, RunMetrics
 from ..transport.grpc.control_plane import ProgressHub
@@ -44,10 +45,6 @@ from .recovery import WorkerPool, with_replay
 from .worker import GradientWorker, as_tensor
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-#: config fields the workers' replicas and data depend on; runs on the same actors share them
-WORKER_FIELDS = ("model", "dropout", "dataset", "data_dir", "synthetic_size", "batch_size",
-                 "seed", "label_smoothing", "device", "label_smoothing_mode", "val_split",
-                 "last_batch", "cutout_p", "pad_fill", "workers_per_role")
 
 
 def shown_host(host: str) -> str:
@@ -228,9 +225,10 @@ class Coordinator:
         """Train one configuration on the workers from their initial state; write outputs."""
         t0 = time.time()
         cfg = TrainConfig(**cfg_dict)
-        for f in WORKER_FIELDS:
-            if getattr(cfg, f) != getattr(self.base, f):
-                raise UserError(f"{f}: differs from the workers' configuration")
+        for f in worker_differences(self.base, cfg):  # config.WORKER_FIELDS
+            raise UserError(f"{f}: {getattr(cfg, f)!r} here, {getattr(self.base, f)!r} for the "
+                            "workers this run shares; runs on one set of workers must agree on "
+                            "what their replicas and data are built from (run it on its own)")
         if not self.workers:
             await self.start()
         workers = self.workers

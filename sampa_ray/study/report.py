@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..algorithms import SAMPa
+from ..algorithms import BUILTIN, SAMPa, baselines
 from .breakeven import break_evens, describe_break_even
 from .spec import LinkSetting
 
@@ -29,7 +29,7 @@ PARTS = ("compute", "copy", "transfer", "wait", "update", "other")
 
 #: the algorithms a configuration may run, as rows and tables name them: SGD, SAM, SAMPa, and
 #: with ``--baseline ddp`` SGD and SAM data-parallel over all 2k workers of the same actors
-ALGOS = ("sgd", "sam", "sampa", "sgd-ddp", "sam-ddp")
+ALGOS = (*BUILTIN, *baselines())
 
 
 def column(algo: str) -> str:

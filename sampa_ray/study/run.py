@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..algorithms import BUILTIN
 from ..errors import UserError
 from ..outdir import prepare_out
 from .report import round_costs, run_row, step_seconds
@@ -40,7 +41,7 @@ class _Planned:
     run_dir: Path
     keep: Path  # where its result.json is kept
     k: int = 1  # workers per role of the session
-    algos: tuple[str, ...] = ("sgd", "sam", "sampa")  # every algorithm of its configuration
+    algos: tuple[str, ...] = BUILTIN  # every algorithm of its configuration
 
     @property
     def group(self) -> tuple[Any, ...]:

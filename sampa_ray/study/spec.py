@@ -84,8 +84,10 @@ class BenchSpec:
     def algos(self, transport: str) -> list[str]:
         """The algorithms of one configuration: SGD, SAM and SAMPa, and with ``--baseline ddp``
         sgd-ddp and sam-ddp where they can run (data-parallel groups need the ray transport)."""
-        ddp = ["sgd-ddp", "sam-ddp"] if self.baseline == "ddp" and transport == "ray" else []
-        return ["sgd", "sam", "sampa", *ddp]
+        from ..algorithms import BUILTIN, baselines
+
+        ddp = list(baselines()) if self.baseline == "ddp" and transport == "ray" else []
+        return [*BUILTIN, *ddp]
 
 
 def unique(values: Iterable[Any]) -> list[Any]:
