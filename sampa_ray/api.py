@@ -108,10 +108,10 @@ def supplied_fields(config: TrainConfig | Mapping[str, Any] | str | Path | None 
     else:
         base = dict(config or {})
     base.update(fields)
-    for key, part in (("model", model), ("dataset", data), ("loss", loss)):
+    for key, part in (("model", model), ("dataset", data), ("loss", loss), ("algo", None)):
         if part is not None:
             base[key] = part
-        if callable(base.get(key)):
+        if callable(base.get(key)):  # an algorithm given as its class, too
             base[key] = _name(base[key])
     return base
 

@@ -334,7 +334,8 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"data_parallel: {self.algo}'s gradients already run on both "
                                  "role groups; data-parallel is for one-role algorithms "
                                  "(sgd, sam; compare runs them with --baseline ddp)")
-        self.algo_params()
+        params = self.algo_params()  # algo_args as validated (4 and 4.0: one value, one hash)
+        self.__dict__["algo_args"] = {k: params[k] for k in self.algo_args}
         if bool(self.metrics_cert) != bool(self.metrics_key):
             missing = "metrics_key" if self.metrics_cert else "metrics_cert"
             raise ValueError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")

@@ -57,6 +57,16 @@ def worker_differences(workers: BaseModel, run: BaseModel) -> list[str]:
             if getattr(run, n) != getattr(workers, n, None)]
 
 
+def check_shared_workers(workers: BaseModel, run: BaseModel) -> None:
+    """One line (a UserError) where a run cannot use workers built for config ``workers``."""
+    from .errors import UserError
+
+    for f in worker_differences(workers, run):
+        raise UserError(f"{f}: {getattr(run, f)!r} here, {getattr(workers, f, None)!r} for the "
+                        "workers this run shares; runs on one set of workers must agree on "
+                        "what their replicas and data are built from (run it on its own)")
+
+
 def trajectory_hash(cfg: BaseModel) -> str:
     """Hash of the fields that define the trajectory (not where outputs go or how it runs)."""
     cls = type(cfg)
@@ -101,5 +111,5 @@ def lr_at(schedule: str, lr: float, step: int, total: int,
     return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-__all__ = ["GROUPS", "fields_where", "lift_args", "lr_at", "meta", "setting",
-           "trajectory_hash", "worker_differences"]
+__all__ = ["GROUPS", "check_shared_workers", "fields_where", "lift_args", "lr_at", "meta",
+           "setting", "trajectory_hash", "worker_differences"]

@@ -33,7 +33,7 @@ from ..plugins import install_shipped
 from ..results import Recorder, build_result, earlier_wall_s, write_outputs
 from ..security import read_tls, read_token
 from ..selection import write_best
-from ..settings import worker_differences
+from ..settings import check_shared_workers
 from ..telemetry.listener import MetricsListener
 from ..telemetry.metrics import RoundProbe, RunMetrics
 from ..transport.grpc.control_plane import ProgressHub
@@ -225,10 +225,7 @@ class Coordinator:
         """Train one configuration on the workers from their initial state; write outputs."""
         t0 = time.time()
         cfg = TrainConfig(**cfg_dict)
-        for f in worker_differences(self.base, cfg):  # config.WORKER_FIELDS
-            raise UserError(f"{f}: {getattr(cfg, f)!r} here, {getattr(self.base, f)!r} for the "
-                            "workers this run shares; runs on one set of workers must agree on "
-                            "what their replicas and data are built from (run it on its own)")
+        check_shared_workers(self.base, cfg)
         if not self.workers:
             await self.start()
         workers = self.workers

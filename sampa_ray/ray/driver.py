@@ -23,6 +23,7 @@ from ..checkpoint import list_checkpoints
 from ..config import TrainConfig
 from ..errors import RunFailed, UserError, error_line
 from ..loop import Progress
+from ..settings import check_shared_workers
 from .coordinator import Coordinator
 from .placement import choose_placement
 
@@ -164,8 +165,11 @@ def run_ray(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> di
 
 def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None = None,
                  placement_timeout_s: float = 60.0) -> list[dict[str, Any]]:
-    """Run several configurations one after the other on the same coordinator and workers."""
+    """Run several configurations one after the other on the same coordinator and workers
+    (which every one of them must be able to use: checked before anything starts)."""
     base = runs[0][0]
+    for cfg, _ in runs[1:]:
+        check_shared_workers(base, cfg)
     started = connect(base)
     pg = None
     coord = None
