@@ -1,8 +1,8 @@
 """Whether any process of a Ray run grows with the run's length: resident memory per process.
 
     .venv/bin/python benchmarks/memory.py [--steps 20000] [--after 1000] [--limit-mib 10]
-        [--every 250] [--algo sampa] [--data-path auto] [--transport ray] [--csv FILE]
-        [--samples FILE]
+        [--every 100] [--window 1000] [--algo sampa] [--data-path auto] [--transport ray]
+        [--csv FILE] [--samples FILE]
 
 Starts an embedded Ray instance the way ``sampa-ray train`` does, runs one job with the
 defaults (the digits CNN, SAMPa, the replicated path, an evaluation every epoch) for --steps
@@ -10,13 +10,15 @@ updates, and samples the resident set size (RSS) of every process of the session
 steps: this process (the driver), and its descendants, which are all of the instance's
 processes (gcs_server, raylet, the dashboard agents, the log monitor, and the worker processes:
 the coordinator, the gradient workers, idle ones). Printed per process alive at step --after
-and at the end: its RSS at both, the growth, and the slope of a least-squares line through the
-samples from step --after on, in MiB per 1,000 steps. The last sample is the last one taken
-while the run still trains: what its end costs once (the final evaluation, the outputs and
-their plot: about 7 MiB in the coordinator) does not grow with the run. Exit code 1 when any
-process grew by --limit-mib or more after step --after, 0 otherwise. A benchmark, not a test:
-20,000 steps take about six minutes on two shared cores. Progress goes to stderr, the table
-to stdout.
+and at the end: its RSS at both (the median of the samples in the --window steps from --after
+on, and in the last --window steps: one worker's RSS swings by about 10 MiB from one sample to
+the next), the growth, the slope of a least-squares line through the samples from --after on in
+MiB per 1,000 steps, and the swing (largest less smallest of those samples). The last sample is
+the last one taken while the run still trains: what its end costs once (the final evaluation,
+the outputs and their plot: about 7 MiB in the coordinator) does not grow with the run. Exit
+code 1 when any process grew by --limit-mib or more after step --after, 0 otherwise. A
+benchmark, not a test: 20,000 steps take about six minutes on two shared cores. Progress goes
+to stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import csv
 import importlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -80,19 +83,27 @@ class Sampler:
                 continue  # ended meanwhile
         self.samples.append((step, rss))
 
-    def table(self, after: int) -> list[dict[str, Any]]:
+    def table(self, after: int, window: int) -> list[dict[str, Any]]:
+        """Per process alive from step ``after`` to the end: its RSS at both (the median of
+        the samples in the ``window`` steps from ``after`` on, and in the last ``window``
+        steps: one sample may catch a worker mid-evaluation), the growth, the fitted slope,
+        and the swing (largest less smallest sample from ``after`` on)."""
         later = [(s, r) for s, r in self.samples if s >= after]
-        if len(later) < 2:
-            raise SystemExit(f"memory: no samples from step {after} on; run more --steps")
-        (s0, first), (s1, last) = later[0], later[-1]
+        if len(later) < 2 or later[-1][0] - later[0][0] < window:
+            raise SystemExit(f"memory: too few samples from step {after} on; run more --steps")
+        head = [r for s, r in later if s < later[0][0] + window]
+        tail = [r for s, r in later if s > later[-1][0] - window]
         rows = []
-        for pid in sorted(set(first) & set(last), key=lambda p: (self.names[p], p)):
+        alive = set(later[0][1]) & set(later[-1][1])
+        for pid in sorted(alive, key=lambda p: (self.names[p], p)):
             pts = [(s, r[pid]) for s, r in later if pid in r]
-            rows.append({"process": self.names[pid], "pid": pid, "from_step": s0,
-                         "to_step": s1, "rss_from_mib": first[pid] / MIB,
-                         "rss_to_mib": last[pid] / MIB,
-                         "growth_mib": (last[pid] - first[pid]) / MIB,
-                         "mib_per_1000_steps": slope(pts) * 1000 / MIB})
+            a = statistics.median(r[pid] for r in head if pid in r) / MIB
+            b = statistics.median(r[pid] for r in tail if pid in r) / MIB
+            ys = [y for _, y in pts]
+            rows.append({"process": self.names[pid], "pid": pid, "from_step": later[0][0],
+                         "to_step": later[-1][0], "rss_from_mib": a, "rss_to_mib": b,
+                         "growth_mib": b - a, "mib_per_1000_steps": slope(pts) * 1000 / MIB,
+                         "swing_mib": (max(ys) - min(ys)) / MIB})
         return rows
 
 
@@ -109,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--after", type=int, default=1000, help="the step growth is counted from")
-    ap.add_argument("--every", type=int, default=250, help="sample every N steps")
+    ap.add_argument("--every", type=int, default=100, help="sample every N steps")
+    ap.add_argument("--window", type=int, default=1000, help="the RSS at step --after and at "
+                    "the end: the median of the samples in this many steps")
     ap.add_argument("--limit-mib", type=float, default=10.0)
     ap.add_argument("--algo", default="sampa")
     ap.add_argument("--data-path", default="auto")
@@ -142,17 +155,18 @@ def main(argv: list[str] | None = None) -> int:
             run_ray(cfg, Path(tmp) / "run", progress)
     finally:
         ray.shutdown()
-    rows = sampler.table(args.after)
+    rows = sampler.table(args.after, args.window)
 
     print(f"RSS per process, {args.algo} on the {args.transport} transport "
           f"({args.data_path} path), {args.steps} steps in {time.monotonic() - t0:.0f}s; "
-          f"growth from step {rows[0]['from_step']} to {rows[0]['to_step']}:")
-    print(f"{'process':<22} {'pid':>7} {'MiB@from':>9} {'MiB@end':>9} {'growth':>8} "
-          f"{'MiB/1k steps':>12}")
+          f"from step {rows[0]['from_step']} to {rows[0]['to_step']} (MiB; at each end the "
+          f"median of {args.window} steps' samples):")
+    print(f"{'process':<22} {'pid':>7} {'from':>7} {'end':>7} {'growth':>7} "
+          f"{'per 1k steps':>12} {'swing':>6}")
     for r in rows:
-        print(f"{r['process']:<22} {r['pid']:>7} {r['rss_from_mib']:>9.1f} "
-              f"{r['rss_to_mib']:>9.1f} {r['growth_mib']:>+8.2f} "
-              f"{r['mib_per_1000_steps']:>+12.3f}")
+        print(f"{r['process']:<22} {r['pid']:>7} {r['rss_from_mib']:>7.1f} "
+              f"{r['rss_to_mib']:>7.1f} {r['growth_mib']:>+7.2f} "
+              f"{r['mib_per_1000_steps']:>+12.3f} {r['swing_mib']:>6.1f}")
     if args.csv:
         with args.csv.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
