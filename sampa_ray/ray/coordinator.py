@@ -42,7 +42,7 @@ from ..transport.grpc.server import start_server, stop_server
 from . import live, paths
 from .placement import Placement, worker_names
 from .recovery import WorkerPool, with_replay
-from .worker import GradientWorker, as_tensor
+from .worker import GradientWorker, as_tensor, untracked
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -100,6 +100,7 @@ class Coordinator:
     def _say(self, text: str) -> None:
         self._progress({"kind": "info", "text": text})
 
+    @untracked  # four times a second
     def poll(self) -> list[dict[str, Any]]:
         """Progress events since the last poll (the driver shows them)."""
         evs, self.events = self.events, []

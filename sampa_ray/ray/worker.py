@@ -52,6 +52,15 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+#: The decorator of the actor methods called every round or every epoch (and of the driver's
+#: progress poll): Ray records no task events for their calls. Its GCS server keeps every
+#: task's events for the state API and the dashboard (up to 100,000 tasks, then the IDs of
+#: those it dropped), about 3.5 KiB per call: a long run's rounds grew it by 7 KiB per step.
+#: The setting travels with the actor class, so it holds on any cluster. Such calls are
+#: missing from ``ray list tasks`` and ``ray timeline``; their errors reach the caller as ever.
+untracked = ray.method(enable_task_events=False)
+
+
 @ray.remote(max_restarts=0)
 class GradientWorker:
     """A model replica and the data on one device: the gradient at a point on a batch, through
@@ -125,6 +134,7 @@ class GradientWorker:
         self._detach()
         self.half = half(self.host, *args)
 
+    @untracked  # every round
     def call(self, method: str, *args: Any) -> Any:
         """Call the worker half (object references among ``args`` arrive resolved)."""
         if self.half is None:
@@ -141,9 +151,11 @@ class GradientWorker:
     def load_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         self.engine.load_buffers(buffers)
 
+    @untracked  # every epoch
     def start_eval(self, step: int, point: np.ndarray) -> None:
         self.engine.start_eval(step, as_tensor(point))
 
+    @untracked  # every epoch
     def finished_evals(self, wait: bool) -> list[tuple[int, EvalResult]]:
         return self.engine.finished_evals(wait)
 
