@@ -16,7 +16,7 @@ import torch
 from conftest import cli_cmd, cli_env
 
 import sampa_ray
-from sampa_ray.cli import add_config_flags, config_flags, flag_help
+from sampa_ray.cli import add_config_flags, config_flags, flag_help, main
 from sampa_ray.config import LATER_FIELDS, RUNTIME_FIELDS, WORKER_FIELDS, TrainConfig, make_config
 from sampa_ray.errors import UserError
 from sampa_ray.ray import run_ray_many
@@ -147,19 +147,25 @@ class EveryKth(SGD):
 '''
 
 
-def test_an_algorithm_with_its_own_parameter_runs_from_cli_yaml_and_fit(tmp_path: Path) -> None:
+def test_an_algorithm_with_its_own_parameter_runs_from_cli_yaml_and_fit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI runs in this process (``main``), from the folder the user's module is in."""
     (tmp_path / "everyk.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
     common = ["--backend", "local", "--steps", "6", "--threads", "1", "--batch-size", "32"]
-    flags = subprocess.run(cli_cmd("train", "--algo", "everyk:EveryKth", "--algo-arg", "k=3",
-                                   "--algo-arg", "boost=4", *common, "--out", "flags"),
-                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
-                           timeout=300)
-    assert flags.returncode == 0, flags.stderr
+    assert main(["train", "--algo", "everyk:EveryKth", "--algo-arg", "k=3", "--algo-arg",
+                 "boost=4", *common, "--out", "flags"]) == 0
     (tmp_path / "run.yaml").write_text("algo: everyk:EveryKth\nalgo_args: {k: 3, boost: 4.0}\n")
-    yaml = subprocess.run(cli_cmd("train", "--config", "run.yaml", *common, "--out", "yaml"),
-                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert yaml.returncode == 0, yaml.stderr
+    assert main(["train", "--config", "run.yaml", *common, "--out", "yaml"]) == 0
+    capsys.readouterr()
+    bad = subprocess.run(cli_cmd("train", "--algo", "everyk:EveryKth", "--algo-arg", "k=0",
+                                 *common, "--out", "bad"), cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("sampa-ray: config: algo_args.k: Input should be greater than "
+                                  "or equal to 1")
+    assert not (tmp_path / "bad").exists()
     sys.path.insert(0, str(tmp_path))
     try:
         import everyk
@@ -167,7 +173,7 @@ def test_an_algorithm_with_its_own_parameter_runs_from_cli_yaml_and_fit(tmp_path
         api = sampa_ray.fit({"algo_args": {"k": 3, "boost": 4.0}, "backend": "local",
                              "steps": 6, "threads": 1, "batch_size": 32}, algo=everyk.EveryKth,
                             out=tmp_path / "api")
-        plain = sampa_ray.fit({"algo": "sgd", "momentum": 0.9, "backend": "local", "steps": 6,
+        sampa_ray.fit({"algo": "sgd", "momentum": 0.9, "backend": "local", "steps": 6,
                                "threads": 1, "batch_size": 32}, out=tmp_path / "plain")
     finally:
         sys.path.remove(str(tmp_path))
@@ -181,10 +187,3 @@ def test_an_algorithm_with_its_own_parameter_runs_from_cli_yaml_and_fit(tmp_path
     assert torch.equal(x["flags"], x["yaml"]) and torch.equal(x["flags"], x["api"])
     assert not torch.equal(x["flags"], x["plain"])  # the boost really applied
     assert api.config.algo.endswith(":EveryKth")
-    bad = subprocess.run(cli_cmd("train", "--algo", "everyk:EveryKth", "--algo-arg", "k=0",
-                                 *common, "--out", "bad"), cwd=tmp_path, env=cli_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
-    assert bad.stderr.strip() == ("sampa-ray: config: algo_args.k: Input should be greater than "
-                                  "or equal to 1")
-    assert not (tmp_path / "bad").exists()
