@@ -174,7 +174,7 @@ def test_an_algorithm_with_its_own_parameter_runs_from_cli_yaml_and_fit(
                              "steps": 6, "threads": 1, "batch_size": 32}, algo=everyk.EveryKth,
                             out=tmp_path / "api")
         sampa_ray.fit({"algo": "sgd", "momentum": 0.9, "backend": "local", "steps": 6,
-                               "threads": 1, "batch_size": 32}, out=tmp_path / "plain")
+                       "threads": 1, "batch_size": 32}, out=tmp_path / "plain")
     finally:
         sys.path.remove(str(tmp_path))
     results = {n: json.loads((tmp_path / n / "result.json").read_text())
