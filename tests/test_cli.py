@@ -147,7 +147,8 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess[str], field: str) -
     assert len(lines) == 1, repr(proc.stderr)
     line = lines[0]
     assert line.startswith("sampa-ray:"), line
-    assert field in line, line
+    # the field, or its flag (a Literal's choices are the flag's: argparse names the flag)
+    assert field in line or f"--{field.replace('_', '-')}:" in line, line
     return line
 
 
