@@ -3,8 +3,9 @@
 # carried in .whl/ (Ray and the few packages it and sampa-ray need) into /tmp/site, then prints
 # the SGD / SAM / SAMPa table per model and data path (WIRES="fp32 bf16" adds the bf16 wire),
 # then `sampa-ray compare --baseline ddp` with one and two workers per role.
-# Then, without Ray, "SAMPa or data-parallel SAM?" (benchmarks/ddp.py): N = 2 and 4 processes
-# sharing the one GPU over gloo, SGD / SGD-DDP / SAM / SAM-DDP / SAMPa per model and global batch.
+# Then, without Ray, a user's own data-parallel SGD and SAM (benchmarks/ddp.py, plain
+# torch.distributed): N = 2 and 4 processes sharing the one GPU over gloo, SGD-DDP / SAM-DDP per
+# model and global batch, the anchor for the compare runs' sgd-ddp and sam-ddp rows.
 #
 #   bash benchmarks/gpu.sh            # writes the tables to stdout and, if $OUT is set, CSV there
 #   DDP=0 bash benchmarks/gpu.sh      # only the Ray runs;  RAY_BENCH=0: only the DDP comparison
@@ -35,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
     --steps "${CMP_STEPS:-40}" --eval-every 1000 --threads 2 --baseline ddp \
     --workers-per-role "$k" --out "/tmp/sampa-compare-k$k" --overwrite
 done
-# SAMPa or data-parallel SAM, no Ray: ddp.py imports torch and sampa_ray.models only
+# a user's own DDP, no Ray: ddp.py imports torch and sampa_ray's models, flat and shards only
 [ "${DDP:-1}" = 0 ] || "$PY" benchmarks/ddp.py --device cuda --workers 2 4 \
   --models ${DDP_MODELS:-resnet20 resnet56} --batch-sizes ${DDP_BATCHES:-128 32} \
   --steps "${DDP_STEPS:-10}" --repeats "${DDP_REPEATS:-3}" ${OUT:+--csv "$OUT/gpu_ddp.csv"}

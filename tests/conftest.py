@@ -1,8 +1,14 @@
-"""Shared fixtures: a real embedded Ray instance and a real Ray head node with its dashboard."""
+"""Shared fixtures (a real embedded Ray instance, a real Ray head node with its dashboard, an
+event loop in a thread) and the helpers several test files use: runs in a thread, the bitwise
+comparison of two runs' final parameters, resuming from a copy of a run's checkpoints, a
+self-signed certificate."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -76,7 +82,89 @@ def local_final(cfg: Any, out: Path) -> dict[str, Any]:
         run_local(cfg, out)
     finally:
         torch.set_num_threads(threads)
-    return torch.load(out / "final.pt", weights_only=True)
+    return load_final(out)
+
+
+def load_final(out: Path) -> dict[str, Any]:
+    """A run folder's ``final.pt``: parameters ``x`` and BatchNorm ``buffers`` by name."""
+    import torch
+
+    return torch.load(Path(out) / "final.pt", weights_only=True)
+
+
+def assert_same_final(got: Path | dict[str, Any], want: Path | dict[str, Any], *what: Any
+                      ) -> None:
+    """``got`` ends bit for bit where ``want`` does: the same parameters, the same BatchNorm
+    buffer names and each buffer equal. Each is a run folder or a loaded ``final.pt`` (any dict
+    with ``x`` and ``buffers``); ``what`` is added to a failure's message."""
+    import torch
+
+    got = got if isinstance(got, dict) else load_final(got)
+    want = want if isinstance(want, dict) else load_final(want)
+    assert torch.equal(got["x"], want["x"]), what
+    assert got["buffers"].keys() == want["buffers"].keys(), what
+    for k, v in want["buffers"].items():
+        assert torch.equal(got["buffers"][k], v), (*what, k)
+
+
+def same_tensors(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same names, each tensor bit for bit equal."""
+    import torch
+
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def num_batches_tracked(buffers: dict[str, Any]) -> set[int]:
+    """The values of every BatchNorm layer's ``num_batches_tracked``."""
+    return {int(v) for k, v in buffers.items() if k.endswith("num_batches_tracked")}
+
+
+def keep_checkpoints_upto(run: Path, part: Path, step: int) -> None:
+    """Copy ``run``'s checkpoints to ``part``, without those written after update ``step``: a
+    folder that resumes from the middle of the run."""
+    from sampa_ray.checkpoint import list_checkpoints
+
+    shutil.copytree(Path(run) / "checkpoints", Path(part) / "checkpoints")
+    for p in list_checkpoints(Path(part) / "checkpoints"):
+        if json.loads(p.read_text())["step"] > step:
+            p.unlink()
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``fn()`` in a started daemon thread, and the box it leaves its return value in
+    (``box["result"]``) or what it raised (``box["error"]``, for the test to surface)."""
+    box: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # surfaced by the test
+            box["error"] = err
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, box
+
+
+def start_run(cfg: Any, out: Path, timeout: float = 180) -> tuple[threading.Thread,
+                                                                  dict[str, Any], str]:
+    """Run ``cfg`` on Ray into ``out`` in a thread (:func:`in_thread`) and wait, at most
+    ``timeout`` seconds, for its "control: " line. Returns the thread, its box and the address
+    of the run's gRPC control API."""
+    from sampa_ray.ray import run_ray
+
+    targets: list[str] = []
+
+    def progress(ev: dict[str, Any]) -> None:
+        if ev["kind"] == "info" and ev["text"].startswith("control: "):
+            targets.append(ev["text"].split()[1])
+
+    t, box = in_thread(lambda: run_ray(cfg, out, progress=progress))
+    deadline = time.time() + timeout
+    while not targets and time.time() < deadline and t.is_alive():
+        time.sleep(0.05)
+    assert targets, box.get("error")
+    return t, box, targets[0]
 
 
 def run_with_fault(cfg: Any, out: Path, at_step: int, fault: Callable[[int], None],
@@ -101,10 +189,7 @@ def run_with_fault(cfg: Any, out: Path, at_step: int, fault: Callable[[int], Non
         elif ev["kind"] == "round":
             steps.append(ev["step"])
 
-    box: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: box.setdefault(
-        "result", run_ray(cfg, out, progress=progress)), daemon=True)
-    t.start()
+    t, box = in_thread(lambda: run_ray(cfg, out, progress=progress))
     deadline = time.time() + 120
     while (not steps or steps[-1] < at_step) and time.time() < deadline and t.is_alive():
         time.sleep(0.02)
@@ -113,7 +198,7 @@ def run_with_fault(cfg: Any, out: Path, at_step: int, fault: Callable[[int], Non
     for pid in victims(pids):
         fault(pid)
     t.join(timeout=300)
-    assert not t.is_alive()
+    assert not t.is_alive() and "error" not in box, box.get("error")
     return box["result"], infos, met
 
 
@@ -169,6 +254,52 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield address
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def lt() -> Iterator[LoopThread]:
+    """An asyncio event loop in a thread, like the coordinator actor's, per test module."""
+    t = LoopThread()
+    yield t
+    t.close()
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 and its key, written as PEM files
+    ``cert.pem`` and ``key.pem`` in ``folder`` (made if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:  # the openssl command line instead
+        if shutil.which("openssl") is None:
+            pytest.skip("neither the cryptography package nor openssl is available")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", str(key_file), "-out", str(cert_file)],
+                       check=True, capture_output=True, timeout=60)
+        return cert_file, key_file
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
 
 
 def auth_token() -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_final, keep_checkpoints_upto, load_final
 
 from sampa_ray.algorithms import AlgoState
 from sampa_ray.checkpoint import (
@@ -107,18 +108,11 @@ def test_resumed_run_equals_uninterrupted(tmp_path, algo):
     steps = [json.loads(p.read_text())["step"]
              for p in list_checkpoints(tmp_path / "full" / "checkpoints")]
     assert steps == [20, 14, 7]
-    ref = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
     for keep_upto in (7, 14):
         part = tmp_path / f"part{keep_upto}"
-        shutil.copytree(tmp_path / "full" / "checkpoints", part / "checkpoints")
-        for p in list_checkpoints(part / "checkpoints"):
-            if json.loads(p.read_text())["step"] > keep_upto:
-                p.unlink()
+        keep_checkpoints_upto(tmp_path / "full", part, keep_upto)
         res = run_local(cfg.model_copy(update={"resume": str(part)}), part)
-        got = torch.load(part / "final.pt", weights_only=True)
-        assert torch.equal(got["x"], ref["x"])
-        for k in ref["buffers"]:
-            assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+        assert_same_final(part, tmp_path / "full", keep_upto)
         assert res["steps"] == 20 and res["gradient_rounds"] == full["gradient_rounds"]
         assert [r["step"] for r in res["epochs"]] == [r["step"] for r in full["epochs"]]
 
@@ -142,19 +136,14 @@ def test_timed_checkpoints_leave_the_trajectory_unchanged(tmp_path, algo):
     assert steps(tmp_path / "off") == [60]  # at the end only
     periodic = steps(tmp_path / "timed")[1:]
     assert steps(tmp_path / "timed")[0] == 60 and periodic and all(0 < s < 60 for s in periodic)
-    ref = torch.load(tmp_path / "off" / "final.pt", weights_only=True)
-    got = torch.load(tmp_path / "timed" / "final.pt", weights_only=True)
-    assert torch.equal(got["x"], ref["x"])
-    assert ref["buffers"].keys() == got["buffers"].keys()
-    for k in ref["buffers"]:
-        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+    assert_same_final(tmp_path / "timed", tmp_path / "off")
 
     part = tmp_path / "part"  # only the oldest timed checkpoint: resumed, the same end
     shutil.copytree(tmp_path / "timed" / "checkpoints", part / "checkpoints")
     for p in list_checkpoints(part / "checkpoints")[:-1]:
         p.unlink()
     run_local(off.model_copy(update={"resume": str(part)}), part)
-    assert torch.equal(torch.load(part / "final.pt", weights_only=True)["x"], ref["x"])
+    assert torch.equal(load_final(part)["x"], load_final(tmp_path / "off")["x"])
 
 
 def test_cli_resume_refuses_mismatched_config(tmp_path):

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import cli_cmd, cli_env, local_final
+from conftest import assert_same_final, cli_cmd, cli_env, local_final
 
 from sampa_ray.algorithms import BUILTIN
 
@@ -385,7 +384,4 @@ def test_ray_run_is_quiet_about_token_auth_and_checkpoints_on_time(tmp_path: Pat
     assert steps[0] == 30 and len(steps) >= 2 and all(0 < s < 30 for s in steps[1:]), steps
     ref = local_final(make_config({**fields, "backend": "local", "checkpoint_interval_s": 0}),
                       tmp_path / "local")
-    got = torch.load(out / "final.pt", weights_only=True)
-    assert torch.equal(got["x"], ref["x"])
-    for k in ref["buffers"]:
-        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+    assert_same_final(out, ref)

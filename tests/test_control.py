@@ -6,44 +6,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 import pytest
+from conftest import assert_same_final
+from conftest import start_run as start_ray_run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sampa_ray.config import make_config
-from sampa_ray.ray import run_ray
 from sampa_ray.transport.grpc.client import get_status, request_checkpoint, request_stop, watch
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def start_run(tmp_path, **over):
+    """A SAMPa run of ResNet-20 on Ray with the gRPC transport into ``tmp_path / "run"``."""
     cfg = make_config({"algo": "sampa", "model": "resnet20", "dataset": "synthetic",
                        "synthetic_size": 256, "batch_size": 16, "steps": 400, "threads": 1,
                        "backend": "ray", "transport": "grpc", **over})
-    box: dict = {}
-    targets: list[str] = []
-
-    def progress(ev):
-        if ev["kind"] == "info" and ev["text"].startswith("control: "):
-            targets.append(ev["text"].split()[1])
-
-    def go():
-        try:
-            box["result"] = run_ray(cfg, tmp_path / "run", progress=progress)
-        except BaseException as err:  # surfaced by the test
-            box["error"] = err
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    deadline = time.time() + 120
-    while not targets and time.time() < deadline and t.is_alive():
-        time.sleep(0.1)
-    assert targets, box.get("error")
-    return t, box, targets[0]
+    return start_ray_run(cfg, tmp_path / "run", timeout=120)
 
 
 def wait_step(target, at_least, timeout=120, **auth):
@@ -175,7 +157,6 @@ def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path):
     and a stop still give the state and BatchNorm statistics of one and the same update: each
     equals a local run of exactly that many updates (constant learning rate, so a shorter run
     follows the same trajectory)."""
-    import torch
 
     from sampa_ray.checkpoint import list_checkpoints, load_checkpoint
     from sampa_ray.local import run_local
@@ -200,9 +181,7 @@ def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path):
                               (result["steps"], None, None)):
         out = tmp_path / f"local{steps}"
         run_local(make_config({**base, "steps": steps}), out)
-        want = torch.load(out / "final.pt", weights_only=True)
         if x is None:  # the stop: the run's own final.pt
-            got = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
-            x, buffers = got["x"], got["buffers"]
-        assert torch.equal(x, want["x"]), steps
-        assert all(torch.equal(buffers[k], want["buffers"][k]) for k in want["buffers"])
+            assert_same_final(tmp_path / "run", out, steps)
+        else:
+            assert_same_final({"x": x, "buffers": buffers}, out, steps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import same_tensors
 from torch import nn
 
 from sampa_ray.config import make_config
@@ -24,7 +25,6 @@ BASE = {
 }
 
 
-
 def _engine(**over: object) -> GradientEngine:
     return GradientEngine(make_config({**BASE, **over}))
 
@@ -34,10 +34,6 @@ def _point(engine: GradientEngine, seed: int = 3, scale: float = 0.02) -> torch.
     g = torch.Generator().manual_seed(seed)
     x0 = engine.initial_point()
     return x0 + scale * torch.randn(x0.shape, generator=g)
-
-
-def _equal_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_info_and_initial_point() -> None:
@@ -140,7 +136,7 @@ def test_track_stats_false_leaves_buffers_bitwise_unchanged() -> None:
     before = e.buffers()
     for batch in range(4):
         e.gradient(_point(e, seed=batch + 5, scale=0.2), batch, track_stats=False)
-    assert _equal_dicts(e.buffers(), before)
+    assert same_tensors(e.buffers(), before)
     # momentum of every BatchNorm layer is restored
     assert all(
         m.momentum == 0.1
@@ -193,7 +189,7 @@ def test_gradient_does_not_depend_on_track_stats() -> None:
         rb = b.gradient(p, batch, track_stats=False)
         assert torch.equal(ga, rb.grad)
         assert la == rb.loss
-    assert not _equal_dicts(a.buffers(), b.buffers())
+    assert not same_tensors(a.buffers(), b.buffers())
 
 
 def _hand_eval(
@@ -225,7 +221,7 @@ def test_evaluate_matches_hand_computation_in_eval_mode() -> None:
     assert ev.accuracy == pytest.approx(acc, abs=1e-12)
     assert ev.loss == pytest.approx(loss, rel=1e-5)
     # evaluation uses the running statistics (eval mode), and changes nothing
-    assert _equal_dicts(e.buffers(), bufs)
+    assert same_tensors(e.buffers(), bufs)
     e.gradient(p, 9, track_stats=True)
     assert e.evaluate(p).loss != ev.loss
 

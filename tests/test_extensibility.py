@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_final
 
 from sampa_ray import algorithms
 from sampa_ray.algorithms import Algorithm, AlgoState, GradRequest
@@ -98,10 +99,7 @@ def test_a_registered_algorithm_runs_on_every_ray_data_path(registered, tmp_path
             for p, t in combos]
     results = run_ray_many([(c, tmp_path / f"ray{i}") for i, c in enumerate(cfgs)])
     for i, ((p, t), r) in enumerate(zip(combos, results, strict=True)):
-        got = torch.load(tmp_path / f"ray{i}" / "final.pt", weights_only=True)
-        assert torch.equal(got["x"], ref["x"]), (p, t)
-        for k, v in ref["buffers"].items():
-            assert torch.equal(got["buffers"][k], v), (p, t, k)
+        assert_same_final(tmp_path / f"ray{i}", ref, p, t)
         assert r["steps"] == STEPS and r["data_path"] == p
     assert results[2]["collective"]["backend"] == "gloo"  # both workers in use: a group
 

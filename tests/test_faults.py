@@ -11,8 +11,7 @@ import os
 import signal
 
 import pytest
-import torch
-from conftest import local_final
+from conftest import assert_same_final, local_final
 from conftest import run_with_fault as run_and_strike
 
 from sampa_ray.config import make_config
@@ -57,10 +56,7 @@ def test_killed_worker_is_restarted_and_trajectory_is_unchanged(tmp_path, ref, d
     assert any(f"worker {role} restarted" in i for i in infos)
     new_pid = next(w["pid"] for w in result["workers"] if w["name"] == role)
     assert new_pid != victim
-    got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
-    assert torch.equal(got["x"], ref["x"])
-    for k in ref["buffers"]:
-        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+    assert_same_final(tmp_path / "faulty", ref)
 
 
 def test_both_workers_killed_at_once_on_the_collective_path(tmp_path, ref):
@@ -69,10 +65,7 @@ def test_both_workers_killed_at_once_on_the_collective_path(tmp_path, ref):
     result, infos, _ = run_with_fault(tmp_path, kill, "both", data_path="collective")
     assert result["steps"] == STEPS and result["worker_restarts"] >= 2
     assert result["collective"]["backend"] == "gloo"
-    got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
-    assert torch.equal(got["x"], ref["x"])
-    for k in ref["buffers"]:
-        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+    assert_same_final(tmp_path / "faulty", ref)
 
 
 @pytest.mark.parametrize("data_path", ["points", "collective"])
@@ -94,7 +87,4 @@ def test_hanging_worker_is_restarted_after_the_deadline(tmp_path, ref, data_path
                 os.kill(pid, signal.SIGCONT)
     assert result["steps"] == STEPS and result["worker_restarts"] >= 1
     assert any("missed the 4s deadline" in i or "restarted" in i for i in infos)
-    got = torch.load(tmp_path / "faulty" / "final.pt", weights_only=True)
-    assert torch.equal(got["x"], ref["x"])
-    for k in ref["buffers"]:
-        assert torch.equal(got["buffers"][k], ref["buffers"][k]), k
+    assert_same_final(tmp_path / "faulty", ref)

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import hashlib
-import ipaddress
 import math
 import pickle
 import re
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import LoopThread
+from conftest import LoopThread, free_port, self_signed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -54,16 +50,6 @@ SC = grpc.StatusCode
 MiB = 1 << 20
 
 
-# -- an event loop in a thread, like the coordinator actor's -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lt() -> Iterator[LoopThread]:
-    t = LoopThread()
-    yield t
-    t.close()
-
-
 @contextmanager
 def serving(lt: LoopThread, numel: int | None, handler: Any = None, **kw: Any
             ) -> Iterator[tuple[RoundBoard | None, str, grpc.aio.Server]]:
@@ -87,12 +73,6 @@ def pattern(n: int, seed: int = 0) -> torch.Tensor:
 
 def bits(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- codec ---------------------------------------------------------------------------------------
@@ -402,42 +382,8 @@ def test_token(lt: LoopThread) -> None:
         assert control.get_status(target, token=token)["run_id"] == RUN
 
 
-def self_signed(tmp: Path) -> tuple[bytes, bytes]:
-    """A self-signed certificate for localhost / 127.0.0.1 and its key (PEM)."""
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:  # the openssl command line instead
-        tmp.mkdir(parents=True, exist_ok=True)
-        key_file, cert_file = tmp / "key.pem", tmp / "cert.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                        "-keyout", str(key_file), "-out", str(cert_file)],
-                       check=True, capture_output=True, timeout=60)
-        return cert_file.read_bytes(), key_file.read_bytes()
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 def test_tls_end_to_end(lt: LoopThread, tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = (f.read_bytes() for f in self_signed(tmp_path))
     numel = 300_001
     with serving(lt, numel, handler=Handler(), tls=(cert, key), token="t") as (board, target, _):
         assert board is not None
@@ -454,7 +400,7 @@ def test_tls_end_to_end(lt: LoopThread, tmp_path: Path) -> None:
                 pytest.raises(TransportError) as e:  # plaintext to a TLS port
             plain.fetch_point(1, "extrapolated", out)
         assert e.value.code == "UNAVAILABLE"
-        other, _ = self_signed(tmp_path / "other")  # a certificate the server does not hold
+        other = self_signed(tmp_path / "other")[0].read_bytes()  # one the server does not hold
         with pytest.raises(UserError, match="cannot reach"):
             control.get_status(target, token="t", root_cert=other)
 

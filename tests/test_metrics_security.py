@@ -4,10 +4,8 @@ on every scrape), HTTPS with a certificate and key. Real HTTP(S) on loopback."""
 from __future__ import annotations
 
 import http.client
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import self_signed
 
 from sampa_ray.cli import build_parser, config_from_args
 from sampa_ray.config import make_config
@@ -119,44 +118,6 @@ def test_shutdown_releases_the_port(metrics: RunMetrics):
 
 
 # -- TLS -----------------------------------------------------------------------------------------
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for CN=localhost, IP 127.0.0.1, and its key (PEM)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    try:
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        if shutil.which("openssl") is None:
-            pytest.skip("neither the cryptography package nor openssl is available")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-                        "-days", "1", "-keyout", str(key), "-out", str(cert)],
-                       check=True, capture_output=True, timeout=60)
-        return cert, key
-    import ipaddress
-
-    pkey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-           .public_key(pkey.public_key()).serial_number(x509.random_serial_number())
-           .not_valid_before(now - datetime.timedelta(minutes=5))
-           .not_valid_after(now + datetime.timedelta(days=1))
-           .add_extension(x509.SubjectAlternativeName(
-               [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-           .sign(pkey, hashes.SHA256()))
-    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.TraditionalOpenSSL,
-                                       serialization.NoEncryption()))
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pem(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return self_signed(tmp_path_factory.mktemp("tls"))

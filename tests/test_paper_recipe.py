@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import num_batches_tracked, same_tensors
 
 from sampa_ray.algorithms import AlgoState, SAMPa
 from sampa_ray.cli import main
@@ -31,14 +32,6 @@ MODELS = ("resnet56", "wrn28_10", "wrn28_2", "vgg19_bn")
 
 def _load(path: Path, name: str = "final.pt") -> dict[str, Any]:
     return torch.load(path / name, map_location="cpu", weights_only=True)
-
-
-def _same_buffers(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _nbt(buffers: dict[str, torch.Tensor]) -> set[int]:
-    return {int(v) for k, v in buffers.items() if k.endswith("num_batches_tracked")}
 
 
 def _small(**over: Any) -> Any:
@@ -227,8 +220,9 @@ def test_perturbed_statistics_are_those_of_the_perturbed_passes(tmp_path: Path) 
     ref = run_local(cfg.model_copy(update={"bn_stats": "extrapolated"}), tmp_path / "e")
     fp, fe = _load(tmp_path / "p"), _load(tmp_path / "e")
     assert torch.equal(fp["x"], fe["x"])
-    assert _nbt(fp["buffers"]) == {steps} and _nbt(fe["buffers"]) == {steps + 1}
-    assert not _same_buffers(fp["buffers"], fe["buffers"])
+    assert num_batches_tracked(fp["buffers"]) == {steps}
+    assert num_batches_tracked(fe["buffers"]) == {steps + 1}
+    assert not same_tensors(fp["buffers"], fe["buffers"])
     assert res["algorithm"]["bn_stats_role"] == "perturbed"
     assert ref["algorithm"]["bn_stats_role"] == "extrapolated"
 
@@ -251,7 +245,7 @@ def test_perturbed_statistics_are_those_of_the_perturbed_passes(tmp_path: Path) 
             grads[req.role] = engine.gradient(req.point, req.batch, False).grad.clone()
         algo.update(state, grads)
     assert torch.equal(state.x, fp["x"])
-    assert _same_buffers(flat_buffers(replica), fp["buffers"])
+    assert same_tensors(flat_buffers(replica), fp["buffers"])
     # and the reported accuracy is the final point with those statistics
     check = GradientEngine(cfg)
     check.load_buffers(fp["buffers"])
@@ -317,10 +311,10 @@ def test_the_recipe_on_ray_matches_local_bitwise(tmp_path: Path) -> None:
     for cfg, r in zip(cfgs, remote, strict=True):
         out = tmp_path / f"ray-{cfg.data_path}"
         b, best_b = _load(out), _load(out, "best.pt")
-        assert torch.equal(a["x"], b["x"]) and _same_buffers(a["buffers"], b["buffers"])
+        assert torch.equal(a["x"], b["x"]) and same_tensors(a["buffers"], b["buffers"])
         assert best_a["step"] == best_b["step"] and torch.equal(best_a["x"], best_b["x"])
-        assert _same_buffers(best_a["buffers"], best_b["buffers"])
+        assert same_tensors(best_a["buffers"], best_b["buffers"])
         assert r["selection"] == local["selection"]
         assert [(e["val_accuracy"], e["test_accuracy"], e["lr"]) for e in r["epochs"]] == \
             [(e["val_accuracy"], e["test_accuracy"], e["lr"]) for e in local["epochs"]]
-    assert _nbt(a["buffers"]) == {12}  # the perturbed worker's: one pass per update
+    assert num_batches_tracked(a["buffers"]) == {12}  # the perturbed worker's: one pass per update

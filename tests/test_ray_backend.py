@@ -6,16 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import assert_same_final, keep_checkpoints_upto, load_final
 
 from sampa_ray.config import make_config
 from sampa_ray.local import run_local
 from sampa_ray.ray import run_ray, run_ray_many
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def load(out):
-    return torch.load(out / "final.pt", weights_only=True)
 
 
 CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2)]
@@ -121,12 +118,9 @@ def test_ray_matches_local_bitwise(shared, data_path, transport):
         cfg = bitwise_cfg(algo, lam, data_path, transport)
         local, local_out = shared.local(("bitwise", i), cfg)
         r, out = shared.ray(transport, ("bitwise", data_path, i))
-        a, b = load(local_out), load(out)
+        a, b = load_final(local_out), load_final(out)
         xs.append(b["x"])
-        assert torch.equal(a["x"], b["x"]), CASES[i]
-        assert a["buffers"].keys() == b["buffers"].keys()
-        for k in a["buffers"]:
-            assert torch.equal(a["buffers"][k], b["buffers"][k]), (CASES[i], k)
+        assert_same_final(b, a, CASES[i])
         assert local["final_test_accuracy"] == r["final_test_accuracy"]
         assert r["backend"] == "ray" and r["placement"]["mode"] == "cpu"
         assert r["transport"] == transport and r["data_path"] == data_path
@@ -147,16 +141,16 @@ def test_bf16_wire_matches_local_bitwise_with_half_the_bytes(shared, data_path, 
     r16, out16 = shared.ray(transport, ("bf16", data_path, "bf16"))
     r32, out32 = shared.ray(transport, ("bf16", data_path, "fp32"))
     local, local_out = shared.local(("bf16",), bf16_cfg("bf16", data_path, transport))
-    assert torch.equal(load(local_out)["x"], load(out16)["x"])
+    assert torch.equal(load_final(local_out)["x"], load_final(out16)["x"])
     assert local["final_test_accuracy"] == r16["final_test_accuracy"]
     n = r16["num_params"]
     assert r16["timings"]["gradient_bytes"] == 2 * n
     assert r32["timings"]["gradient_bytes"] == 4 * n
     assert local["timings"]["gradient_bytes"] is None  # nothing travelled
     # not the fp32 trajectory, but close to it after 8 updates
-    x16, x32 = load(out16)["x"], load(out32)["x"]
+    x16, x32 = load_final(out16)["x"], load_final(out32)["x"]
     assert not torch.equal(x16, x32)
-    x0 = load(local_out)["x"]  # scale: how far the run moved
+    x0 = load_final(local_out)["x"]  # scale: how far the run moved
     assert float((x16 - x32).norm()) < 0.05 * float(x0.norm())
 
 
@@ -167,7 +161,7 @@ def test_collective_runs_after_a_grouped_run_on_the_same_actors(shared):
     assert [r["collective"]["backend"] for r, _ in res] == ["gloo", None, None, "gloo"]
     for (_, out), algo in zip(res, GROUPED, strict=True):
         _, local_out = shared.local(("grouped", algo), grouped_cfg(algo))
-        assert torch.equal(load(local_out)["x"], load(out)["x"])
+        assert torch.equal(load_final(local_out)["x"], load_final(out)["x"])
 
 
 def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
@@ -179,7 +173,7 @@ def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
                        "collective_backend": "nccl"})
     r = run_ray(cfg, tmp_path / "ray", progress=events.append)
     run_local(cfg, tmp_path / "local")
-    assert torch.equal(load(tmp_path / "local")["x"], load(tmp_path / "ray")["x"])
+    assert torch.equal(load_final(tmp_path / "local")["x"], load_final(tmp_path / "ray")["x"])
     assert r["collective"]["backend"] is None and "nccl" in r["collective"]["fallback"].lower()
     said = [e["text"] for e in events if e.get("kind") == "info"
             and e["text"].startswith("collective:")]
@@ -189,18 +183,13 @@ def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
 def test_replicas_agree_and_resume(shared, tmp_path):
     """The replicated path checkpoints the replica's state; resuming a copy from the middle
     reaches the uninterrupted run's parameters bit for bit."""
-    import shutil
 
-    from sampa_ray.checkpoint import list_checkpoints
 
     _, full = shared.ray("ray", ("replicated",))
     part = tmp_path / "part"
-    shutil.copytree(full / "checkpoints", part / "checkpoints")
-    for p in list_checkpoints(part / "checkpoints"):
-        if json.loads(p.read_text())["step"] > 5:
-            p.unlink()
+    keep_checkpoints_upto(full, part, 5)
     run_ray(REPLICATED.model_copy(update={"resume": str(part)}), part)
-    assert torch.equal(load(full)["x"], load(part)["x"])
+    assert torch.equal(load_final(full)["x"], load_final(part)["x"])
 
 
 def test_sampa_workers_compute_at_the_same_time(tmp_path):
@@ -232,7 +221,7 @@ def test_same_actors_for_all_algorithms(shared, tmp_path):
     assert [r["gradient_rounds"] for r in results] == [6, 12, 7]
     assert len({tuple(w["pid"] for w in r["workers"]) for r in results}) == 1
     alone = run_ray(same_actors_cfg("sampa"), tmp_path / "alone")
-    assert torch.equal(load(outs[2])["x"], load(tmp_path / "alone")["x"])
+    assert torch.equal(load_final(outs[2])["x"], load_final(tmp_path / "alone")["x"])
     assert alone["final_test_accuracy"] == results[2]["final_test_accuracy"]
     saved = json.loads((outs[1] / "result.json").read_text())
     assert saved["config"]["algo"] == "sam" and saved["steps"] == 6

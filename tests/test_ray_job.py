@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, job_client, submit, wait_job
+from conftest import REPO, assert_same_final, in_thread, job_client, submit, wait_job
 
 
 @pytest.mark.outcome
@@ -59,7 +59,6 @@ def test_stopped_job_resumes_to_the_uninterrupted_parameters(ray_head, tmp_path)
     checkpoint is whole and verifies; the job resubmitted with --resume finishes the run and
     lands on the same parameters, bit for bit, as an uninterrupted run of the same config."""
     import re
-    import threading
     import time
     import urllib.error
     import urllib.request
@@ -94,17 +93,8 @@ def test_stopped_job_resumes_to_the_uninterrupted_parameters(ray_head, tmp_path)
     # while the jobs run on the head
     cfg = make_config({**flags, "out": str(out)})
     threads = torch.get_num_threads()
-    ref_box: dict = {}
-
-    def reference() -> None:
-        try:
-            ref_box["result"] = run_local(cfg.model_copy(update={"out": str(tmp_path / "ref")}),
-                                          tmp_path / "ref")
-        except BaseException as err:  # surfaced by the test
-            ref_box["error"] = err
-
-    ref_thread = threading.Thread(target=reference, daemon=True)
-    ref_thread.start()
+    ref_thread, ref_box = in_thread(lambda: run_local(
+        cfg.model_copy(update={"out": str(tmp_path / "ref")}), tmp_path / "ref"))
     deadline = time.time() + 120
     while newest_step() < 10:
         status = client.get_job_status(job)
@@ -159,9 +149,4 @@ def test_stopped_job_resumes_to_the_uninterrupted_parameters(ray_head, tmp_path)
     assert not ref_thread.is_alive() and "error" not in ref_box, ref_box.get("error")
     ref = ref_box["result"]
     assert ref["steps"] == 40 and ref["num_params"] == meta["num_params"]
-    got = torch.load(out / "final.pt", weights_only=True)
-    want = torch.load(tmp_path / "ref" / "final.pt", weights_only=True)
-    assert torch.equal(got["x"], want["x"])
-    assert got["buffers"].keys() == want["buffers"].keys()
-    for k in want["buffers"]:
-        assert torch.equal(got["buffers"][k], want["buffers"][k]), k
+    assert_same_final(out, tmp_path / "ref")

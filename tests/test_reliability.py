@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_cmd, cli_env
+from conftest import cli_cmd, cli_env, keep_checkpoints_upto
 
 from sampa_ray.checkpoint import (
     Checkpointer,
@@ -389,10 +389,7 @@ def test_bare_resume_takes_the_stored_config(tmp_path: Path) -> None:
     full = tmp_path / "full"
     assert cli("train", *COMMON, *flags, "--out", str(full)).returncode == 0
     part = tmp_path / "part"
-    shutil.copytree(full / "checkpoints", part / "checkpoints")
-    for p in list_checkpoints(part / "checkpoints"):
-        if json.loads(p.read_text())["step"] > 10:
-            p.unlink()
+    keep_checkpoints_upto(full, part, 10)
     before = snapshot(part)
 
     line = our_line(cli("train", "--resume", str(part), "--lr", "0.2"))

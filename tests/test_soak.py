@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_same_final
 
 from sampa_ray import signals
 from sampa_ray.checkpoint import list_checkpoints
@@ -109,8 +109,4 @@ def test_a_run_through_every_fault_ends_where_an_uninterrupted_one_does(tmp_path
     ref = make_config({"steps": STEPS, "model": "mlp", "batch_size": 32, "threads": 1,
                        "device": "cpu", "backend": "local"})
     run_local(ref, tmp_path / "reference")
-    got = torch.load(out / "final.pt", weights_only=True)
-    want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
-    assert torch.equal(got["x"], want["x"])
-    for k, v in want["buffers"].items():
-        assert torch.equal(got["buffers"][k], v), k
+    assert_same_final(out, tmp_path / "reference")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import num_batches_tracked, same_tensors
 
 from sampa_ray.algorithms import BUILTIN, SAM, SGD, SAMPa
 from sampa_ray.config import TrainConfig, make_config
@@ -29,7 +30,6 @@ PER_UPDATE = {"sgd": 1, "sam": 2, "sampa": 1}
 ROLES = {"sgd": {"grad"}, "sam": {"ascent", "perturbed"}, "sampa": {"perturbed", "extrapolated"}}
 STATS_ROLE = {"sgd": "grad", "sam": "ascent", "sampa": "extrapolated"}
 PNG = b"\x89PNG\r\n\x1a\n"
-
 
 
 def _cfg(algo: str, **over: Any) -> TrainConfig:
@@ -65,14 +65,6 @@ def _final(path: Path) -> dict[str, Any]:
 
 def _fresh_buffers(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return GradientEngine(cfg).buffers()
-
-
-def _equal_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _nbt(buffers: dict[str, torch.Tensor]) -> set[int]:
-    return {int(v) for k, v in buffers.items() if k.endswith("num_batches_tracked")}
 
 
 def _hand_loop(cfg: TrainConfig) -> tuple[torch.Tensor, list[GradientEngine], str]:
@@ -210,12 +202,12 @@ def test_final_point_and_buffers_match_a_hand_written_loop(algo: str, runs: dict
     assert torch.equal(final["x"], x)
     assert not torch.equal(x, engines[0].initial_point())
     traj = engines[slot_for(stats_role)]
-    assert _equal_dicts(final["buffers"], traj.buffers())
+    assert same_tensors(final["buffers"], traj.buffers())
     fresh = _fresh_buffers(cfg)
     # one tracked pass per update (plus SAMPa's bootstrap); perturbed passes are not counted
-    assert _nbt(final["buffers"]) == {ROUNDS[algo] if algo == "sampa" else STEPS}
+    assert num_batches_tracked(final["buffers"]) == {ROUNDS[algo] if algo == "sampa" else STEPS}
     if algo == "sampa":
-        assert _equal_dicts(engines[0].buffers(), fresh)
+        assert same_tensors(engines[0].buffers(), fresh)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -243,17 +235,17 @@ def test_batchnorm_policy_in_the_executor(algo: str, runs: dict) -> None:
     plan = Plan.of(cfg, ex.engines[0].info()["batches_per_epoch"])
     state = asyncio.run(train_loop(cfg, ex, x0, plan, Recorder(STATS_ROLE[algo])))
     assert torch.equal(state.x, final["x"])
-    assert _equal_dicts(asyncio.run(ex.buffers()), final["buffers"])
+    assert same_tensors(asyncio.run(ex.buffers()), final["buffers"])
     fresh = _fresh_buffers(cfg)
-    assert not _equal_dicts(final["buffers"], fresh)
+    assert not same_tensors(final["buffers"], fresh)
     # every worker but the trajectory one (SAMPa: the perturbed worker) keeps its initial
     # running statistics
     for slot, engine in enumerate(ex.engines):
         if slot != stats_slot:
-            assert _equal_dicts(engine.buffers(), fresh), slot
+            assert same_tensors(engine.buffers(), fresh), slot
     if algo == "sampa":
         assert stats_slot == 1
-        assert _equal_dicts(ex.engines[0].buffers(), fresh)
+        assert same_tensors(ex.engines[0].buffers(), fresh)
 
 
 def test_same_seed_same_trajectory_other_seed_another(runs: dict, tmp_path: Path) -> None:
@@ -261,7 +253,7 @@ def test_same_seed_same_trajectory_other_seed_another(runs: dict, tmp_path: Path
     again = run_local(cfg, tmp_path / "again")
     x_first = _final(path)["x"]
     assert torch.equal(_final(tmp_path / "again")["x"], x_first)
-    assert _equal_dicts(_final(tmp_path / "again")["buffers"], _final(path)["buffers"])
+    assert same_tensors(_final(tmp_path / "again")["buffers"], _final(path)["buffers"])
     assert again["final_test_accuracy"] == result["final_test_accuracy"]
     assert [r["train_loss"] for r in again["epochs"]] == [r["train_loss"] for r in result["epochs"]]
     run_local(_cfg("sampa", seed=1), tmp_path / "seed1")
