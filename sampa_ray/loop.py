@@ -107,8 +107,9 @@ class Executor(ABC):
     By default the caller holds the algorithm's state and the executor moves points and
     gradients. An executor with ``holds_state`` keeps replicas of the state next to the workers
     instead: the loop then follows the algorithm on a 0-length *shadow* state (the same code, so
-    the same rounds, batches and phases) and tells the executor, through ``commit``, whether
-    each round's gradients were applied or skipped; ``full_state`` returns the real state.
+    the same rounds, batches and phases), and the replicas apply or skip each round by
+    :func:`round_applies` on the gradients' usable flags, the same facts the loop decides the
+    shadow on, so no decision travels back to them; ``full_state`` returns the real state.
     """
 
     holds_state: bool = False
@@ -117,10 +118,6 @@ class Executor(ABC):
 
     async def init_state(self, state: AlgoState) -> None:
         """Seed the replicas (``holds_state`` executors) with the starting state."""
-        return
-
-    async def commit(self, skip: bool) -> None:
-        """The loop's decision on the last round: its gradients were applied, or skipped."""
         return
 
     async def full_state(self, state: AlgoState) -> AlgoState:
@@ -132,9 +129,8 @@ class Executor(ABC):
                     ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
         """The gradients of one round's requests, by role. ``ahead``: the next round's
         requests, given when the workers it needs do not depend on this round's outcome and no
-        checkpoint, evaluation or stop comes between: a ``runs_ahead`` executor queues it now,
-        and its workers apply this round by :func:`round_applies` instead of waiting for
-        ``commit``; the loop's next ``round`` call gets it."""
+        checkpoint, evaluation or stop comes between: a ``runs_ahead`` executor queues it now
+        (its workers apply this round first); the loop's next ``round`` call gets it."""
 
     @abstractmethod
     async def start_eval(self, step: int, state: AlgoState) -> None:
@@ -259,14 +255,12 @@ async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, pla
                     f"nonfinite: {nonfinite_streak} rounds in a row gave a non-finite loss or "
                     f"gradient ({bad}) at step {state.step}; try a lower --lr")
             algo.skip(state)
-            await executor.commit(skip=True)
             say({"kind": "info", "text": f"step {before}: non-finite {bad} gradient; update "
                  "skipped"})
         else:
             nonfinite_streak = 0
             if executor.holds_state:  # the replicas apply it; the shadow follows
                 algo.update(state, {role: state.x for role in results})
-                await executor.commit(skip=False)
             else:
                 algo.update(state, {role: r.grad for role, r in results.items()})
         t2 = perf()
