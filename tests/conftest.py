@@ -91,15 +91,17 @@ def run_with_fault(cfg: Any, out: Path, at_step: int, fault: Callable[[int], Non
     steps: list[int] = []
     infos: list[str] = []
 
-    def progress(ev: dict[str, Any]) -> None:
-        if ev["kind"] == "info":
-            infos.append(ev["text"])
-            if ev["text"].startswith("workers: "):
-                for part in ev["text"][len("workers: "):].split(", "):
+    from sampa_ray.events import InfoEvent, RoundEvent
+
+    def progress(ev: Any) -> None:
+        if isinstance(ev, InfoEvent):
+            infos.append(ev.text)
+            if ev.text.startswith("workers: "):
+                for part in ev.text[len("workers: "):].split(", "):
                     name, _, pid, _ = part.split(" ", 3)
                     pids[name] = int(pid)
-        elif ev["kind"] == "round":
-            steps.append(ev["step"])
+        elif isinstance(ev, RoundEvent):
+            steps.append(ev.step)
 
     box: dict[str, Any] = {}
     t = threading.Thread(target=lambda: box.setdefault(

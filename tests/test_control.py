@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sampa_ray.config import make_config
+from sampa_ray.events import InfoEvent
 from sampa_ray.ray import run_ray
 from sampa_ray.transport.grpc.client import get_status, request_checkpoint, request_stop, watch
 
@@ -28,8 +29,8 @@ def start_run(tmp_path, **over):
     targets: list[str] = []
 
     def progress(ev):
-        if ev["kind"] == "info" and ev["text"].startswith("control: "):
-            targets.append(ev["text"].split()[1])
+        if isinstance(ev, InfoEvent) and ev.text.startswith("control: "):
+            targets.append(ev.text.split()[1])
 
     def go():
         try:

@@ -42,7 +42,8 @@ def run(cfg, executor):
     plan = Plan.of(cfg, executor.engines[0].info()["batches_per_epoch"])
     rec = Recorder(make_algorithm(cfg, 1).stats_role)
     x0 = executor.engines[0].initial_point()
-    return asyncio.run(train_loop(cfg, executor, x0, plan, rec)), rec
+    algo = make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
+    return asyncio.run(train_loop(algo, executor, x0, plan, rec)), rec
 
 
 @pytest.mark.parametrize("algo", ["sgd", "sam", "sampa"])

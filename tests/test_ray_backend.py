@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sampa_ray.config import make_config
+from sampa_ray.events import InfoEvent
 from sampa_ray.local import run_local
 from sampa_ray.ray import run_ray, run_ray_many
 
@@ -181,8 +182,8 @@ def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
     run_local(cfg, tmp_path / "local")
     assert torch.equal(load(tmp_path / "local")["x"], load(tmp_path / "ray")["x"])
     assert r["collective"]["backend"] is None and "nccl" in r["collective"]["fallback"].lower()
-    said = [e["text"] for e in events if e.get("kind") == "info"
-            and e["text"].startswith("collective:")]
+    said = [e.text for e in events if isinstance(e, InfoEvent)
+            and e.text.startswith("collective:")]
     assert len(said) == 1 and "object store" in said[0], said
 
 
