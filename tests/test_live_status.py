@@ -92,7 +92,7 @@ def test_status_takes_the_accuracy_from_evaluations() -> None:
     d = _run()
     st = live.status(d, INFOS, lambda slot: None)
     assert math.isnan(st["accuracy"]) and math.isnan(st["loss"])  # nothing measured yet
-    live.on_event(d, {"kind": "eval", "step": 44, "test_accuracy": 0.91, "test_loss": 0.3})
+    live.on_event(d, EvalEvent(step=44, test_accuracy=0.91, test_loss=0.3))
     assert live.status(d, INFOS, lambda slot: None)["accuracy"] == 0.91
     live.begin_run(d, "sgd", 100, 44, "abc")  # the next run of a comparison starts afresh
     assert math.isnan(live.status(d, INFOS, lambda slot: None)["accuracy"])
@@ -100,7 +100,7 @@ def test_status_takes_the_accuracy_from_evaluations() -> None:
 
 def test_a_frozen_worker_is_stalled_not_alive() -> None:
     d = _run()
-    live.on_event(d, {"kind": "round", "step": 5, "total": 2000, "loss": 1.0, "round_s": 0.02})
+    live.on_event(d, RoundEvent(step=5, total=2000, loss=1.0, round_s=0.02))
     st = live.status(d, INFOS, lambda slot: {0: 0.01}.get(slot))
     assert [w["state"] for w in st["workers"]] == ["computing", "idle"]
     assert not st["stalled"] and st["round_age_seconds"] < live.STALL_MIN_S
