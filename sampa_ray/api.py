@@ -156,18 +156,15 @@ def fit(config: TrainConfig | Mapping[str, Any] | str | Path | None = None, *,
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict[str, Any]:
-    if progress:
-        from .cli.train import run_one
+    """The run, its progress shown on the terminal where ``progress`` asks for it."""
+    from .runner import run
 
-        return run_one(cfg, out)
-    plugins.save_parts(cfg, out)
-    if cfg.backend == "ray":
-        from .ray import run_ray
+    if not progress:
+        return run(cfg, out)
+    from .ui import ProgressView
 
-        return run_ray(cfg, out)
-    from .local import run_local
-
-    return run_local(cfg, out)
+    with ProgressView(cfg.algo) as view:
+        return run(cfg, out, view)
 
 
 __all__ = ["Result", "config_of", "fit", "load", "supplied_fields"]

@@ -17,7 +17,8 @@ from .algorithms import AlgoState, GradRequest
 from .checkpoint import Checkpointer, find_resume
 from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult, Snapshot
-from .loop import Executor, Plan, Progress, make_algorithm, train_loop
+from .events import InfoEvent, Progress, ignore
+from .loop import Executor, Hooks, Plan, make_algorithm, train_loop
 from .results import Recorder, build_result, earlier_wall_s, write_outputs
 from .selection import write_best
 
@@ -68,30 +69,27 @@ def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
+    say = progress or ignore
     executor = LocalExecutor(cfg)
     engine = executor.engines[0]
     info = engine.info()
     plan = Plan.of(cfg, info["batches_per_epoch"])
-
-    def warn(msg: str) -> None:
-        if progress is not None:
-            progress({"kind": "info", "text": msg})
-
-    resume = find_resume(cfg, info["num_params"], warn) if cfg.resume else None
-    recorder = Recorder(executor.algo.stats_role, started=t0,
+    algo = make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
+    resume = find_resume(cfg, info["num_params"], lambda text: say(InfoEvent(text=text))) \
+        if cfg.resume else None
+    recorder = Recorder(algo.stats_role, started=t0,
                         earlier_s=earlier_wall_s(resume.meta.get("record", {})) if resume else 0.0)
     checkpointer = Checkpointer(cfg, out / "checkpoints", executor, recorder, info["num_params"])
 
     async def go() -> tuple[AlgoState, dict[str, torch.Tensor], Snapshot | None]:
-        state = await train_loop(cfg, executor, engine.initial_point(), plan, recorder,
-                                 progress, resume=resume, checkpoint=checkpointer)
+        state = await train_loop(algo, executor, engine.initial_point(), plan, recorder,
+                                 Hooks(progress=say, checkpoint=checkpointer), resume=resume)
         await checkpointer.flush()
         return state, await executor.buffers(), await executor.best()
 
     state, buffers, best = asyncio.run(go())
-    result = build_result(cfg, make_algorithm(cfg, plan.total_steps), recorder, state,
-                          plan.total_steps, plan.batches_per_epoch, info, recorder.wall_s(),
-                          backend="local", device=info["device"])
+    result = build_result(cfg, algo, recorder, state, plan.total_steps, plan.batches_per_epoch,
+                          info, recorder.wall_s(), backend="local", device=info["device"])
     write_best(out, result, best)
     write_outputs(out, result, state.x, buffers)
     return result

@@ -9,9 +9,10 @@
 An :class:`Executor` evaluates requests: ``sampa_ray.local`` in this process, one after the other;
 the Ray data paths (``sampa_ray.ray.paths``) on two worker actors at once. The loop, the
 schedules, the recording and the outputs are the same code for all of them, so their trajectories
-can be compared bit for bit. The loop tells the world what happens through progress events
-(``round``, ``epoch``, ``eval``, ``info``); metrics, the progress bar and the control API listen
-to them and never reach into the loop.
+can be compared bit for bit. The loop tells the world what happens through typed progress
+events (:mod:`sampa_ray.events`); metrics, the progress bar and the control API listen to them
+and never reach into the loop. What its owner plugs in (listeners, checkpoints, a stop) comes
+as one :class:`Hooks` object.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -31,9 +31,8 @@ from .checkpoint import Checkpoint
 from .config import TrainConfig
 from .engine import EvalResult, GradResult, Snapshot
 from .errors import UserError
+from .events import EpochEvent, EvalEvent, InfoEvent, Progress, RoundEvent, ignore
 from .results import Recorder
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 def make_algorithm(cfg: TrainConfig, total_steps: int,
@@ -89,16 +88,31 @@ class NonFiniteError(UserError):
 # -- what the loop drives ----------------------------------------------------------------------
 @dataclass
 class Plan:
+    """What the loop is to do: how many updates, the epochs' length, and the cadences taken
+    from the run's config (evaluations, checkpoints, how many non-finite rounds in a row are
+    too many)."""
+
     total_steps: int
     batches_per_epoch: int
+    eval_every: int = 1  # epochs
+    checkpoint_every: int = 0  # updates; 0: none by count
+    checkpoint_interval_s: float = 0.0  # 0: none by time
+    max_nonfinite: int = 3
 
     @classmethod
     def of(cls, cfg: TrainConfig, batches_per_epoch: int) -> Plan:
         total = cfg.steps if cfg.steps is not None else cfg.epochs * batches_per_epoch
-        return cls(total_steps=total, batches_per_epoch=batches_per_epoch)
+        return cls(total_steps=total, batches_per_epoch=batches_per_epoch,
+                   eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                   checkpoint_interval_s=cfg.checkpoint_interval_s,
+                   max_nonfinite=cfg.max_nonfinite)
 
     def epoch_end(self, step: int) -> bool:
         return step % self.batches_per_epoch == 0 or step == self.total_steps
+
+    def checkpoint_at(self, step: int) -> bool:
+        """Whether update ``step`` is one that ``checkpoint_every`` asks a checkpoint after."""
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
 
 
 class Executor(ABC):
@@ -107,8 +121,9 @@ class Executor(ABC):
     By default the caller holds the algorithm's state and the executor moves points and
     gradients. An executor with ``holds_state`` keeps replicas of the state next to the workers
     instead: the loop then follows the algorithm on a 0-length *shadow* state (the same code, so
-    the same rounds, batches and phases) and tells the executor, through ``commit``, whether
-    each round's gradients were applied or skipped; ``full_state`` returns the real state.
+    the same rounds, batches and phases), and the replicas apply or skip each round by
+    :func:`round_applies` on the gradients' usable flags, the same facts the loop decides the
+    shadow on, so no decision travels back to them; ``full_state`` returns the real state.
     """
 
     holds_state: bool = False
@@ -117,10 +132,6 @@ class Executor(ABC):
 
     async def init_state(self, state: AlgoState) -> None:
         """Seed the replicas (``holds_state`` executors) with the starting state."""
-        return
-
-    async def commit(self, skip: bool) -> None:
-        """The loop's decision on the last round: its gradients were applied, or skipped."""
         return
 
     async def full_state(self, state: AlgoState) -> AlgoState:
@@ -132,9 +143,8 @@ class Executor(ABC):
                     ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
         """The gradients of one round's requests, by role. ``ahead``: the next round's
         requests, given when the workers it needs do not depend on this round's outcome and no
-        checkpoint, evaluation or stop comes between: a ``runs_ahead`` executor queues it now,
-        and its workers apply this round by :func:`round_applies` instead of waiting for
-        ``commit``; the loop's next ``round`` call gets it."""
+        checkpoint, evaluation or stop comes between: a ``runs_ahead`` executor queues it now
+        (its workers apply this round first); the loop's next ``round`` call gets it."""
 
     @abstractmethod
     async def start_eval(self, step: int, state: AlgoState) -> None:
@@ -166,8 +176,7 @@ class Executor(ABC):
 
 
 def lookahead(algo: Algorithm, state: AlgoState, reqs: list[GradRequest], plan: Plan,
-              cfg: TrainConfig, busy: Callable[[], bool],
-              timed: bool = False) -> list[GradRequest] | None:
+              busy: Callable[[], bool], timed: bool = False) -> list[GradRequest] | None:
     """The next round's requests (on a 0-length shadow state), if the workers it needs are the
     same whether this round is applied or skipped, and nothing needs the state in between: the
     end of the run, an epoch's end (evaluation), a checkpoint (``timed``: a time-based one is
@@ -178,139 +187,205 @@ def lookahead(algo: Algorithm, state: AlgoState, reqs: list[GradRequest], plan: 
     algo.skip(skipped)
     nexts = []
     for s in (applied, skipped):
-        if s.step != state.step:  # this round completes an update: what follows it?
-            every = cfg.checkpoint_every
-            if s.step >= plan.total_steps or plan.epoch_end(s.step) or \
-                    (every and s.step % every == 0) or timed or busy():
-                return None
+        updates = s.step != state.step  # this round completes an update: what follows it?
+        if updates and (s.step >= plan.total_steps or plan.epoch_end(s.step) or
+                        plan.checkpoint_at(s.step) or timed or busy()):
+            return None
         nexts.append(algo.requests(s))
     slots = [sorted({algo.slot_of(r.role) for r in n}) for n in nexts]
     return nexts[0] if slots[0] == slots[1] else None
 
 
-async def train_loop(cfg: TrainConfig, executor: Executor, x0: torch.Tensor, plan: Plan,
-                     recorder: Recorder, progress: Progress | None = None,
-                     should_stop: Callable[[], bool] | None = None,
-                     resume: Checkpoint | None = None,
-                     checkpoint: Callable[[AlgoState], Awaitable[None]] | None = None,
-                     after_update: Callable[[AlgoState], Awaitable[None]] | None = None,
-                     hold: Callable[[], bool] | None = None) -> AlgoState:
-    """Run the requests -> gradients -> update loop to ``plan.total_steps`` updates.
-    Evaluation runs in the background on the trajectory worker and overlaps later rounds.
-    ``should_stop`` is checked after each parameter update (never inside one); ``checkpoint``
-    is awaited every ``cfg.checkpoint_every`` updates, after the first update that ends once
-    ``cfg.checkpoint_interval_s`` seconds have passed since the last one (or the start: a long
-    run is resumable without a choice of N, and loses at most about that much), and at the end
-    (and its ``check``, where it has one, after every update: a failed background write ends
-    the run there). A checkpoint only reads the state: where one falls never changes the
-    trajectory. ``resume``
-    continues from a checkpoint (state, worker buffers, the record so far); ``after_update`` is
-    awaited after every update (on-demand work such as a requested checkpoint); ``hold`` says
-    such work is waiting (the loop then does not run a round ahead of it)."""
-    algo = make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
-    say = progress or (lambda ev: None)
-    if resume is not None:
-        state = resume.state()
-        await executor.load_buffers(resume.buffers)
-        recorder.load_state(resume.meta.get("record", {}))
-    else:
-        state = algo.init(x0)
-    if executor.holds_state:  # the replicas hold the numbers; the loop follows a shadow
-        await executor.init_state(state)
-        state = state.shadow()
-    perf = time.perf_counter
-    #: a Checkpointer's check: raises when a checkpoint it writes in the background failed
-    written: Callable[[], Awaitable[None]] | None = getattr(checkpoint, "check", None)
-    epochs_done = len(recorder.epochs)
-    nonfinite_streak = 0
-    last_update = started = last_checkpoint = perf()
-    start_step = state.step  # the rate shown is this session's updates over its time
-    interval = cfg.checkpoint_interval_s if checkpoint is not None else 0.0
+def _never() -> bool:
+    return False
 
-    def busy() -> bool:
-        return (should_stop is not None and should_stop()) or \
-            (hold is not None and hold())
 
-    def evals(done: list[tuple[int, EvalResult]]) -> None:
-        for step, ev in done:
-            recorder.add_eval(step, ev)
-            say({"kind": "eval", "step": step, "test_accuracy": ev.accuracy,
-                 "test_loss": ev.loss})
+@dataclass
+class Hooks:
+    """What the loop's owner plugs into it, each optional: the loop calls them and knows
+    nothing of who listens or what a checkpoint is.
 
-    while state.step < plan.total_steps:
-        reqs = algo.requests(state)
+    - ``progress``: receives every event (:mod:`sampa_ray.events`).
+    - ``should_stop``: checked after each update (never inside one): True ends the run there.
+    - ``checkpoint``: awaited with the state every ``plan.checkpoint_every`` updates, after the
+      first update that ends once ``plan.checkpoint_interval_s`` seconds have passed since the
+      last one (or the start: a long run is resumable without a choice of N, and loses at most
+      about that much), and at the end. Where it has a ``check`` (a
+      :class:`~sampa_ray.checkpoint.Checkpointer`), that is awaited after every update: a failed
+      background write ends the run there. A checkpoint only reads the state: where one falls
+      never changes the trajectory.
+    - ``after_update``: awaited after every update (on-demand work such as a requested
+      checkpoint); ``hold`` says such work is waiting (the loop then runs no round ahead of it).
+    """
+
+    progress: Progress = ignore
+    should_stop: Callable[[], bool] = _never
+    checkpoint: Callable[[AlgoState], Awaitable[None]] | None = None
+    after_update: Callable[[AlgoState], Awaitable[None]] | None = None
+    hold: Callable[[], bool] = _never
+
+    def busy(self) -> bool:
+        """A stop or on-demand work is waiting: no round may run ahead of it."""
+        return self.should_stop() or self.hold()
+
+
+async def train_loop(algo: Algorithm, executor: Executor, x0: torch.Tensor, plan: Plan,
+                     recorder: Recorder, hooks: Hooks | None = None,
+                     resume: Checkpoint | None = None) -> AlgoState:
+    """Run the requests -> gradients -> update loop of ``algo`` to ``plan.total_steps``
+    updates on ``executor``, from ``x0`` or from the checkpoint ``resume`` (state, worker
+    buffers, the record so far). Evaluation runs in the background on the trajectory worker and
+    overlaps later rounds; ``hooks`` says who listens and what happens between updates."""
+    return await _Loop(algo, executor, plan, recorder, hooks or Hooks()).run(x0, resume)
+
+
+class _Loop:
+    """One run of :func:`train_loop`: its state between rounds (clocks, the non-finite
+    streak), so that each step of a round is a method of its own."""
+
+    def __init__(self, algo: Algorithm, executor: Executor, plan: Plan, recorder: Recorder,
+                 hooks: Hooks) -> None:
+        self.algo, self.executor, self.plan = algo, executor, plan
+        self.recorder, self.hooks, self.say = recorder, hooks, hooks.progress
+        #: a Checkpointer's check: raises when a checkpoint it writes in the background failed
+        self.written: Callable[[], Awaitable[None]] | None = getattr(hooks.checkpoint, "check",
+                                                                      None)
+        self.interval = plan.checkpoint_interval_s if hooks.checkpoint is not None else 0.0
+        self.nonfinite_streak = 0
+        self.epochs_done = 0
+        self.last_update = self.started = self.last_checkpoint = 0.0  # set by _start
+        self.start_step = 0  # the rate shown is this session's updates over its time
+
+    async def run(self, x0: torch.Tensor, resume: Checkpoint | None) -> AlgoState:
+        state = await self._start(x0, resume)
+        while state.step < self.plan.total_steps:
+            if not await self._round(state):
+                break
+        return await self._finish(state)
+
+    async def _start(self, x0: torch.Tensor, resume: Checkpoint | None) -> AlgoState:
+        """The starting state: the checkpoint's (with its buffers and record) or ``x0``'s; a
+        0-length shadow of it where the executor's replicas hold the numbers."""
+        if resume is not None:
+            state = resume.state()
+            await self.executor.load_buffers(resume.buffers)
+            self.recorder.load_state(resume.meta.get("record", {}))
+        else:
+            state = self.algo.init(x0)
+        if self.executor.holds_state:  # the replicas hold the numbers; the loop follows a shadow
+            await self.executor.init_state(state)
+            state = state.shadow()
+        self.epochs_done = len(self.recorder.epochs)
+        self.last_update = self.started = self.last_checkpoint = time.perf_counter()
+        self.start_step = state.step
+        return state
+
+    async def _round(self, state: AlgoState) -> bool:
+        """One round: its gradients, the verdict, the record and the events, and what follows
+        an update. False: the run stops here."""
+        perf, plan = time.perf_counter, self.plan
+        reqs = self.algo.requests(state)
         # a time-based checkpoint is decided before the round, so that a round run ahead of it
         # (decided now too) never overlaps it
-        timed = bool(interval) and perf() - last_checkpoint >= interval
-        ahead = lookahead(algo, state, reqs, plan, cfg, busy, timed) \
-            if executor.runs_ahead else None
+        timed = bool(self.interval) and perf() - self.last_checkpoint >= self.interval
+        ahead = lookahead(self.algo, state, reqs, plan, self.hooks.busy, timed) \
+            if self.executor.runs_ahead else None
         t0 = perf()
-        results = await executor.round(reqs, ahead)
+        results = await self.executor.round(reqs, ahead)
         t1 = perf()
         before = state.step
-        verdicts = {role: finite(r) for role, r in results.items()}
-        if not round_applies(verdicts.values()):
-            # skip the update, count it, and abort after max_nonfinite in a row
-            bad = ", ".join(role for role, ok in verdicts.items() if not ok)
-            recorder.nonfinite_rounds += 1
-            nonfinite_streak += 1
-            if nonfinite_streak >= cfg.max_nonfinite:
-                raise NonFiniteError(
-                    f"nonfinite: {nonfinite_streak} rounds in a row gave a non-finite loss or "
-                    f"gradient ({bad}) at step {state.step}; try a lower --lr")
-            algo.skip(state)
-            await executor.commit(skip=True)
-            say({"kind": "info", "text": f"step {before}: non-finite {bad} gradient; update "
-                 "skipped"})
-        else:
-            nonfinite_streak = 0
-            if executor.holds_state:  # the replicas apply it; the shadow follows
-                algo.update(state, {role: state.x for role in results})
-                await executor.commit(skip=False)
-            else:
-                algo.update(state, {role: r.grad for role, r in results.items()})
+        self._decide(state, results)
         t2 = perf()
-        recorder.record_round(results, t1 - t0, t2 - t1)
-        if state.step != before:
-            recorder.record_step(t2 - last_update)
-            last_update = t2
-        if state.step != before and plan.epoch_end(state.step):
-            epochs_done += 1
-            row = recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
-                                     algo.lr_at(before))
-            if epochs_done % cfg.eval_every == 0 or state.step == plan.total_steps:
-                await executor.start_eval(state.step, state)
-            evals(await executor.finished_evals(wait=False))
-            say({"kind": "epoch", **row})
-        say({"kind": "round", "step": state.step, "total": plan.total_steps,
-             "loss": recorder.last_loss, "accuracy": _number(recorder.last_accuracy),
-             "round_s": t1 - t0, "update_s": t2 - t1,
-             "compute_s": max((r.timings.get("compute", 0.0) for r in results.values()),
-                              default=0.0),
-             "steps_per_s": (state.step - start_step) / (t2 - started)
-             if state.step > start_step and t2 > started else None,
-             "lr": algo.lr_at(max(state.step - 1, 0))})
-        if state.step != before:
-            if written is not None:  # a background checkpoint write failed: stop here
-                await written()
-            every = cfg.checkpoint_every
-            if checkpoint is not None and state.step < plan.total_steps and \
-                    (timed or (every and state.step % every == 0)):
-                await checkpoint(await executor.full_state(state))
-                last_checkpoint = perf()
-            if ahead is not None:  # the next round is already under way: finish it first
-                continue
-            if after_update is not None:
-                await after_update(state)
-            if should_stop is not None and should_stop():
-                break
-    if state.step > 0 and (not recorder.epochs or recorder.epochs[-1]["step"] != state.step):
-        # stopped early: close the partial epoch and evaluate where the run ended
-        recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
-                           algo.lr_at(state.step - 1))
-        await executor.start_eval(state.step, state)
-    evals(await executor.finished_evals(wait=True))
-    state = await executor.full_state(state)
-    if checkpoint is not None and state.step > 0:
-        await checkpoint(state)
-    return state
+        self.recorder.record_round(results, t1 - t0, t2 - t1)
+        updated = state.step != before
+        if updated:
+            self.recorder.record_step(t2 - self.last_update)
+            self.last_update = t2
+            if plan.epoch_end(state.step):
+                await self._end_epoch(state, before)
+        self._say_round(state, results, t1 - t0, t2 - t1, t2)
+        if not updated:
+            return True
+        return await self._after_update(state, timed, ran_ahead=ahead is not None)
+
+    def _decide(self, state: AlgoState, results: dict[str, GradResult]) -> None:
+        """Apply the round's update, or skip it (counted; after ``max_nonfinite`` in a row
+        the run aborts) where :func:`round_applies` says no."""
+        verdicts = {role: finite(r) for role, r in results.items()}
+        if round_applies(verdicts.values()):
+            self.nonfinite_streak = 0
+            if self.executor.holds_state:  # the replicas apply it; the shadow follows
+                self.algo.update(state, {role: state.x for role in results})
+            else:
+                self.algo.update(state, {role: r.grad for role, r in results.items()})
+            return
+        bad = ", ".join(role for role, ok in verdicts.items() if not ok)
+        self.recorder.nonfinite_rounds += 1
+        self.nonfinite_streak += 1
+        if self.nonfinite_streak >= self.plan.max_nonfinite:
+            raise NonFiniteError(
+                f"nonfinite: {self.nonfinite_streak} rounds in a row gave a non-finite loss or "
+                f"gradient ({bad}) at step {state.step}; try a lower --lr")
+        before = state.step
+        self.algo.skip(state)
+        self.say(InfoEvent(text=f"step {before}: non-finite {bad} gradient; update skipped"))
+
+    async def _end_epoch(self, state: AlgoState, before: int) -> None:
+        """Close the epoch's row, start its evaluation when due, record the evaluations
+        finished so far."""
+        plan = self.plan
+        self.epochs_done += 1
+        row = self.recorder.end_epoch(state.step / plan.batches_per_epoch, state.step,
+                                      self.algo.lr_at(before))
+        if self.epochs_done % plan.eval_every == 0 or state.step == plan.total_steps:
+            await self.executor.start_eval(state.step, state)
+        await self._evals(wait=False)
+        self.say(EpochEvent.of(row))
+
+    async def _evals(self, wait: bool) -> None:
+        for step, ev in await self.executor.finished_evals(wait):
+            self.recorder.add_eval(step, ev)
+            self.say(EvalEvent(step=step, test_accuracy=ev.accuracy, test_loss=ev.loss))
+
+    def _say_round(self, state: AlgoState, results: dict[str, GradResult], round_s: float,
+                   update_s: float, now: float) -> None:
+        done = state.step - self.start_step
+        self.say(RoundEvent(
+            step=state.step, total=self.plan.total_steps, loss=self.recorder.last_loss,
+            accuracy=_number(self.recorder.last_accuracy), round_s=round_s, update_s=update_s,
+            compute_s=max((r.timings.get("compute", 0.0) for r in results.values()),
+                          default=0.0),
+            steps_per_s=done / (now - self.started) if done > 0 and now > self.started
+            else None,
+            lr=self.algo.lr_at(max(state.step - 1, 0))))
+
+    async def _after_update(self, state: AlgoState, timed: bool, ran_ahead: bool) -> bool:
+        """What follows an update: a failed background write stops the run; a checkpoint when
+        due; unless the next round already runs, on-demand work and the stop check. False: the
+        run stops here."""
+        hooks = self.hooks
+        if self.written is not None:  # a background checkpoint write failed: stop here
+            await self.written()
+        if hooks.checkpoint is not None and state.step < self.plan.total_steps and \
+                (timed or self.plan.checkpoint_at(state.step)):
+            await hooks.checkpoint(await self.executor.full_state(state))
+            self.last_checkpoint = time.perf_counter()
+        if ran_ahead:  # the next round is already under way: finish it first
+            return True
+        if hooks.after_update is not None:
+            await hooks.after_update(state)
+        return not hooks.should_stop()
+
+    async def _finish(self, state: AlgoState) -> AlgoState:
+        """Close a partial last epoch (a stop) and evaluate where the run ended, wait for the
+        evaluations, take the real state, and checkpoint it."""
+        rec = self.recorder
+        if state.step > 0 and (not rec.epochs or rec.epochs[-1]["step"] != state.step):
+            rec.end_epoch(state.step / self.plan.batches_per_epoch, state.step,
+                          self.algo.lr_at(state.step - 1))
+            await self.executor.start_eval(state.step, state)
+        await self._evals(wait=True)
+        state = await self.executor.full_state(state)
+        if self.hooks.checkpoint is not None and state.step > 0:
+            await self.hooks.checkpoint(state)
+        return state

@@ -11,6 +11,8 @@ from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .events import EpochEvent, Event, InfoEvent, RoundEvent
+
 console = Console(stderr=True, soft_wrap=True)  # one event, one line: logs stay greppable
 out_console = Console(soft_wrap=True)
 
@@ -20,7 +22,8 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 
 class ProgressView:
-    """Receives progress events from a run (``kind`` = round | epoch | info) and shows them."""
+    """Receives a run's progress events (:mod:`sampa_ray.events`) and shows them: info lines
+    and epochs as lines, rounds on the bar; evaluations are in the epoch rows of the result."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -40,32 +43,30 @@ class ProgressView:
         if self.task is not None:
             self.progress.stop()
 
-    def __call__(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("kind")
-        if kind == "info":
-            console.print(ev["text"], markup=False, highlight=False)
-            return
-        label = ev.get("algo", self.label)
-        if kind == "epoch":
-            console.print(f"\\[{label}] epoch {ev['epoch']:.2f}  step {ev['step']}  "
-                          f"train loss {_fmt(ev['train_loss'])}  "
-                          f"train acc {_fmt(ev['train_accuracy'], '.3f')}  "
-                          f"{ev['wall_s']:.1f}s")
-            return
-        if kind != "round":
-            return
-        self.step = ev["step"]
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, InfoEvent):
+            console.print(ev.text, markup=False, highlight=False)
+        elif isinstance(ev, EpochEvent):
+            console.print(f"\\[{ev.algo or self.label}] epoch {ev.epoch:.2f}  step {ev.step}  "
+                          f"train loss {_fmt(ev.train_loss)}  "
+                          f"train acc {_fmt(ev.train_accuracy, '.3f')}  "
+                          f"{ev.wall_s:.1f}s")
+        elif isinstance(ev, RoundEvent):
+            self._round(ev)
+
+    def _round(self, ev: RoundEvent) -> None:
+        label = ev.algo or self.label
+        self.step = ev.step
         if self.task is None or label != self.algo:
             if self.task is None:
                 self.progress.start()
             self.algo = label
-            self.task = self.progress.add_task(label, total=ev["total"], loss="-",
+            self.task = self.progress.add_task(label, total=ev.total, loss="-",
                                                rate="-", comm="-")
         # the rate the loop measured (its updates over its own time): on Ray the events
         # arrive in batches, four times a second, so their arrival times say nothing of it
-        comm = ev.get("comm_share")
-        self.progress.update(self.task, completed=ev["step"], loss=_fmt(ev.get("loss")),
-                             rate=_fmt(ev.get("steps_per_s"), ".1f"), comm=_fmt(comm, ".0%"))
+        self.progress.update(self.task, completed=ev.step, loss=_fmt(ev.loss),
+                             rate=_fmt(ev.steps_per_s, ".1f"), comm=_fmt(ev.comm_share, ".0%"))
 
 
 def print_result(result: dict[str, Any], out: Path) -> None:

@@ -151,13 +151,14 @@ def start_run(cfg: Any, out: Path, timeout: float = 180) -> tuple[threading.Thre
     """Run ``cfg`` on Ray into ``out`` in a thread (:func:`in_thread`) and wait, at most
     ``timeout`` seconds, for its "control: " line. Returns the thread, its box and the address
     of the run's gRPC control API."""
+    from sampa_ray.events import InfoEvent
     from sampa_ray.ray import run_ray
 
     targets: list[str] = []
 
-    def progress(ev: dict[str, Any]) -> None:
-        if ev["kind"] == "info" and ev["text"].startswith("control: "):
-            targets.append(ev["text"].split()[1])
+    def progress(ev: Any) -> None:
+        if isinstance(ev, InfoEvent) and ev.text.startswith("control: "):
+            targets.append(ev.text.split()[1])
 
     t, box = in_thread(lambda: run_ray(cfg, out, progress=progress))
     deadline = time.time() + timeout
@@ -179,15 +180,17 @@ def run_with_fault(cfg: Any, out: Path, at_step: int, fault: Callable[[int], Non
     steps: list[int] = []
     infos: list[str] = []
 
-    def progress(ev: dict[str, Any]) -> None:
-        if ev["kind"] == "info":
-            infos.append(ev["text"])
-            if ev["text"].startswith("workers: "):
-                for part in ev["text"][len("workers: "):].split(", "):
+    from sampa_ray.events import InfoEvent, RoundEvent
+
+    def progress(ev: Any) -> None:
+        if isinstance(ev, InfoEvent):
+            infos.append(ev.text)
+            if ev.text.startswith("workers: "):
+                for part in ev.text[len("workers: "):].split(", "):
                     name, _, pid, _ = part.split(" ", 3)
                     pids[name] = int(pid)
-        elif ev["kind"] == "round":
-            steps.append(ev["step"])
+        elif isinstance(ev, RoundEvent):
+            steps.append(ev.step)
 
     t, box = in_thread(lambda: run_ray(cfg, out, progress=progress))
     deadline = time.time() + 120

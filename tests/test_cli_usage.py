@@ -8,6 +8,7 @@ import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cli_cmd, cli_env
@@ -165,23 +166,24 @@ def test_progress_rate_is_the_runs_own_when_events_come_in_a_burst(tmp_path: Pat
     import time
 
     from sampa_ray.config import make_config
+    from sampa_ray.events import RoundEvent
     from sampa_ray.local import run_local
     from sampa_ray.ray.live import enqueue
     from sampa_ray.ui import ProgressView
 
-    seen: list[tuple[float, dict]] = []
+    seen: list[tuple[float, Any]] = []
     cfg = make_config({"algo": "sgd", "steps": 24, "batch_size": 32, "threads": 1,
                        "backend": "local"})
     run_local(cfg, tmp_path / "run", progress=lambda ev: seen.append((time.perf_counter(), ev)))
-    rounds = [(t, ev) for t, ev in seen if ev["kind"] == "round"]
-    assert [ev["step"] for _, ev in rounds] == list(range(1, 25))
+    rounds = [(t, ev) for t, ev in seen if isinstance(ev, RoundEvent)]
+    assert [ev.step for _, ev in rounds] == list(range(1, 25))
     (t_first, first), (t_last, _) = rounds[0], rounds[-1]
-    elapsed = t_last - t_first + first["round_s"] + first["update_s"]  # from the first round
+    elapsed = t_last - t_first + first.round_s + first.update_s  # from the first round
     expected = 24 / elapsed
-    polled: list[dict] = []
+    polled: list[Any] = []
     for _, ev in seen:
-        enqueue(polled, dict(ev))
-    assert [ev["step"] for ev in polled if ev["kind"] == "round"] == [23, 24]
+        enqueue(polled, ev)
+    assert [ev.step for ev in polled if isinstance(ev, RoundEvent)] == [23, 24]
     with ProgressView("sgd") as view:
         for ev in polled:  # one poll's worth, in one burst
             view(ev)

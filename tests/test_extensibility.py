@@ -145,7 +145,7 @@ def test_replica_worker_halves_follow_the_local_run(tmp_path, half: str) -> None
             assert all(f["finite"] and f["nbytes"] > 0 for f in facts.values())
         for slot in (0, 1):
             others = [r.role for r in reqs if algo.slot_of(r.role) != slot]
-            specs[slot].append((False, others))  # committed: applied
+            specs[slot].append(others)  # applied by the rule on its next call
             peer[slot].extend(out[algo.slot_of(role)] for role in others)
         algo.update(shadow, {r.role: shadow.x for r in reqs})
     final = halves[1].state_tensors(specs[1], *peer[1])
@@ -155,8 +155,8 @@ def test_replica_worker_halves_follow_the_local_run(tmp_path, half: str) -> None
 
 
 def test_a_skipped_round_by_the_rule_leaves_the_replica_unchanged() -> None:
-    """A round run ahead is decided on the worker by the loop's rule: a peer's unusable
-    gradient skips it (x unchanged, the step moves on)."""
+    """Every round is decided on the worker by the loop's rule: a peer's unusable gradient
+    skips it (x unchanged, the step moves on)."""
     from sampa_ray.ray.paths.replicated import ReplicaWorker
 
     cfg = make_config({"algo": "sampa", "steps": STEPS, "batch_size": 32, "threads": 1,
@@ -170,7 +170,7 @@ def test_a_skipped_round_by_the_rule_leaves_the_replica_unchanged() -> None:
     assert set(facts) == {"perturbed"} and facts["perturbed"]["finite"]
     x0 = half.tensors()["x"].copy()
     bad = {"extrapolated": (np.full_like(x0, np.nan), False)}
-    half.round([(None, ["extrapolated"])], bad)
+    half.round([["extrapolated"]], bad)
     assert half.state is not None and half.state.step == 1
     assert np.array_equal(half.tensors()["x"], x0)
 

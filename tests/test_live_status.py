@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from sampa_ray.cli.control import json_safe
+from sampa_ray.events import EpochEvent, EvalEvent, Event, InfoEvent, RoundEvent
 from sampa_ray.ray import live
 from sampa_ray.transport.grpc.client import message_dict
 from sampa_ray.transport.grpc.control_plane import event_message, status_message
@@ -37,20 +38,18 @@ def _run(**over: object) -> dict:
 
 def test_every_event_carries_total_epoch_and_loss() -> None:
     d = _run()
-    ev = live.on_event(d, {"kind": "round", "step": 88, "total": 2000, "loss": 0.25,
-                           "round_s": 0.01})
+    ev = live.on_event(d, RoundEvent(step=88, total=2000, loss=0.25, round_s=0.01))
     assert ev["epoch"] == pytest.approx(2.0) and ev["total"] == 2000
-    ev = live.on_event(d, {"kind": "epoch", "epoch": 2.0, "step": 88, "train_loss": 0.3,
-                           "train_accuracy": 0.9})
+    ev = live.on_event(d, EpochEvent(epoch=2.0, step=88, lr=0.1, wall_s=1.0, train_loss=0.3,
+                                     train_accuracy=0.9))
     assert (ev["total"], ev["epoch"], ev["loss"]) == (2000, 2.0, 0.3)
     assert "test_accuracy" not in ev  # none known yet
-    live.on_event(d, {"kind": "eval", "step": 88, "test_accuracy": 0.93, "test_loss": 0.2})
-    ev = live.on_event(d, {"kind": "info", "text": "worker perturbed restarted"})
+    live.on_event(d, EvalEvent(step=88, test_accuracy=0.93, test_loss=0.2))
+    ev = live.on_event(d, InfoEvent(text="worker perturbed restarted"))
     assert ev["total"] == 2000 and ev["test_accuracy"] == 0.93 and ev["loss"] == 0.25
     # and through the wire: nothing left at the zero defaults
-    got = message_dict(event_message(live.on_event(d, {"kind": "round", "step": 132,
-                                                       "total": 2000, "loss": 0.2,
-                                                       "round_s": 0.01})))
+    got = message_dict(event_message(live.on_event(d, RoundEvent(step=132, total=2000,
+                                                                 loss=0.2, round_s=0.01))))
     assert got["total"] == 2000 and got["epoch"] == pytest.approx(3.0)
     assert got["loss"] == pytest.approx(0.2) and got["test_accuracy"] == pytest.approx(0.93)
 
@@ -62,15 +61,15 @@ def test_watched_events_carry_the_training_accuracy(tmp_path: Path) -> None:
     from sampa_ray.config import make_config
     from sampa_ray.local import run_local
 
-    events: list[dict] = []
+    events: list[Event] = []
     cfg = make_config({"algo": "sgd", "steps": 44, "batch_size": 64, "threads": 1,
                        "backend": "local", "lr_schedule": "constant", "lr": 0.1})
     result = run_local(cfg, tmp_path / "run", progress=events.append)
     d = _run()
-    info = message_dict(event_message(live.on_event(d, {"kind": "info", "text": "hello"})))
+    info = message_dict(event_message(live.on_event(d, InfoEvent(text="hello"))))
     assert info["accuracy"] is None
     wire = [message_dict(event_message(live.on_event(d, ev))) for ev in events
-            if ev["kind"] in ("round", "epoch")]
+            if isinstance(ev, RoundEvent | EpochEvent)]
     rounds = [ev for ev in wire if ev["kind"] == "round"]
     epochs = [ev for ev in wire if ev["kind"] == "epoch"]
     assert len(rounds) == 44 and len(epochs) == 2
@@ -93,7 +92,7 @@ def test_status_takes_the_accuracy_from_evaluations() -> None:
     d = _run()
     st = live.status(d, INFOS, lambda slot: None)
     assert math.isnan(st["accuracy"]) and math.isnan(st["loss"])  # nothing measured yet
-    live.on_event(d, {"kind": "eval", "step": 44, "test_accuracy": 0.91, "test_loss": 0.3})
+    live.on_event(d, EvalEvent(step=44, test_accuracy=0.91, test_loss=0.3))
     assert live.status(d, INFOS, lambda slot: None)["accuracy"] == 0.91
     live.begin_run(d, "sgd", 100, 44, "abc")  # the next run of a comparison starts afresh
     assert math.isnan(live.status(d, INFOS, lambda slot: None)["accuracy"])
@@ -101,7 +100,7 @@ def test_status_takes_the_accuracy_from_evaluations() -> None:
 
 def test_a_frozen_worker_is_stalled_not_alive() -> None:
     d = _run()
-    live.on_event(d, {"kind": "round", "step": 5, "total": 2000, "loss": 1.0, "round_s": 0.02})
+    live.on_event(d, RoundEvent(step=5, total=2000, loss=1.0, round_s=0.02))
     st = live.status(d, INFOS, lambda slot: {0: 0.01}.get(slot))
     assert [w["state"] for w in st["workers"]] == ["computing", "idle"]
     assert not st["stalled"] and st["round_age_seconds"] < live.STALL_MIN_S

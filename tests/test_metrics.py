@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sampa_ray.config import make_config
 from sampa_ray.engine import GradResult
+from sampa_ray.events import Event, InfoEvent, RoundEvent
 from sampa_ray.telemetry.metrics import METRIC_NAMES, RoundProbe, RunMetrics, exported_series_names
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "sampa-communication.json"
@@ -273,10 +274,10 @@ def test_fixed_metrics_port_is_reported_and_released(ray_local: None, tmp_path: 
     texts: list[str] = []
     scraped: list[str] = []
 
-    def progress(ev: dict[str, Any]) -> None:
-        if ev["kind"] == "info":
-            texts.append(ev["text"])
-        elif ev["kind"] == "round" and ev["step"] >= 3 and not scraped:
+    def progress(ev: Event) -> None:
+        if isinstance(ev, InfoEvent):
+            texts.append(ev.text)
+        elif isinstance(ev, RoundEvent) and ev.step >= 3 and not scraped:
             scraped.append(scrape(port))
 
     res = run_ray(cfg, tmp_path / "run", progress=progress)
@@ -376,16 +377,16 @@ class LiveRun:
                                 "steps": 3000, "eval_every": 1, "backend": "ray",
                                 "workers_per_role": 2})
         self.out = tmp / "live"
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self.port: int | None = None
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _progress(self, ev: dict[str, Any]) -> None:
+    def _progress(self, ev: Event) -> None:
         self.events.append(ev)
-        if ev["kind"] == "info":
-            found = re.fullmatch(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", ev["text"])
+        if isinstance(ev, InfoEvent):
+            found = re.fullmatch(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", ev.text)
             if found:
                 self.port = int(found.group(1))
         if self.stop.is_set():

@@ -21,6 +21,7 @@ from sampa_ray.cli import main
 from sampa_ray.config import LATER_FIELDS, RUNTIME_FIELDS, make_config
 from sampa_ray.engine import GradientEngine, build_replica
 from sampa_ray.errors import UserError
+from sampa_ray.events import RoundEvent
 from sampa_ray.flat import FlatParams, flat_buffers
 from sampa_ray.local import LocalExecutor, run_local
 from sampa_ray.recipes import PAPER
@@ -133,9 +134,9 @@ def test_the_lr_follows_the_per_epoch_cosine(recipe_run) -> None:
 
 def test_every_update_uses_its_epochs_rate(tmp_path: Path) -> None:
     cfg = _small(lr=0.2, lr_schedule="cosine-epoch", steps=12, batch_size=256)  # 5 a epoch
-    events: list[dict] = []
+    events: list[Any] = []
     run_local(cfg, tmp_path, progress=events.append)
-    lrs = [e["lr"] for e in events if e["kind"] == "round"]  # the update each round made
+    lrs = [e.lr for e in events if isinstance(e, RoundEvent)]  # the update each round made
     want = [0.2 * (1 + math.cos(math.pi * (s // 5) / 3)) / 2 for s in range(12)]
     assert lrs[1:] == pytest.approx(want, abs=1e-12)  # round 0 is the bootstrap
 

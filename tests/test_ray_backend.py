@@ -9,6 +9,7 @@ import torch
 from conftest import assert_same_final, keep_checkpoints_upto, load_final
 
 from sampa_ray.config import make_config
+from sampa_ray.events import InfoEvent
 from sampa_ray.local import run_local
 from sampa_ray.ray import run_ray, run_ray_many
 
@@ -175,8 +176,8 @@ def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
     run_local(cfg, tmp_path / "local")
     assert torch.equal(load_final(tmp_path / "local")["x"], load_final(tmp_path / "ray")["x"])
     assert r["collective"]["backend"] is None and "nccl" in r["collective"]["fallback"].lower()
-    said = [e["text"] for e in events if e.get("kind") == "info"
-            and e["text"].startswith("collective:")]
+    said = [e.text for e in events if isinstance(e, InfoEvent)
+            and e.text.startswith("collective:")]
     assert len(said) == 1 and "object store" in said[0], said
 
 

@@ -283,8 +283,9 @@ def test_a_failed_background_write_stops_the_loop(tmp_path: Path,
     import asyncio
 
     import sampa_ray.outdir as outdir
+    from sampa_ray.events import RoundEvent
     from sampa_ray.local import LocalExecutor
-    from sampa_ray.loop import Plan, make_algorithm, train_loop
+    from sampa_ray.loop import Hooks, Plan, make_algorithm, train_loop
     from sampa_ray.results import Recorder
 
     real_replace = os.replace
@@ -305,9 +306,12 @@ def test_a_failed_background_write_stops_the_loop(tmp_path: Path,
     steps: list[int] = []
     with pytest.raises(UserError, match=r"ckpt-00000010\.pt: No space left on device \(ENOSPC\)"
                        r"; run stopped, ckpt-00000005 is the newest") as info:
-        asyncio.run(train_loop(cfg, ex, ex.engines[0].initial_point(),
-                               Plan.of(cfg, ex.engines[0].info()["batches_per_epoch"]), rec,
-                               lambda ev: steps.append(ev.get("step", 0)), checkpoint=ck))
+        plan = Plan.of(cfg, ex.engines[0].info()["batches_per_epoch"])
+        asyncio.run(train_loop(
+            make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch), ex,
+            ex.engines[0].initial_point(), plan, rec,
+            Hooks(progress=lambda ev: steps.append(ev.step if isinstance(ev, RoundEvent)
+                                                   else 0), checkpoint=ck)))
     assert "\n" not in str(info.value)
     assert max(steps) <= 12  # stopped within an update or two of the failure (not at 30)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [

@@ -17,8 +17,9 @@ from conftest import num_batches_tracked, same_tensors
 from sampa_ray.algorithms import BUILTIN, SAM, SGD, SAMPa
 from sampa_ray.config import TrainConfig, make_config
 from sampa_ray.engine import GradientEngine
+from sampa_ray.events import EpochEvent, Event, RoundEvent
 from sampa_ray.local import LocalExecutor, run_local
-from sampa_ray.loop import Plan, train_loop
+from sampa_ray.loop import Hooks, Plan, make_algorithm, train_loop
 from sampa_ray.results import Recorder
 
 ALGOS = BUILTIN
@@ -46,6 +47,11 @@ def _cfg(algo: str, **over: Any) -> TrainConfig:
             **over,
         }
     )
+
+
+def _algo(cfg: TrainConfig, plan: Plan) -> Any:
+    """The configured algorithm over the plan's updates, as a backend hands it to the loop."""
+    return make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +239,7 @@ def test_batchnorm_policy_in_the_executor(algo: str, runs: dict) -> None:
     assert ex.stats is ex.engines[stats_slot]
     x0 = ex.engines[0].initial_point()
     plan = Plan.of(cfg, ex.engines[0].info()["batches_per_epoch"])
-    state = asyncio.run(train_loop(cfg, ex, x0, plan, Recorder(STATS_ROLE[algo])))
+    state = asyncio.run(train_loop(_algo(cfg, plan), ex, x0, plan, Recorder(STATS_ROLE[algo])))
     assert torch.equal(state.x, final["x"])
     assert same_tensors(asyncio.run(ex.buffers()), final["buffers"])
     fresh = _fresh_buffers(cfg)
@@ -262,17 +268,17 @@ def test_same_seed_same_trajectory_other_seed_another(runs: dict, tmp_path: Path
 
 def test_eval_every_and_progress_events(tmp_path: Path) -> None:
     cfg = _cfg("sgd", batch_size=128, steps=30, eval_every=2)  # 11 batches per epoch
-    events: list[dict] = []
+    events: list[Any] = []
     result = run_local(cfg, tmp_path, progress=events.append)
     rows = result["epochs"]
     assert [r["step"] for r in rows] == [11, 22, 30]
     assert rows[0]["test_accuracy"] is None
     assert rows[1]["test_accuracy"] is not None and rows[2]["test_accuracy"] is not None
     assert result["final_test_accuracy"] == rows[2]["test_accuracy"]
-    rounds = [e for e in events if e["kind"] == "round"]
-    assert [e["step"] for e in rounds] == list(range(1, 31))
-    assert all(e["total"] == 30 for e in rounds)
-    assert [e["step"] for e in events if e["kind"] == "epoch"] == [11, 22, 30]
+    rounds = [e for e in events if isinstance(e, RoundEvent)]
+    assert [e.step for e in rounds] == list(range(1, 31))
+    assert all(e.total == 30 for e in rounds)
+    assert [e.step for e in events if isinstance(e, EpochEvent)] == [11, 22, 30]
 
 
 def test_stopping_early_closes_and_evaluates_the_partial_epoch() -> None:
@@ -282,19 +288,18 @@ def test_stopping_early_closes_and_evaluates_the_partial_epoch() -> None:
     rec = Recorder("ascent")
     seen = {"step": 0}
 
-    def progress(ev: dict) -> None:
-        if ev["kind"] == "round":
-            seen["step"] = ev["step"]
+    def progress(ev: Event) -> None:
+        if isinstance(ev, RoundEvent):
+            seen["step"] = ev.step
 
     state = asyncio.run(
         train_loop(
-            cfg,
+            _algo(cfg, plan),
             ex,
             ex.engines[0].initial_point(),
             plan,
             rec,
-            progress=progress,
-            should_stop=lambda: seen["step"] >= 4,
+            Hooks(progress=progress, should_stop=lambda: seen["step"] >= 4),
         )
     )
     assert state.step == 4
@@ -350,9 +355,10 @@ def test_the_loop_offers_the_next_round_except_where_the_state_is_needed(tmp_pat
     async def checkpoint(state) -> None:
         saved.append(state.step)
 
-    state = asyncio.run(train_loop(cfg, ex, ex.engines[0].initial_point(), plan,
-                                   Recorder("extrapolated"), checkpoint=checkpoint,
-                                   hold=lambda: len(ex.offered) == 6))
+    state = asyncio.run(train_loop(_algo(cfg, plan), ex, ex.engines[0].initial_point(), plan,
+                                   Recorder("extrapolated"),
+                                   Hooks(checkpoint=checkpoint,
+                                         hold=lambda: len(ex.offered) == 6)))
     assert state.step == 25 and saved == [10, 20, 25]
     both = ("perturbed", "extrapolated")
     closed = {0, 6, 10, 20, 22, 25}  # bootstrap, held, checkpoints, epoch end, last

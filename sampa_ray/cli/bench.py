@@ -79,8 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..config import make_config
     from ..errors import UserError
     from ..ray import clean_up, connect
-    from ..study.report import write_report
     from ..study.run import prepare, run_study
+    from ..study.writeup import write_report
 
     spec = spec_from_args(args)
     prepare(spec)

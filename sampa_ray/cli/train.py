@@ -1,8 +1,9 @@
 """``sampa-ray train`` (one model) and ``sampa-ray compare`` (every built-in algorithm on the
 same setup; on Ray on the same coordinator and workers, so the comparison is like for like).
 
-Training itself is ``sampa_ray.ray.run_ray`` / ``run_ray_many`` or ``sampa_ray.local.run_local``,
-imported when a command runs so that building the parser does not load a backend.
+Training itself is ``sampa_ray.runner.run`` (the one entry ``sampa_ray.fit`` uses too), or
+``sampa_ray.ray.run_ray_many`` for ``compare`` on Ray, imported when a command runs so that
+building the parser does not load a backend.
 """
 
 from __future__ import annotations
@@ -38,21 +39,13 @@ def add_train_commands(subparsers: Any) -> None:
 
 def run_one(cfg: TrainConfig, out: Path, label: str = "",
             view: ProgressView | None = None) -> dict[str, Any]:
-    """One run on the configured backend, its progress shown live (on ``view``, where given);
-    returns its result. Its plug-ins are kept by value in ``out`` first (``sampa_ray.load``
-    rebuilds the model from them anywhere)."""
-    from ..plugins import save_parts
+    """One run (:func:`sampa_ray.runner.run`), its progress shown live (on ``view``, where
+    given); returns its result."""
+    from ..runner import run
     from ..ui import ProgressView
 
-    save_parts(cfg, out)
     with view or ProgressView(label or cfg.algo) as shown:
-        if cfg.backend == "ray":
-            from ..ray import run_ray
-
-            return run_ray(cfg, out, progress=shown)
-        from ..local import run_local
-
-        return run_local(cfg, out, progress=shown)
+        return run(cfg, out, shown)
 
 
 def preflight(cfg: TrainConfig) -> None:

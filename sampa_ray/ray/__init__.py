@@ -2,8 +2,10 @@
 worker each by default, k with ``workers_per_role``).
 
     driver (CLI / `ray job submit` entrypoint)                     driver.py
-      └─ Coordinator actor (asyncio): the run, services, outputs    coordinator.py
-           ├─ GradientWorker "perturbed"    (or perturbed-0..k-1)    worker.py, placement.py
+      └─ Coordinator actor (asyncio): supervises                   coordinator.py
+           services: metrics, gRPC (control API, data plane)       services.py
+           each configuration a Run: data path, loop, outputs      run.py
+           ├─ GradientWorker "perturbed"    (or perturbed-0..k-1)  worker.py, placement.py
            └─ GradientWorker "extrapolated" (or extrapolated-0..k-1)
 
 Workers compute gradients and know nothing of the algorithm; the coordinator decides and runs no

@@ -22,7 +22,7 @@ from .. import signals
 from ..checkpoint import list_checkpoints
 from ..config import TrainConfig
 from ..errors import RunFailed, UserError, error_line
-from ..loop import Progress
+from ..events import InfoEvent, Progress, ignore
 from ..settings import check_shared_workers
 from .coordinator import Coordinator
 from .placement import choose_placement
@@ -173,10 +173,10 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
     started = connect(base)
     pg = None
     coord = None
-    show = progress or (lambda ev: None)
+    show = progress or ignore
     try:
         placement = choose_placement(base)
-        show({"kind": "info", "text": placement.describe()})
+        show(InfoEvent(text=placement.describe()))
         need = sum(b.get("CPU", 0.0) for b in placement.bundles)
         have = ray.cluster_resources().get("CPU", 0.0)
         if _embedded and need > have:  # nothing joins an instance this process started
@@ -205,8 +205,9 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
                     coord = None
                     cfg = resumed(cfg, out)
                     where = "its newest checkpoint" if cfg.resume else "the start"
-                    show({"kind": "info", "text": f"the coordinator died; a new one continues "
-                          f"from {where} ({lost} of at most {cfg.max_restarts} restarts)"})
+                    show(InfoEvent(text=f"the coordinator died; a new one continues from "
+                                        f"{where} ({lost} of at most {cfg.max_restarts} "
+                                        "restarts)"))
             if results[-1].get("stopped_early"):
                 break  # stopped through the control API: no further runs
         return results

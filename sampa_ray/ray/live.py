@@ -3,7 +3,8 @@
 The coordinator keeps one ``live`` dict per actor. The loop's events each carry part of the
 picture (a round: step, total, loss, training accuracy; an epoch: epoch, train loss and
 accuracy; an evaluation: test accuracy); :func:`on_event` keeps the whole picture in ``live``
-and fills in what an event lacks from it, so a watcher sees every field on every event.
+and gives the event's fields for the wire with what it lacks filled in from it, so a watcher
+sees every field on every event.
 :func:`status` adds how fresh that picture is: the age of the last round, which worker the
 coordinator is waiting on and for how long, and whether that is far longer than a round takes
 (a frozen worker, which nothing ends without ``--round-timeout``).
@@ -15,6 +16,8 @@ import math
 import time
 from collections.abc import Callable
 from typing import Any
+
+from ..events import EpochEvent, EvalEvent, Event, RoundEvent, fields_of
 
 #: a wait is "stalled" past this many seconds ...
 STALL_MIN_S = 10.0
@@ -31,36 +34,37 @@ def begin_run(live: dict[str, Any], algo: str, total: int, batches_per_epoch: in
                  "bpe": batches_per_epoch, "run_id": run_id, "round_at": time.monotonic()})
 
 
-def on_event(live: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
-    """Update ``live`` from one of the loop's events and return the event with what it lacks
-    (total, epoch, loss, training and test accuracy) filled in from ``live``."""
-    kind = ev.get("kind")
-    if kind == "eval":
-        live["test_accuracy"] = ev["test_accuracy"]
-    elif kind == "round":
-        live["step"], live["round_at"] = ev["step"], time.monotonic()
-        live["round_s"] = ev.get("round_s", 0.0)
+def on_event(live: dict[str, Any], ev: Event) -> dict[str, Any]:
+    """Update ``live`` from one of the loop's events and return the event's fields for the
+    control API (:func:`~sampa_ray.events.fields_of`) with what it lacks (total, epoch, loss,
+    training and test accuracy) filled in from ``live``."""
+    fields = fields_of(ev)
+    if isinstance(ev, EvalEvent):
+        live["test_accuracy"] = ev.test_accuracy
+    elif isinstance(ev, RoundEvent):
+        live["step"], live["round_at"] = ev.step, time.monotonic()
+        live["round_s"] = ev.round_s
         for key in ("loss", "accuracy"):
-            if ev.get(key) is not None and math.isfinite(ev[key]):
-                live[key] = ev[key]
+            if fields.get(key) is not None and math.isfinite(fields[key]):
+                live[key] = fields[key]
         if live.get("bpe"):
-            live["epoch"] = ev["step"] / live["bpe"]
-    elif kind == "epoch":
-        live["step"], live["epoch"] = ev["step"], ev["epoch"]
+            live["epoch"] = ev.step / live["bpe"]
+    elif isinstance(ev, EpochEvent):
+        live["step"], live["epoch"] = ev.step, ev.epoch
         for key in ("loss", "accuracy"):  # the epoch's means, not the last round's
-            if ev.get(key) is None and ev.get(f"train_{key}") is not None:
-                ev[key] = ev[f"train_{key}"]
+            if fields.get(f"train_{key}") is not None:
+                fields[key] = fields[f"train_{key}"]
     for key in ("total", "epoch", "loss", "accuracy", "test_accuracy"):
-        if ev.get(key) is None and live.get(key) is not None:
-            ev[key] = live[key]
-    return ev
+        if fields.get(key) is None and live.get(key) is not None:
+            fields[key] = live[key]
+    return fields
 
 
-def enqueue(events: list[dict[str, Any]], ev: dict[str, Any]) -> None:
+def enqueue(events: list[Event], ev: Event) -> None:
     """Add ``ev`` to the events the driver takes at its next poll (four times a second): a
     round replaces a round just before it, since the driver only shows the latest; epochs and
     info lines all stay. So the driver gets them in bursts, and a short run in one."""
-    if ev["kind"] == "round" and events and events[-1]["kind"] == "round":
+    if isinstance(ev, RoundEvent) and events and isinstance(events[-1], RoundEvent):
         events[-1] = ev
     else:
         events.append(ev)

@@ -43,7 +43,8 @@ arrival times, so wait is estimated from its trace: per round, the latest comput
 round minus this role's compute end (both roles' results travel the same way after compute).
 
 Layout: ``spec`` (the settings and their checks), ``run`` (running it on Ray), ``report``
-(rows, aggregation, break-even, ``bench.csv`` and ``bench.md``), ``plots``. The ``bench``
+(rows, aggregation, ``bench.csv``), ``breakeven``, ``scaling``, ``plots``, and ``writeup``
+(``bench.md`` and the files, on top of the others). The ``bench``
 command (``sampa_ray.cli.bench``) and ``benchmarks/bench_ray.py`` are front ends to these.
 """
 
@@ -57,10 +58,10 @@ from typing import Any
 _EXPORTS = {
     **dict.fromkeys(("ALGOS", "COLUMNS", "GROUP_METRICS", "KEY", "METRICS", "PARTS", "ROLES",
                      "ROUND_COLUMNS", "ROUND_METRICS", "RUN_COLUMNS", "Aggregate",
-                     "Stat", "aggregate", "algo_rows", "markdown", "round_costs", "run_row",
-                     "sampa_breakdown", "write_csv",
-                     "write_report", "write_runs_csv"),
+                     "Stat", "aggregate", "algo_rows", "round_costs", "run_row",
+                     "sampa_breakdown", "write_csv", "write_runs_csv"),
                     "report"),
+    **dict.fromkeys(("markdown", "write_report"), "writeup"),
     **dict.fromkeys(("BreakEven", "break_even", "break_evens", "describe_break_even",
                      "sweeps"), "breakeven"),
     **dict.fromkeys(("has_baseline", "has_scaling", "scaling_aggs", "scaling_table"),

@@ -1,7 +1,7 @@
 """What the study says: one row per configuration and repeat from its runs' ``result.json``
 files, medians and spread over the repeats, the break-even links (``breakeven``), the step
 time against the
-devices used, and ``bench.csv`` / ``bench_runs.csv`` / ``bench.md`` (the plots: ``plots``).
+devices used, and ``bench.csv`` / ``bench_runs.csv`` (bench.md and the plots: ``writeup``).
 
 How SAMPa's round is split is described in the package docstring (``sampa_ray.study``); the
 split is computed here from ``result.json`` alone, so a finished study can be re-reported
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ..algorithms import BUILTIN, SAMPa, baselines
-from .breakeven import break_evens, describe_break_even
 from .spec import LinkSetting
 
 #: SAMPa's roles: its round is split per role
@@ -294,7 +293,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]],
 
 
 # -- outputs --------------------------------------------------------------------------------------
-def _bw_text(a: Aggregate) -> str:
+def bw_text(a: Aggregate) -> str:
+    """The configuration's bandwidth cap for a table cell (Gbit/s, or none)."""
     return "none" if a.gbit_s is None else f"{a.gbit_s:g}"
 
 
@@ -320,77 +320,3 @@ def write_runs_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=list(RUN_COLUMNS))
         w.writeheader()
         w.writerows(algo_rows(rows))
-
-
-def markdown(aggs: Sequence[Aggregate], header: str = "") -> str:
-    """bench.md: the step-time table, SAMPa's round split and the break-even links."""
-    lines = ["# sampa-ray bench", ""]
-    if header:
-        lines += [header, ""]
-    lines += ["Median over the repeats, (min–max) in brackets. Step = wall time per parameter "
-              "update; SAM/SAMPa > 1: SAMPa's parallel gradients pay off.", "",
-              "| model | transport | data path | latency (ms) | bandwidth (Gbit/s) | repeats | "
-              "SGD step (ms) | SAM step (ms) | SAMPa step (ms) | SAM/SAMPa | SAMPa/SGD | "
-              "SAMPa transfer share |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for a in aggs:
-        s = a.stats
-        lines.append(
-            f"| {a.key['model']} | {a.key['transport']} | {a.path_label} | "
-            f"{a.key['latency_ms']:g} | {_bw_text(a)} | {a.repeats} | {s['sgd_ms'].fmt()} | "
-            f"{s['sam_ms'].fmt()} | {s['sampa_ms'].fmt()} | {s['sam_over_sampa'].fmt('.2f')} | "
-            f"{s['sampa_over_sgd'].fmt('.2f')} | {s['sampa_transfer_share'].fmt('.2f')} |")
-    lines += ["", "## SAMPa's step, split (median ms; mean of the two roles)", "",
-              "compute = forward + backward, copy = host↔device, transfer = the rest of the "
-              "role's round trip, wait = for the slower role, update = the coordinator's "
-              "update, other = the loop's overhead.", "",
-              "| configuration | compute | copy | transfer | wait | update | other | step |",
-              "|---|---|---|---|---|---|---|---|"]
-    for a in aggs:
-        s = a.stats
-        lines.append(
-            f"| {label(a)} | {s['sampa_compute_ms'].fmt('.2f')} | "
-            f"{s['sampa_copy_ms'].fmt('.2f')} | {s['sampa_transfer_ms'].fmt('.2f')} | "
-            f"{s['sampa_wait_ms'].fmt('.2f')} | {s['sampa_update_ms'].fmt('.2f')} | "
-            f"{s['sampa_other_ms'].fmt('.2f')} | {s['sampa_ms'].fmt('.2f')} |")
-    lines += ["", "## Break-even: where SAM/SAMPa drops below 1", "",
-              "Walking from the best link to the worst, the first crossing of 1 by the median "
-              "SAM/SAMPa, interpolated linearly between the two measured points around it: in "
-              "log10(bandwidth) for bandwidth, in milliseconds for latency.", "",
-              "| model | transport | data path | sweep | with | break-even |",
-              "|---|---|---|---|---|---|"]
-    by_bw, by_lat = break_evens(aggs, "bandwidth"), break_evens(aggs, "latency")
-    if not by_bw and not by_lat:
-        lines[-2:] = ["One link setting per configuration: no sweep, no break-even."]
-    for (series, lat), be in by_bw.items():
-        lines.append(f"| {' | '.join(series)} | bandwidth | latency {lat:g} ms | "
-                     f"{describe_break_even(be, 'Gbit/s')} |")
-    for (series, bw), be in by_lat.items():
-        with_ = "uncapped" if bw is None else f"{bw:g} Gbit/s"
-        lines.append(f"| {' | '.join(series)} | latency | bandwidth {with_} | "
-                     f"{describe_break_even(be, 'ms')} |")
-    from .scaling import has_scaling, scaling_table  # (it builds on this module)
-
-    if has_scaling(aggs):
-        lines += scaling_table(aggs)
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out: Path, rows: Sequence[Mapping[str, Any]], header: str = "") -> str:
-    """bench.csv, bench_runs.csv, bench.md and the plots from the per-configuration rows;
-    returns the markdown. ``scaling.png`` (step time against devices) when the data-parallel
-    baseline ran: without it there is no 2k-worker SGD or SAM to set SAMPa against."""
-    from .plots import plot_breakdown, plot_scaling, plot_speedup
-    from .scaling import has_baseline
-
-    write_csv(out / "bench.csv", rows)
-    write_runs_csv(out / "bench_runs.csv", rows)
-    aggs = aggregate(rows)
-    md = markdown(aggs, header)
-    (out / "bench.md").write_text(md)
-    plot_speedup(out / "speedup_vs_bandwidth.png", aggs, "bandwidth")
-    plot_speedup(out / "speedup_vs_latency.png", aggs, "latency")
-    plot_breakdown(out / "breakdown.png", aggs)
-    if has_baseline(aggs):
-        plot_scaling(out / "scaling.png", aggs)
-    return md

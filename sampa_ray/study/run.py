@@ -6,7 +6,7 @@ algorithm, ordered repeat by repeat: the runs share one coordinator and one set 
 (like for like: SGD and SAM on one group of k, their data-parallel baselines on all 2k, SAMPa on
 both groups), and slow drifts of the machine spread over all configurations instead of landing
 on one. Each k (``--workers-per-role``) gets its own actors: the workers' count and process
-groups are fixed for a session (``coordinator.WORKER_FIELDS``), while ``data_parallel`` may
+groups are fixed for a session (``sampa_ray.ray.run.WORKER_FIELDS``), while ``data_parallel`` may
 change from run to run on the same actors.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 
 from ..algorithms import BUILTIN
 from ..errors import UserError
+from ..events import Event, InfoEvent
 from ..outdir import prepare_out
 from .report import round_costs, run_row, step_seconds
 from .spec import CPU_MODELS, GPU_MODELS, BenchSpec, LinkSetting
@@ -61,10 +62,10 @@ class _Collector:
         self.last = 0.0
         self.shown_placement = False
 
-    def __call__(self, ev: dict[str, Any]) -> None:
-        if ev.get("kind") == "info" and ev.get("text", "").startswith("placement:") \
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, InfoEvent) and ev.text.startswith("placement:") \
                 and not self.shown_placement:
-            self.say(ev["text"])
+            self.say(ev.text)
             self.shown_placement = True
         now = time.monotonic()
         if now - self.last >= 0.5:

@@ -77,7 +77,20 @@ class RunMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        self._timing_series(self.registry)
+        self._training_series(self.registry)
+        self._fault_series(self.registry)
+        # labelled children, created once per label set (no per-round allocations after that)
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._last_step = 0
+        self._last_samples = 0
+        self._server: MetricsServer | None = None
+        self.host: str | None = None
+        self.port: int | None = None
+        self.scheme = "http"
+
+    def _timing_series(self, r: CollectorRegistry) -> None:
+        """Where a round's time and bytes go: per round, per worker, per link."""
         h, b = Histogram, TIME_BUCKETS
         self.round_seconds = h("sampa_round_seconds", "Wall time of a gradient round: requests "
                                "dispatched to the last gradient received", registry=r, buckets=b)
@@ -104,6 +117,10 @@ class RunMetrics:
         self.allreduce_bytes = Counter("sampa_group_allreduce_bytes", "Bytes each worker of a "
                                        "role group contributes to its gradient all-reduce",
                                        ["role"], registry=r)
+
+    def _training_series(self, r: CollectorRegistry) -> None:
+        """How the training goes: steps, samples, loss, accuracy, learning rate, gradient norms
+        and how parallel the rounds are."""
         self.steps = Counter("sampa_steps", "Parameter updates applied", registry=r)
         self.samples = Counter("sampa_samples", "Training samples consumed by the updates",
                                registry=r)
@@ -121,6 +138,9 @@ class RunMetrics:
         self.speedup = Gauge("sampa_speedup_vs_sequential", "Sum of the latest round's compute / "
                              "its wall time: > 1 when gradients were computed in parallel",
                              registry=r)
+
+    def _fault_series(self, r: CollectorRegistry) -> None:
+        """What went wrong and was recovered from, and which run this is."""
         self.worker_restarts = Counter("sampa_worker_restarts", "Gradient workers restarted",
                                        registry=r)
         self.retried_rounds = Counter("sampa_retried_rounds", "Rounds retried after a failure",
@@ -128,14 +148,6 @@ class RunMetrics:
         self.nonfinite_rounds = Counter("sampa_nonfinite_rounds", "Rounds whose gradient held "
                                         "a NaN or an infinity", registry=r)
         self.run = Info("sampa_run", "The run being executed", registry=r)
-        # labelled children, created once per label set (no per-round allocations after that)
-        self._children: dict[tuple[Any, ...], Any] = {}
-        self._last_step = 0
-        self._last_samples = 0
-        self._server: MetricsServer | None = None
-        self.host: str | None = None
-        self.port: int | None = None
-        self.scheme = "http"
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)

@@ -3,7 +3,7 @@
 A data path is one module with two halves:
 
 - the **coordinator half**, a :class:`DataPath` (an :class:`~sampa_ray.loop.Executor`): the loop
-  calls ``round``/``commit``/``full_state``/... on it without knowing which path runs;
+  calls ``round``/``full_state``/... on it without knowing which path runs;
 - the **worker half**, a plain class the coordinator half names in ``worker_half``: every worker
   actor hosts one (``GradientWorker.attach``), built from the worker's
   :class:`~sampa_ray.ray.worker.WorkerHost`, and the coordinator half calls its methods through

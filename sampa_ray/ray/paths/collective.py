@@ -182,11 +182,6 @@ class CollectivePath(ReplicatedPath):
         """One round's call on every worker in use."""
         return {s: self.call(s, "exchange_round", self.group) for s in self.used}
 
-    async def commit(self, skip: bool) -> None:
-        if self.group or len(self.used) == 1:
-            return  # the workers applied the round by the same rule
-        await super().commit(skip)
-
     async def full_state(self, state: AlgoState) -> AlgoState:
         if self.calls is not None:
             raise RuntimeError("the state was asked for while a round runs ahead")

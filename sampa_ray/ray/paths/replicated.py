@@ -6,8 +6,13 @@ Here each worker that serves a role keeps a replica of the algorithm state (x, m
 g_y) on its own device and applies the same deterministic update; a round moves one gradient from
 each worker to its peer (the object store hands over a reference; the bytes move once, worker to
 worker) and no points at all. The coordinator follows the same algorithm on a 0-length shadow
-state (so it knows every round's roles, batches and phases), decides each round (apply or skip),
-and pulls the real state from a replica for checkpoints, evaluation and the final outputs.
+state (so it knows every round's roles, batches and phases) and pulls the real state from a
+replica for checkpoints, evaluation and the final outputs.
+
+The verdict travels once: each gradient goes to the peers with its usable flag, and every
+replica applies or skips a round by the loop's one rule (:func:`~sampa_ray.loop.round_applies`)
+on those flags, the same facts the coordinator decides its shadow on. No decision comes back
+down; the coordinator keeps only what needs the whole run: the non-finite streak and the abort.
 
 Workers still know no algorithm: :class:`ReplicaWorker` composes an algorithm replica with the
 gradient engine inside the worker process; the engine only ever computes ∇f at a point on a batch.
@@ -31,10 +36,9 @@ from ..recovery import raise_lost
 from ..worker import WorkerHost
 from .base import DataPath, kept_gradient
 
-#: one pending round for a worker: (skipped?, roles whose gradients come from peers); skipped
-#: None: decide by the loop's rule (:func:`round_applies`), for a round the coordinator ran
-#: ahead of
-Pending = tuple[bool | None, list[str]]
+#: one pending round for a worker: the roles whose gradients (and usable flags) come from its
+#: peers; the worker applies it by the loop's rule (:func:`round_applies`)
+Pending = list[str]
 #: what a worker hands its peers: per role, the gradient (a wire array) and whether it is usable
 PeerGrads = dict[str, tuple[np.ndarray, bool]]
 
@@ -108,12 +112,11 @@ class ReplicaWorker:
         assert self.state is not None
         dev = self.engine.device
         it = iter(peer_grads)
-        for skip, peer_roles in pending:
+        for peer_roles in pending:
             # each peer ref resolves to that worker's {role: (gradient, usable)} of the round
             got = {role: next(it)[role] for role in peer_roles}
-            if skip is None:  # the loop's rule, on the same facts the coordinator sees
-                skip = not round_applies([ok for _, ok in got.values()] +
-                                         list(self.own_ok.values()))
+            # the loop's rule, on the same facts the coordinator sees
+            skip = not round_applies([ok for _, ok in got.values()] + list(self.own_ok.values()))
             self.finish_round(skip, {r: from_array(g).to(dev, non_blocking=True)
                                      for r, (g, _) in got.items()})
 
@@ -170,16 +173,14 @@ class ReplicatedPath(DataPath):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        # per worker: the rounds it has not applied yet, (skipped?, {role: gradient ref})
-        self.pending: dict[int, list[tuple[bool, dict[str, Any]]]] = {s: [] for s in self.used}
-        self.last_refs: dict[str, Any] = {}
+        # per worker: the rounds it has not applied yet, each {role: gradient ref}
+        self.pending: dict[int, list[dict[str, Any]]] = {s: [] for s in self.used}
         # the next round, dispatched before this one's results came back: (slots, calls,
-        # peer gradients each worker fetches); its workers apply this round by the rule
+        # peer gradients each worker fetches); its call applies this round first
         self.ahead: tuple[list[int], dict[int, Any], dict[int, int]] | None = None
-        self.ruled: set[int] = set()  # slots whose queued call applies the last round
 
     async def init_state(self, state: AlgoState) -> None:
-        self.ahead, self.ruled = None, set()  # a replay: what ran ahead is abandoned
+        self.ahead = None  # a replay: what ran ahead is abandoned
         tensors = {k: v.detach().cpu().numpy() for k, v in state.tensors().items()}
         await asyncio.gather(*[self.ask(s, self.call(s, "init", self.cfg.model_dump(),
                                                      self.ctx.total_steps, tensors, state.step,
@@ -192,9 +193,9 @@ class ReplicatedPath(DataPath):
         """The rounds a worker has not applied: specs, and the peers' gradient refs in order."""
         specs: list[Pending] = []
         refs: list[Any] = []
-        for skip, by_role in self.pending[slot]:
+        for by_role in self.pending[slot]:
             peer = [role for role in by_role if self.slot_of(role) != slot]
-            specs.append((skip, peer))
+            specs.append(peer)
             refs.extend(by_role[role] for role in peer)
         self.pending[slot] = []
         return specs, refs
@@ -202,13 +203,13 @@ class ReplicatedPath(DataPath):
     def _dispatch(self, slots: list[int], reqs: list[GradRequest] | None = None,
                   calls: dict[int, Any] | None = None) -> tuple[dict[int, Any], dict[int, int]]:
         """One call per slot with its pending rounds; with ``reqs`` and their ``calls`` (a
-        round still running), that round too, decided by the rule, on the peers' results."""
+        round still running), that round too."""
         out, fetched = {}, {}
         for s in slots:
             specs, refs = self._take_pending(s)
             if reqs is not None and calls is not None:
                 peer = [r.role for r in reqs if self.slot_of(r.role) != s]
-                specs.append((None, peer))
+                specs.append(peer)
                 refs.extend(calls[self.slot_of(role)][0].lead for role in peer)
             out[s] = self.call(s, "round", specs, *refs, num_returns=2)
             fetched[s] = len(refs)
@@ -229,31 +230,27 @@ class ReplicatedPath(DataPath):
         roles = {s: tuple(r.role for r in reqs if self.slot_of(r.role) == s) for s in slots}
         if probe is not None:  # metrics: gradients fetched from peers, by the slot's role
             probe.dispatched_peers({roles[s][0]: fetched[s] for s in slots})
-        self.ruled = set()
+        queued: list[int] = []  # slots whose next call (run ahead) applies this round
         if ahead is not None:  # queue the next round behind this one on every worker
-            nslots = sorted({self.slot_of(r.role) for r in ahead})
-            ncalls, nfetched = self._dispatch(nslots, reqs, calls)
-            self.ahead = (nslots, ncalls, nfetched)
-            self.ruled = set(nslots)
+            queued = sorted({self.slot_of(r.role) for r in ahead})
+            ncalls, nfetched = self._dispatch(queued, reqs, calls)
+            self.ahead = (queued, ncalls, nfetched)
         facts = await asyncio.gather(*[self.pool.wait(s, calls[s][1], roles[s], probe)
                                        for s in slots], return_exceptions=True)
         raise_lost(facts)  # a lost worker takes its replica along: the coordinator replays
         results: dict[str, GradResult] = {}
-        self.last_refs = {}
+        refs: dict[str, Any] = {}
         for s, f in zip(slots, facts, strict=True):
             for role, meta in f.items():
                 results[role] = kept_gradient(meta)
-                # that group's first rank's {role: gradient} object
-                self.last_refs[role] = calls[s][0].lead
+                # that group's first rank's {role: (gradient, usable)} object
+                refs[role] = calls[s][0].lead
+        for s in self.used:  # every other worker applies the round with its next call
+            if s not in queued:
+                self.pending[s].append(refs)
         if probe is not None:  # each gradient goes to every worker of the other groups
             probe.round_done(results, fanout=len(self.in_use) - len(self.groups[slots[0]]))
         return results
-
-    async def commit(self, skip: bool) -> None:
-        for s in self.used:
-            if s not in self.ruled:  # a queued call applies it by the same rule
-                self.pending[s].append((skip, dict(self.last_refs)))
-        self.ruled = set()
 
     async def full_state(self, state: AlgoState) -> AlgoState:
         if self.ahead is not None:

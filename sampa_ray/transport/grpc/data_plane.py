@@ -243,6 +243,24 @@ class ParameterServicer(pgrpc.ParameterServiceServicer):
         b = self.board
         t0 = time.perf_counter()
         it = aiter(messages)
+        first = await self._header(it)
+        h = first.header
+        role, round_id = h.role, b.round_id
+        b.check_open(role, round_id)
+        async with b.lock(role):
+            b.check_open(role, round_id)  # another push for this role may have finished
+            rx = await self._receive(first, it, role, round_id)
+            meta = {"step": int(h.step), "role": role, "loss": float(h.loss),
+                    "accuracy": float(h.accuracy), "timings": dict(h.timings),
+                    "bytes": rx.total, "chunks": rx.chunks,
+                    "receive_s": time.perf_counter() - t0}
+            b.commit(role, round_id, meta)
+            return ppb.PushReply(bytes=rx.total, chunks=rx.chunks)
+
+    async def _header(self, it: AsyncIterator[ppb.GradientChunk]) -> ppb.GradientChunk:
+        """The stream's first message, whose header must name a role of the open round and
+        describe the gradient this board expects (dtype, shape, size) with a finite loss."""
+        b = self.board
         try:
             first = await anext(it)
         except StopAsyncIteration:
@@ -252,7 +270,6 @@ class ParameterServicer(pgrpc.ParameterServiceServicer):
             raise Rejection(SC.INVALID_ARGUMENT, "the first message carries no header")
         h = first.header
         b.check(h.run_id, h.step, h.role)
-        role = h.role
         if h.dtype != b.grad_dtype_name:
             raise Rejection(SC.INVALID_ARGUMENT, f"header: dtype {h.dtype!r} does not match the "
                                                  f"expected {b.grad_dtype_name!r}")
@@ -264,42 +281,41 @@ class ParameterServicer(pgrpc.ParameterServiceServicer):
                                                  f"expected {b.numel}")
         if not math.isfinite(h.loss):
             raise Rejection(SC.INVALID_ARGUMENT, f"header: non-finite loss {h.loss}")
-        round_id = b.round_id
-        b.check_open(role, round_id)
-        async with b.lock(role):
-            b.check_open(role, round_id)  # another push for this role may have finished
-            rx = Receiver(b.buffer(role), max_chunk_bytes=MAX_CHUNK_BYTES)
-            msg: ppb.GradientChunk | None = first
-            index = 1
-            while msg is not None:
-                if index > 1 and msg.HasField("header"):
-                    raise Rejection(SC.INVALID_ARGUMENT, f"message {index} repeats the header")
-                if not msg.HasField("chunk"):
-                    raise Rejection(SC.INVALID_ARGUMENT, f"message {index} carries no chunk")
-                try:
-                    rx.add(msg.chunk)
-                except CodecError as err:
-                    raise Rejection(SC.INVALID_ARGUMENT, str(err)) from None
-                done = rx.take_complete()
-                bad = _first_nonfinite(done)
-                if bad is not None:
-                    at = rx.offset // rx.itemsize - done.numel() + bad
-                    raise Rejection(SC.INVALID_ARGUMENT,
-                                    f"non-finite gradient value {float(done[bad])} at element "
-                                    f"{at}")
-                b.check_open(role, round_id)
-                msg = await anext(it, None)
-                index += 1
+        return first
+
+    async def _receive(self, first: ppb.GradientChunk, it: AsyncIterator[ppb.GradientChunk],
+                       role: str, round_id: int) -> Receiver:
+        """The gradient's chunks, from the first message on, into the role's buffer: each
+        checked for non-finite values as it completes (the first one found is named), the
+        round checked still open between messages."""
+        b = self.board
+        rx = Receiver(b.buffer(role), max_chunk_bytes=MAX_CHUNK_BYTES)
+        msg: ppb.GradientChunk | None = first
+        index = 1
+        while msg is not None:
+            if index > 1 and msg.HasField("header"):
+                raise Rejection(SC.INVALID_ARGUMENT, f"message {index} repeats the header")
+            if not msg.HasField("chunk"):
+                raise Rejection(SC.INVALID_ARGUMENT, f"message {index} carries no chunk")
             try:
-                rx.finish()
+                rx.add(msg.chunk)
             except CodecError as err:
                 raise Rejection(SC.INVALID_ARGUMENT, str(err)) from None
-            meta = {"step": int(h.step), "role": role, "loss": float(h.loss),
-                    "accuracy": float(h.accuracy), "timings": dict(h.timings),
-                    "bytes": rx.total, "chunks": rx.chunks,
-                    "receive_s": time.perf_counter() - t0}
-            b.commit(role, round_id, meta)
-            return ppb.PushReply(bytes=rx.total, chunks=rx.chunks)
+            done = rx.take_complete()
+            bad = _first_nonfinite(done)
+            if bad is not None:
+                at = rx.offset // rx.itemsize - done.numel() + bad
+                raise Rejection(SC.INVALID_ARGUMENT,
+                                f"non-finite gradient value {float(done[bad])} at element "
+                                f"{at}")
+            b.check_open(role, round_id)
+            msg = await anext(it, None)
+            index += 1
+        try:
+            rx.finish()
+        except CodecError as err:
+            raise Rejection(SC.INVALID_ARGUMENT, str(err)) from None
+        return rx
 
 
 __all__ = [
