@@ -291,8 +291,9 @@ class TrainConfig(BaseModel):
     @classmethod
     def _known_algo(cls, v: str) -> str:
         from . import algorithms  # the registry (imports torch: only when a config is built)
+        from .plugins import check_name, resolve
 
-        return algorithms.known(v)
+        return algorithms.known(v, lambda path: resolve("algo", check_name("algo", path)))
 
     @field_validator("model", "dataset")
     @classmethod

@@ -12,7 +12,7 @@ optimizer every built-in algorithm hands its gradient to (``optimizer``: sgd or 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -68,18 +68,15 @@ def lookup(name: str) -> type[Algorithm]:
                          f"{', '.join(_REGISTRY)})") from None
 
 
-def known(name: str) -> str:
+def known(name: str, resolve: Callable[[str], Any]) -> str:
     """``name`` if it names an algorithm: a registered one, or an :class:`Algorithm` subclass
-    by import path (``package.module:Class``, imported and registered under that path, as a
-    model plug-in is); else ValueError (a config field's one-line error)."""
+    by import path (``package.module:Class``: ``resolve`` imports it, and it is registered
+    under that path, as a model plug-in is); else ValueError (a config field's one line)."""
     if name in _REGISTRY:
         return name
     if ":" in name:
-        from ..plugins import check_name, resolve
-
-        check_name("algo", name)
         try:
-            register(name, resolve("algo", name))
+            register(name, resolve(name))
         except TypeError as err:
             raise ValueError(str(err)) from None
         return name
