@@ -6,6 +6,7 @@ self-signed certificate."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -256,7 +257,51 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield address
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_ray_session(gcs)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_ray_session(gcs_port: int, grace_s: float = 10.0) -> None:
+    """Stop the Ray head whose GCS listens on ``gcs_port``, and that session alone: its
+    processes (found by the session name its GCS server was started with) and everything
+    below them. ``ray stop --force`` would end every Ray process on the machine, other test
+    runs' and a user's own included."""
+    import re
+    import signal
+
+    from sampa_ray.signals import descendants
+
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    session = next((m.group(1) for pid in pids
+                    if f"--gcs_server_port={gcs_port}" in (cmd := _cmdline(pid))
+                    and (m := re.search(r"--session-name=(\S+)", cmd))), None)
+    if session is None:
+        return
+    roots = [pid for pid in pids if session in _cmdline(pid) and pid != os.getpid()]
+    doomed = {*roots, *(d for r in roots for d in descendants(r) or [])}
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
+                                             not _zombie(p) for p in doomed):
+            time.sleep(0.1)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2:].startswith(b"Z")
 
 
 @pytest.fixture(scope="module")
