@@ -23,6 +23,7 @@ from ..checkpoint import list_checkpoints
 from ..config import TrainConfig
 from ..errors import RunFailed, UserError, error_line
 from ..loop import Progress
+from ..preflight import check_ray_address
 from ..settings import check_shared_workers
 from .coordinator import Coordinator
 from .placement import choose_placement
@@ -39,6 +40,8 @@ def connect(cfg: TrainConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:  # one line at once where nothing answers, before Ray's own retries
+        check_ray_address(cfg)
     try:
         try:
             if address:
