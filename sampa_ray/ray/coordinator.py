@@ -240,7 +240,8 @@ class Coordinator:
         algo = make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
         pool = WorkerPool(workers, self.infos, deadline_s=cfg.round_timeout,
                           max_retries=cfg.max_restarts, on_restart=self._on_restart,
-                          on_deadline=self._force_kill)
+                          on_deadline=self._force_kill, pg=self.pg,
+                          node_wait_s=cfg.node_loss_wait_s)
         ctx = paths.PathContext(cfg, algo, plan.total_steps, self.probe, self._say,
                                 self._grpc_endpoint())
         path = self.path = paths.select(cfg)(pool, ctx)
