@@ -194,6 +194,19 @@ class Checkpointer:
                 if self.newest is not None else "no checkpoint of this run was written")
         self.error = UserError(f"checkpoint: {what.removeprefix('out: ')}; run stopped, {left}")
 
+    async def keep_last(self) -> Path | None:
+        """Once the writes under way are done, the newest snapshot on disk: a run that stops
+        now is resumable from it even before its first checkpoint (the starting point is kept
+        in memory only). Returns the newest checkpoint on disk."""
+        await self.flush()
+        last = self.last
+        if self.newest is None and last is not None:
+            meta = {"config": self.cfg.model_dump(), "config_hash": self.cfg.hash(),
+                    "num_params": self.num_params, **last.meta}
+            await asyncio.to_thread(self._save, Checkpoint(last.step, last.phase, last.tensors,
+                                                           last.buffers, meta))
+        return self.newest
+
     async def check(self) -> None:
         """Raise the first failed write, once the writes still queued have ended (none is cut
         off half-way, so none leaves a ``.tmp``)."""

@@ -242,6 +242,17 @@ class TrainConfig(BaseModel):
     max_restarts: int = setting(
         "faults", 3, runtime=True, ge=0,
         description="worker restarts (and retries of one round) before the run gives up")
+    on_node_loss: Literal["wait", "pack"] = setting(
+        "faults", "wait", runtime=True,
+        description="a Ray node lost with workers on it, and no node in its place within "
+                    "--node-loss-wait-s: wait stops the run with one line naming the node, the "
+                    "worker and the --resume command that continues it (exit 1); pack goes on "
+                    "from the newest checkpoint on the nodes left, where they can hold every "
+                    "worker (the same trajectory)")
+    node_loss_wait_s: float = setting(
+        "faults", 60.0, runtime=True, ge=0, allow_inf_nan=False,
+        description="seconds to wait, once Ray marks a worker's node dead, for a node that can "
+                    "take its place (its workers then restart there and the run goes on)")
     link_latency_ms: float = setting(
         "faults", 0.0, runtime=True, ge=0, allow_inf_nan=False,
         description="emulated latency added to every point/gradient message (benchmarks)")

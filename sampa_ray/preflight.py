@@ -3,14 +3,16 @@
 Starting Ray takes 10 s or more, and the workers load the data only after that; a run that
 cannot work (a batch larger than the dataset, CIFAR files that are missing or not CIFAR files,
 a control API on a public address with no token, more torch threads than the machine has for
-its embedded Ray instance) should say so in one line at once, not after that wait. Everything
-here reads only the config and the files it names; the workers still check the data in full
-when they load it.
+its embedded Ray instance, a cluster address where nothing answers) should say so in one line
+at once, not after that wait. Everything here reads only the config and the files it names
+(and knocks once at the Ray address it names); the workers still check the data in full when
+they load it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 from .config import TrainConfig
 from .errors import UserError
@@ -37,7 +39,47 @@ def check_before_start(cfg: TrainConfig) -> list[str]:
                         f"of {cfg.dataset}")
     if cfg.backend == "ray":
         _check_listeners(cfg)
+        check_ray_address(cfg)
     return notes + _check_threads(cfg)
+
+
+#: seconds a Ray address gets to accept a TCP connection before it counts as not answering
+CONNECT_TIMEOUT_S = 3.0
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``);
+    None for the addresses Ray resolves itself (``auto``, ``local``) and anything else."""
+    rest = address.strip().removeprefix("ray://")
+    if rest in ("auto", "local") or "://" in rest:
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_ray_address(cfg: TrainConfig, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """The Ray address the run joins (``--address``, else ``$RAY_ADDRESS``) accepts a TCP
+    connection within ``timeout_s``: otherwise one line now, where Ray itself would retry for a
+    minute and more and then print a page."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    address = cfg.address or env
+    what = "RAY_ADDRESS" if address == env else "address"  # the CLI copies it into the config
+    endpoint = ray_endpoint(address) if address else None
+    if endpoint is None:
+        return
+    host, port = endpoint
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except socket.gaierror:
+        why = f"{host} does not resolve"
+    except OSError:
+        why = f"nothing answers at {shown}"
+    raise UserError(f"{what}: {why}; is a Ray head running there? check with: ray status "
+                    f"--address {shown}")
 
 
 def uses_plugins(cfg: TrainConfig) -> bool:
@@ -150,5 +192,6 @@ def check_threads(cfg: TrainConfig, cores: int) -> list[str]:
     return []
 
 
-__all__ = ["DIGITS_TRAIN", "RAY_WORKERS", "check_before_start", "check_plugins",
-           "check_threads", "max_train_samples", "uses_plugins"]
+__all__ = ["CONNECT_TIMEOUT_S", "DIGITS_TRAIN", "RAY_WORKERS", "check_before_start",
+           "check_plugins", "check_ray_address", "check_threads", "max_train_samples",
+           "ray_endpoint", "uses_plugins"]

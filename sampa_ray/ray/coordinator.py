@@ -117,7 +117,7 @@ class Coordinator:
         if not self.workers:
             await self.start()
         crew = Crew(self.workers, self.infos, self.placement, self._on_restart,
-                    self._force_kill)
+                    self._force_kill, self.pg)
         self.current = Run(cfg, Path(out), self.services, crew)
         try:
             return await self.current.execute()

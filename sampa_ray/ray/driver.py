@@ -19,13 +19,16 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import plugins as sampa_plugins
 from .. import signals
+from ..checkpoint import PREFIX as CKPT_PREFIX
 from ..checkpoint import list_checkpoints
 from ..config import TrainConfig
 from ..errors import RunFailed, UserError, error_line
 from ..events import InfoEvent, Progress, ignore
+from ..preflight import check_ray_address
 from ..settings import check_shared_workers
 from .coordinator import Coordinator
-from .placement import choose_placement
+from .placement import Placement, choose_placement, fits, live_resources
+from .recovery import NodeLost
 
 #: whether this process started the local Ray instance it is connected to (its processes are
 #: then this process's children, which a signal may reach along with it)
@@ -39,6 +42,8 @@ def connect(cfg: TrainConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:  # one line at once where nothing answers, before Ray's own retries
+        check_ray_address(cfg)
     try:
         try:
             if address:
@@ -177,16 +182,7 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
     try:
         placement = choose_placement(base)
         show(InfoEvent(text=placement.describe()))
-        need = sum(b.get("CPU", 0.0) for b in placement.bundles)
-        have = ray.cluster_resources().get("CPU", 0.0)
-        if _embedded and need > have:  # nothing joins an instance this process started
-            raise UserError(f"threads: the {len(placement.bundles)} workers need {need:g} CPUs "
-                            f"({placement.threads} each), the local Ray instance has {have:g}")
-        pg = placement_group(placement.bundles, strategy=placement.strategy)
-        ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
-        if not ready:
-            raise UserError(f"placement: the cluster cannot fit {placement.bundles} "
-                            f"({placement.strategy}) within {placement_timeout_s:.0f}s")
+        pg = reserve(placement, placement_timeout_s)
         results = []
         for cfg, out in runs:
             lost = 0
@@ -208,6 +204,19 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
                     show(InfoEvent(text=f"the coordinator died; a new one continues from "
                                         f"{where} ({lost} of at most {cfg.max_restarts} "
                                         "restarts)"))
+                except RayTaskError as err:  # a node lost and not replaced: stop, or pack
+                    if not isinstance(err.cause, NodeLost):
+                        raise
+                    lost += 1
+                    placement, pg = repack(err.cause, cfg, out, coord, pg, lost,
+                                           placement_timeout_s)
+                    coord = None
+                    cfg = resumed(cfg, out)
+                    step = newest_step(out)
+                    where = "the start" if step is None else f"its checkpoint at step {step}"
+                    show(InfoEvent(text=f"{err.cause}: continuing on the nodes left from "
+                                        f"{where} (the same trajectory)"))
+                    show(InfoEvent(text=placement.describe()))
             if results[-1].get("stopped_early"):
                 break  # stopped through the control API: no further runs
         return results
@@ -218,6 +227,22 @@ def run_ray_many(runs: list[tuple[TrainConfig, Path]], progress: Progress | None
     finally:
         with signals.deferred():  # a first signal now must not cut the clean-up short
             clean_up(coord, pg, started)
+
+
+def reserve(placement: Any, timeout_s: float) -> Any:
+    """The workers' placement group, ready; one line where the cluster cannot hold it."""
+    need = sum(b.get("CPU", 0.0) for b in placement.bundles)
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if _embedded and need > have:  # nothing joins an instance this process started
+        raise UserError(f"threads: the {len(placement.bundles)} workers need {need:g} CPUs "
+                        f"({placement.threads} each), the local Ray instance has {have:g}")
+    pg = placement_group(placement.bundles, strategy=placement.strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise UserError(f"placement: the cluster cannot fit {placement.bundles} "
+                        f"({placement.strategy}) within {timeout_s:.0f}s")
+    return pg
 
 
 def start_coordinator(base: TrainConfig, placement: Any, pg: Any) -> Any:
@@ -248,6 +273,54 @@ def resumed(cfg: TrainConfig, out: Path) -> TrainConfig:
     if list_checkpoints(out / "checkpoints"):
         return cfg.model_copy(update={"resume": str(out)})
     return cfg
+
+
+def repack(lost: NodeLost, cfg: TrainConfig, out: Path, coord: Any, pg: Any, losses: int,
+           timeout_s: float) -> tuple[Placement, Any]:
+    """After ``lost``: with ``--on-node-loss pack``, where the nodes left can hold every worker,
+    end the run's coordinator (its workers go with it) and placement group and return a new
+    placement and group on the nodes left (the run then resumes from its newest checkpoint);
+    otherwise :class:`RunFailed` with the one line that says what happened and how to go on."""
+    try:
+        plan: Placement | None = choose_placement(cfg)
+    except UserError:  # no placement at all (--device cuda and no GPU left)
+        plan = None
+    room = plan is not None and fits(plan, live_resources())
+    if plan is None or not room or cfg.on_node_loss != "pack" or losses > cfg.max_restarts:
+        raise RunFailed(node_lost_line(lost, cfg, out, room, losses))
+    clean_up(coord, pg, started=False)
+    try:
+        return plan, reserve(plan, timeout_s)
+    except UserError:  # the nodes left cannot hold it after all
+        raise RunFailed(node_lost_line(lost, cfg, out, False, losses)) from None
+
+
+def newest_step(out: Path) -> int | None:
+    """The step of the newest checkpoint in ``out``; None when there is none."""
+    newest = list_checkpoints(out / "checkpoints")
+    return int(newest[0].stem[len(CKPT_PREFIX):]) if newest else None
+
+
+def node_lost_line(lost: NodeLost, cfg: TrainConfig, out: Path, room: bool,
+                   losses: int) -> str:
+    """The one line of a run stopped by a lost node: which node, which workers, and the
+    command that continues it (``--resume`` places the workers on the nodes there are then);
+    ``room``: whether the nodes left can hold them."""
+    n = 2 * cfg.workers_per_role
+    step = newest_step(out)
+    if step is None:  # its checkpoints could not be written
+        return (f"{lost}; no checkpoint of the run was written, so it starts over "
+                f"(--overwrite, --out {out})")
+    go_on = f"`sampa-ray train --resume {out}` continues from its checkpoint at step {step}"
+    if cfg.on_node_loss == "pack" and room:  # packed too often
+        return (f"{lost} ({losses} losses in this run, more than --max-restarts "
+                f"{cfg.max_restarts}); {go_on}")
+    if room:
+        return (f"{lost}; {go_on} on the nodes left (they can hold its {n} workers; "
+                "--on-node-loss pack goes on there without stopping)")
+    packed = " (--on-node-loss pack: the nodes left cannot hold them)" \
+        if cfg.on_node_loss == "pack" else ""
+    return f"{lost}; {go_on} once the cluster has room for its {n} workers again{packed}"
 
 
 def coordinator_lost(err: RayActorError, outs: list[Path]) -> str:

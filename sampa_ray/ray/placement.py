@@ -123,7 +123,35 @@ def plan_placement(nodes: list[dict[str, float]], k: int, device: str,
                      each, k)
 
 
+def fits(placement: Placement, nodes: list[dict[str, float]]) -> bool:
+    """Whether nodes with these resources can hold the placement's bundles by its strategy
+    (every bundle of a placement asks for the same, so first fit decides)."""
+    free = [dict(r) for r in nodes]
+
+    def holds(node: dict[str, float], want: dict[str, float]) -> bool:
+        return all(node.get(k, 0.0) >= v - 1e-9 for k, v in want.items())
+
+    bundles = placement.bundles
+    if placement.strategy == "STRICT_PACK":
+        whole = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
+        return any(holds(r, whole) for r in free)
+    used: set[int] = set()
+    for b in bundles:
+        where = next((i for i, r in enumerate(free) if holds(r, b) and not (
+            placement.strategy == "STRICT_SPREAD" and i in used)), None)
+        if where is None:
+            return False
+        used.add(where)
+        for k, v in b.items():
+            free[where][k] = free[where].get(k, 0.0) - v
+    return True
+
+
+def live_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def choose_placement(cfg: TrainConfig) -> Placement:
     """Decide the placement from the cluster's live nodes."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return plan_placement(nodes, cfg.workers_per_role, cfg.device, cfg.threads)
+    return plan_placement(live_resources(), cfg.workers_per_role, cfg.device, cfg.threads)

@@ -11,6 +11,7 @@ uninterrupted run takes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,24 @@ from ..checkpoint import Checkpoint, Checkpointer
 from ..data.sources import check_same_data
 from ..errors import UserError
 from ..telemetry.metrics import RoundProbe
+
+
+class NodeLost(Exception):
+    """Workers' node died and no node took its place within ``--node-loss-wait-s``: ``workers``
+    (their names) were on node ``node_id`` (address ``node_ip``). It leaves the coordinator (the
+    driver decides: stop with one line, or go on on the nodes left), so its arguments are its
+    fields (it pickles)."""
+
+    def __init__(self, workers: list[str], node_id: str, node_ip: str, waited_s: float) -> None:
+        super().__init__(workers, node_id, node_ip, waited_s)
+        self.workers, self.node_id, self.node_ip, self.waited_s = (workers, node_id, node_ip,
+                                                                     waited_s)
+
+    def __str__(self) -> str:
+        many = "s" if len(self.workers) > 1 else ""
+        return (f"node {self.node_id} ({self.node_ip}) was lost with worker{many} "
+                f"{', '.join(self.workers)} and no node took its place within "
+                f"{self.waited_s:g}s")
 
 
 class WorkerLost(Exception):
@@ -67,18 +86,23 @@ class WorkerPool:
     bringing lost workers back. ``infos`` (one dict per worker, as ``info()`` reports) is kept
     current across restarts. ``on_restart(slot)`` is awaited once a worker is back (the
     coordinator gives it its run settings and data path); ``on_deadline(slot)`` is called before
-    a late worker is killed."""
+    a late worker is killed. A worker whose node died comes back only once a node takes that
+    node's place in the placement group ``pg``: that is waited for ``node_wait_s`` seconds
+    (:class:`NodeLost` after that)."""
 
     def __init__(self, workers: list[Any], infos: list[dict[str, Any]], *,
                  deadline_s: float | None = None, max_retries: int = 3,
                  on_restart: Callable[[int], Awaitable[None]] | None = None,
-                 on_deadline: Callable[[int], None] | None = None) -> None:
+                 on_deadline: Callable[[int], None] | None = None,
+                 pg: Any = None, node_wait_s: float = 60.0) -> None:
         self.workers = workers
         self.infos = infos
         self.deadline_s = deadline_s
         self.max_retries = max_retries
         self.on_restart = on_restart
         self.on_deadline = on_deadline
+        self.pg = pg
+        self.node_wait_s = node_wait_s
         #: by slot: the model buffers a restarted worker gets back (its last trajectory pass)
         self.last_buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.restarts = 0
@@ -138,9 +162,12 @@ class WorkerPool:
             waiting.pop(key, None)
 
     async def recover(self, slot: int, timeout_s: float = 180.0) -> None:
-        """Wait for Ray to restart the worker, then give it back its buffers and run."""
+        """Wait for Ray to restart the worker, then give it back its buffers and run. When its
+        node died, Ray restarts it only where a node takes that node's place: that has
+        ``node_wait_s`` (:class:`NodeLost`), the restart there ``timeout_s`` again."""
         w = self.workers[slot]
         deadline = time.time() + timeout_s
+        node = NodeWatch(self, slot)
         while True:
             try:
                 info = await w.info.remote()
@@ -152,6 +179,8 @@ class WorkerPool:
                                 info["dataset"])
                 break
             except RayActorError:
+                if node.replaced():  # its node died and another took its place: restart there
+                    deadline = time.time() + timeout_s
                 if time.time() > deadline:
                     raise UserError(f"worker {self.name(slot)} did not come back within "
                                     f"{timeout_s:.0f}s") from None
@@ -181,23 +210,76 @@ class WorkerPool:
                 await self.recover(slot)
 
 
+def live_nodes() -> dict[str, dict[str, Any]]:
+    """The cluster's nodes by id (``ray.nodes()`` entries), dead ones included."""
+    return {n["NodeID"]: n for n in ray.nodes()}
+
+
+class NodeWatch:
+    """Whether the node of a worker being waited for died, and whether a node took its place
+    in the placement group: then Ray restarts the worker there. Raises :class:`NodeLost` when
+    none did within the pool's ``node_wait_s`` of the death being noticed."""
+
+    def __init__(self, pool: WorkerPool, slot: int) -> None:
+        self.pool, self.slot = pool, slot
+        self.node_id = str(pool.infos[slot].get("node_id", ""))
+        self.dead_since: float | None = None  # when the node was seen dead
+        self.ip = "?"
+
+    def replaced(self) -> bool:
+        """True once, when the dead node's bundles are placed again (a node took its place)."""
+        if self.dead_since is None:
+            node = live_nodes().get(self.node_id)
+            if node is None or node.get("Alive", True):
+                return False  # alive (or unknown): an ordinary restart
+            self.dead_since = time.monotonic()
+            self.ip = str(node.get("NodeManagerAddress", "?"))
+        if self.pool.pg is not None and placed(self.pool.pg, self.node_id):
+            self.dead_since = None
+            self.node_id = ""  # the restart has the ordinary timeout from here
+            return True
+        waited = time.monotonic() - self.dead_since
+        if waited > self.pool.node_wait_s:
+            names = [self.pool.name(i) for i, info in enumerate(self.pool.infos)
+                     if info.get("node_id") == self.node_id]
+            raise NodeLost(names or [self.pool.name(self.slot)], self.node_id, self.ip,
+                           self.pool.node_wait_s)
+        return False
+
+
+def placed(pg: Any, dead: str) -> bool:
+    """Whether every bundle of placement group ``pg`` has a node again, none of them the dead
+    node ``dead`` (Ray may mark the node dead a moment before it moves the group)."""
+    from ray.util import placement_group_table
+
+    table = placement_group_table(pg)
+    return table.get("state") == "CREATED" and dead not in table.get(
+        "bundles_to_node_id", {}).values()
+
+
 async def with_replay(train: Callable[[Checkpoint | None], Awaitable[AlgoState]],
                       resume: Checkpoint | None, pool: WorkerPool, checkpointer: Checkpointer,
                       max_restarts: int, say: Callable[[str], None]) -> AlgoState:
     """Run ``train`` (the loop, from ``resume``); when a worker is lost with state that lived
     only in the workers, bring the workers back and replay from the newest snapshot
-    (``checkpointer.last``), at most ``max_restarts`` times."""
+    (``checkpointer.last``), at most ``max_restarts`` times. A lost node that nothing
+    replaced (:class:`NodeLost`) ends the run with its newest snapshot on disk."""
     replays = 0
     while True:
         try:
-            return await train(resume)
-        except (WorkerLost, RayActorError) as err:
-            replays += 1
-            if replays > max_restarts:
-                raise UserError(f"{err}; {replays} times in this run, giving up") from None
-            await pool.bring_back(err)
-            pool.retried_rounds += 1
-            resume = checkpointer.last
-            assert resume is not None
-            what = err if isinstance(err, WorkerLost) else "a worker went down"
-            say(f"{what}: restarted; replaying from step {resume.step}")
+            try:
+                return await train(resume)
+            except (WorkerLost, RayActorError) as err:
+                replays += 1
+                if replays > max_restarts:
+                    raise UserError(f"{err}; {replays} times in this run, giving up") from None
+                await pool.bring_back(err)
+                what = err if isinstance(err, WorkerLost) else "a worker went down"
+        except NodeLost:  # the run stops here: what goes on resumes from disk
+            with contextlib.suppress(UserError):  # a failed write: the older ones are left
+                await checkpointer.keep_last()
+            raise
+        pool.retried_rounds += 1
+        resume = checkpointer.last
+        assert resume is not None
+        say(f"{what}: restarted; replaying from step {resume.step}")

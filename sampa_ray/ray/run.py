@@ -47,6 +47,8 @@ class Crew:
     placement: Placement
     on_restart: Callable[[int], Awaitable[None]]
     on_deadline: Callable[[int], None]
+    #: the workers' placement group: a lost node's replacement is waited for in it
+    pg: Any = None
 
 
 class Run:
@@ -106,7 +108,8 @@ class Run:
         algo = make_algorithm(cfg, plan.total_steps, plan.batches_per_epoch)
         pool = WorkerPool(self.crew.workers, infos, deadline_s=cfg.round_timeout,
                           max_retries=cfg.max_restarts, on_restart=self.crew.on_restart,
-                          on_deadline=self.crew.on_deadline)
+                          on_deadline=self.crew.on_deadline, pg=self.crew.pg,
+                          node_wait_s=cfg.node_loss_wait_s)
         ctx = paths.PathContext(cfg, algo, plan.total_steps, services.probe, services.say,
                                 services.grpc_endpoint())
         path = self.path = paths.select(cfg)(pool, ctx)
