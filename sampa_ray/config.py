@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import datapaths
 from .errors import UserError, validation_line
 from .plugins import ALIASES, BUILTIN_DATASETS, BUILTIN_MODELS
 from .settings import fields_where, lift_args, lr_at, setting, trajectory_hash
@@ -169,12 +170,12 @@ class TrainConfig(BaseModel):
         "placement", "ray", runtime=True,
         description="ray: workers as Ray actors; local: both workers in this process, one after "
                     "the other")
-    transport: Literal["ray", "grpc"] = setting(
-        "placement", "ray", runtime=True,
+    transport: str = setting(
+        "placement", "ray", runtime=True, choices=datapaths.transports,
         description="ray backend: how points and gradients travel (Ray's object store, or gRPC "
                     "streams to the coordinator)")
-    data_path: Literal["auto", "points", "replicated", "collective"] = setting(
-        "placement", "auto", runtime=True,
+    data_path: str = setting(
+        "placement", "auto", runtime=True, choices=lambda: ("auto", *datapaths.names()),
         description="ray backend: 'replicated' keeps the algorithm state beside the workers and "
                     "moves one gradient per worker per round, worker to worker through Ray's "
                     "object store; 'collective' does the same over torch.distributed (NCCL between"
@@ -324,17 +325,12 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.dataset in ("cifar10", "cifar100") and not self.data_dir:
             raise ValueError("data_dir: required for dataset " + self.dataset)
-        if self.transport == "grpc" and self.data_path in ("replicated", "collective"):
-            raise ValueError(f"data_path: {self.data_path} moves gradients between workers, "
-                             "not through the coordinator; with --transport grpc use points "
-                             "(or auto)")
-        if self.workers_per_role > 1 or self.data_parallel:  # role groups of several workers
-            what = "data_parallel" if self.data_parallel else "workers_per_role"
+        grouped = self.workers_per_role > 1 or self.data_parallel  # groups of several workers
+        what = "data_parallel" if self.data_parallel else "workers_per_role"
+        datapaths.check(self.data_path, self.transport, what if grouped else None)
+        if grouped:
             if self.backend == "local":
                 raise ValueError(f"{what}: role groups of several workers need the ray backend")
-            if self.transport == "grpc":
-                raise ValueError(f"{what}: the gRPC data plane serves one worker per role; "
-                                 "with role groups use --transport ray")
             size = self.workers_per_role * (2 if self.data_parallel else 1)
             if self.batch_size < size:
                 raise ValueError(f"batch_size: {self.batch_size} cannot be shared by a group of "
@@ -366,9 +362,7 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_data_path(self) -> str:
-        if self.data_path != "auto":
-            return self.data_path
-        return "points" if self.transport == "grpc" else "replicated"
+        return datapaths.check(self.data_path, self.transport).name
 
     def hash(self) -> str:
         """Hash of the fields that define the trajectory (not where outputs go or how it runs)."""

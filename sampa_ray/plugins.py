@@ -126,21 +126,22 @@ def install(objects: dict[str, Any]) -> None:
 def shipped() -> dict[str, dict[str, Any]]:
     """What a Ray coordinator and its workers need from this process: the algorithms registered
     beyond the built-ins, and the plug-in objects, by name."""
-    from . import algorithms  # imports torch: only where a run starts
+    from . import algorithms, datapaths  # imports torch: only where a run starts
 
     return {"algorithms": {n: c for n, c in algorithms.registered().items()
                            if n not in algorithms.BUILTIN},
-            "objects": registered()}
+            "paths": datapaths.registered(), "objects": registered()}
 
 
 def install_shipped(bundle: dict[str, dict[str, Any]] | None) -> None:
     """Register, in a coordinator or a worker, what :func:`shipped` gave the driver."""
     if not bundle:
         return
-    from . import algorithms
+    from . import algorithms, datapaths
 
     for name, cls in bundle.get("algorithms", {}).items():
         algorithms.register(name, cls)
+    datapaths.install(bundle.get("paths", {}))
     install(bundle.get("objects", {}))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -21,7 +22,8 @@ GROUPS: tuple[str, ...] = ("algorithm", "optimizer", "model", "data", "loss", "s
 
 
 def setting(group: str, default: Any = PydanticUndefined, *, runtime: bool = False,
-            worker: bool = False, later: bool = False, flag: bool = True, **kw: Any) -> Any:
+            worker: bool = False, later: bool = False, flag: bool = True,
+            choices: Callable[[], tuple[str, ...]] | None = None, **kw: Any) -> Any:
     """A config field, with what it is:
 
     - ``group``: where ``--help`` lists its flag (one of :data:`GROUPS`);
@@ -31,10 +33,12 @@ def setting(group: str, default: Any = PydanticUndefined, *, runtime: bool = Fal
       workers (``compare``, the study) must agree on it;
     - ``later``: a trajectory field added after runs were first hashed: left out of the hash at
       its default, so a run that does not use it keeps its hash and its checkpoints;
-    - ``flag``: the CLI has a ``--flag`` for it (mappings get ``--x-arg KEY=VALUE`` instead).
+    - ``flag``: the CLI has a ``--flag`` for it (mappings get ``--x-arg KEY=VALUE`` instead);
+    - ``choices``: where the values come from a registry (data paths, transports), the
+      function that lists them, for the flag's choices (a ``Literal`` gives its own).
     """
     extra = {"group": group, "runtime": runtime, "worker": worker, "later": later,
-             "flag": flag}
+             "flag": flag, "choices": choices}
     return Field(default, json_schema_extra=extra, **kw)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_same_final
 
-from sampa_ray import algorithms
+from sampa_ray import algorithms, datapaths
 from sampa_ray.algorithms import Algorithm, AlgoState, GradRequest
 from sampa_ray.config import make_config
 from sampa_ray.engine import GradientEngine
@@ -85,16 +85,33 @@ def test_a_registered_algorithm_runs_locally(registered, tmp_path) -> None:
     assert result["algorithm"]["algo"] == "twobatch"
 
 
+@pytest.fixture
+def echo_path() -> Iterator[None]:
+    """A data path defined here: its coordinator half is this file's class, its worker half
+    the replicated path's; one registration line makes it ``--data-path echo``."""
+    from sampa_ray.ray.paths.replicated import ReplicatedPath
+
+    class EchoPath(ReplicatedPath):
+        name = "echo"
+
+    datapaths.register_path("echo", "ray", EchoPath)
+    yield
+    datapaths.unregister_path("echo", "ray")
+
+
 @pytest.mark.usefixtures("ray_local")
-def test_a_registered_algorithm_runs_on_every_ray_data_path(registered, tmp_path) -> None:
+def test_a_registered_algorithm_runs_on_every_ray_data_path(registered, echo_path,
+                                                            tmp_path) -> None:
     """Defined in this file, shipped to the coordinator and the workers by value: each data
-    path ends on the local run's parameters bit for bit."""
+    path, the one registered here too, ends on the local run's parameters bit for bit."""
     from sampa_ray.ray import run_ray_many
 
     local = make_config({**BASE, "backend": "local"})
     run_local(local, tmp_path / "local")
     ref = torch.load(tmp_path / "local" / "final.pt", weights_only=True)
-    combos = [("points", "ray"), ("replicated", "ray"), ("collective", "ray"), ("points", "grpc")]
+    assert "echo" in datapaths.names("ray") and "echo" not in datapaths.names("grpc")
+    combos = [("points", "ray"), ("replicated", "ray"), ("collective", "ray"), ("points", "grpc"),
+              ("echo", "ray")]
     cfgs = [make_config({**BASE, "backend": "ray", "data_path": p, "transport": t})
             for p, t in combos]
     results = run_ray_many([(c, tmp_path / f"ray{i}") for i, c in enumerate(cfgs)])

@@ -93,6 +93,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type[TrainConfig] = TrainC
         group = groups.get(meta(cls, name).get("group", ""), p)
         flag, help_ = "--" + name.replace("_", "-"), flag_help(name, cls)
         _, choices = _flag_type(cls.model_fields[name].annotation)
+        listed = meta(cls, name).get("choices")
+        choices = tuple(listed()) if callable(listed) else choices
         if typ is _yes_no:  # ``--flag`` alone means true; ``--flag false`` is explicit
             group.add_argument(flag, dest=name, type=typ, default=None, nargs="?", const=True,
                                metavar="true|false", help=help_)

@@ -158,8 +158,9 @@ def plugins() -> dict[str, dict[str, Any]]:
     (model, dataset, loss) resolved or registered here. They travel to the coordinator and the
     workers by value (their module need not be importable there)."""
     bundle = sampa_plugins.shipped()
-    sampa_plugins.by_value([*bundle["algorithms"].values(), *bundle["objects"].values()],
-                           ray.cloudpickle)
+    halves = [e.half for e in bundle["paths"].values() if not isinstance(e.half, str)]
+    sampa_plugins.by_value([*bundle["algorithms"].values(), *bundle["objects"].values(),
+                            *halves], ray.cloudpickle)
     return bundle
 
 

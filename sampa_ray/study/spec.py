@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import datapaths
 from ..errors import UserError
 from ..outdir import stamped
 
 CPU_MODELS = ("resnet20", "resnet56")
 GPU_MODELS = ("resnet20", "resnet56", "wrn28_2", "wrn28_10")
-TRANSPORTS = ("ray", "grpc")
-DATA_PATHS = ("points", "replicated", "collective")
+#: the transports and data paths (the one list of them: ``sampa_ray.datapaths``)
+TRANSPORTS = datapaths.transports()
+DATA_PATHS = datapaths.names()
 WIRE_DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 #: ``--baseline``: none, or ddp (SGD and SAM data-parallel over all 2k workers, beside SAMPa)
@@ -78,8 +80,7 @@ class BenchSpec:
     def combos(self, k: int = 1) -> list[tuple[str, str]]:
         """(transport, data path) pairs that exist: gRPC carries points only, and serves one
         worker per role, so role groups (``k`` > 1) run on the ray transport alone."""
-        return [(t, p) for t in self.transports for p in self.data_paths
-                if not (t == "grpc" and (p != "points" or k > 1))]
+        return datapaths.combos(self.transports, self.data_paths, grouped=k > 1)
 
     def algos(self, transport: str) -> list[str]:
         """The algorithms of one configuration: SGD, SAM and SAMPa, and with ``--baseline ddp``

@@ -14,22 +14,21 @@ as an executor, and the worker half each worker actor hosts. The coordinator pic
 
 from __future__ import annotations
 
+import importlib
+
+from ... import datapaths
 from ...config import TrainConfig
 from .base import DataPath, GrpcEndpoint, PathContext
-from .collective import CollectivePath
-from .grpc import GrpcPath
-from .points import PointsPath
-from .replicated import ReplicatedPath
-
-PATHS: dict[str, type[DataPath]] = {"points": PointsPath, "replicated": ReplicatedPath,
-                                    "collective": CollectivePath}
 
 
 def select(cfg: TrainConfig) -> type[DataPath]:
-    """The coordinator half for the configured data path and transport."""
-    if cfg.transport == "grpc":
-        return GrpcPath
-    return PATHS[cfg.resolved_data_path]
+    """The coordinator half of the configured data path on the configured transport (the one
+    list of them: :mod:`sampa_ray.datapaths`)."""
+    half = datapaths.check(cfg.data_path, cfg.transport).half
+    if isinstance(half, str):
+        module, _, name = half.partition(":")
+        half = getattr(importlib.import_module(module), name)
+    return half
 
 
-__all__ = ["PATHS", "DataPath", "GrpcEndpoint", "PathContext", "select"]
+__all__ = ["DataPath", "GrpcEndpoint", "PathContext", "select"]
