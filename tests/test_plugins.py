@@ -363,8 +363,10 @@ def test_bf16_autocast_trains_the_default_model_close_to_fp32(tmp_path: Path,
     a, b = _x(tmp_path / "fp32"), _x(tmp_path / "bf16")
     assert a.dtype == b.dtype == torch.float32  # fp32 parameters either way
     assert not torch.equal(a, b)  # the passes really ran in bf16 ...
-    # ... and trained to nearly the same place
-    outcome("relative distance bf16 to fp32", float((a - b).norm() / a.norm()), "<", 0.05)
+    # ... and trained to nearly the same place: 0.033 (AVX-512), 0.042 (AVX2 and default
+    # kernels: bf16 is emulated there), so the bar sits at twice the largest; two unrelated
+    # trainings are about 1.4 apart
+    outcome("relative distance bf16 to fp32", float((a - b).norm() / a.norm()), "<", 0.08)
     outcome("bf16 test accuracy", bf16.test_accuracy, ">", 0.8)
     outcome("|bf16 - fp32| test accuracy", abs(bf16.test_accuracy - fp32.test_accuracy), "<",
             0.05)
