@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError
 
 from ..algorithms import AlgoState
 from ..checkpoint import Checkpoint, Checkpointer
@@ -120,18 +120,18 @@ class WorkerPool:
         return str(self.infos[slot].get("name", slot)) if slot < len(self.infos) else str(slot)
 
     async def wait(self, slot: int, ref: Any, roles: str | tuple[str, ...] = (),
-                   probe: RoundProbe | None = None) -> Any:
+                   probe: RoundProbe | None = None, rounds: int = 1) -> Any:
         """The result of one call on worker ``slot`` (``ref``), or of one call on each member
         of a role group (a :class:`Fan`: the first rank's result, once every member is done);
         ``WorkerLost`` when a worker dies or misses the deadline (it is then killed, and Ray
         restarts it): a member's loss before the errors it caused its peers (a broken
         all-reduce). With a ``probe``, the arrival is noted for each role (metrics: transfer
-        and wait)."""
+        and wait). A call that runs ``rounds`` rounds has that many round deadlines."""
         fan = ref if isinstance(ref, Fan) else Fan([slot], [ref])
         if len(fan.refs) == 1:
-            out = await self._wait_one(fan.members[0], fan.refs[0])
+            out = await self._wait_one(fan.members[0], fan.refs[0], rounds)
         else:
-            outs = await asyncio.gather(*[self._wait_one(i, r)
+            outs = await asyncio.gather(*[self._wait_one(i, r, rounds)
                                           for i, r in zip(fan.members, fan.refs, strict=True)],
                                         return_exceptions=True)
             raise_lost(outs)
@@ -141,7 +141,7 @@ class WorkerPool:
                 probe.arrived(role)
         return out
 
-    async def _wait_one(self, slot: int, ref: Any) -> Any:
+    async def _wait_one(self, slot: int, ref: Any, rounds: int = 1) -> Any:
         waiting = self._waiting.setdefault(slot, {})
         key = id(ref)
         waiting[key] = time.monotonic()
@@ -149,12 +149,13 @@ class WorkerPool:
             return await ref
 
         try:
-            return await asyncio.wait_for(get(), timeout=self.deadline_s)
+            deadline = None if self.deadline_s is None else self.deadline_s * rounds
+            return await asyncio.wait_for(get(), timeout=deadline)
         except TimeoutError:
             if self.on_deadline is not None:
                 self.on_deadline(slot)
             ray.kill(self.workers[slot], no_restart=False)  # Ray restarts it
-            raise WorkerLost(slot, f"missed the {self.deadline_s:g}s deadline",
+            raise WorkerLost(slot, f"missed the {self.deadline_s * rounds:g}s deadline",
                              self.name(slot)) from None
         except RayActorError:
             raise WorkerLost(slot, "died", self.name(slot)) from None
@@ -269,12 +270,15 @@ async def with_replay(train: Callable[[Checkpoint | None], Awaitable[AlgoState]]
         try:
             try:
                 return await train(resume)
-            except (WorkerLost, RayActorError) as err:
+            except (WorkerLost, RayActorError, ObjectLostError) as err:
+                # ObjectLostError: a result that lived on a lost node, needed by a peer or by
+                # the coordinator after the worker that made it had returned
                 replays += 1
                 if replays > max_restarts:
                     raise UserError(f"{err}; {replays} times in this run, giving up") from None
                 await pool.bring_back(err)
-                what = err if isinstance(err, WorkerLost) else "a worker went down"
+                what = (err if isinstance(err, WorkerLost) else "a worker went down"
+                        if isinstance(err, RayActorError) else "a result was lost with its node")
         except NodeLost:  # the run stops here: what goes on resumes from disk
             with contextlib.suppress(UserError):  # a failed write: the older ones are left
                 await checkpointer.keep_last()
