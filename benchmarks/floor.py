@@ -47,20 +47,17 @@ def _worker(rank: int, model: str, batch: int, plan: list[str], barrier: Any,
     out.put((rank, times))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--blocks", type=int, default=8, help="alone/paired block pairs")
-    p.add_argument("--block-steps", type=int, default=5)
-    args = p.parse_args()
+def measure(model: str, batch: int, blocks: int = 8, block_steps: int = 5
+            ) -> tuple[float, float, int]:
+    """Median seconds of an alone step and of a paired step (the slower of two), and the
+    number of each measured."""
     warm = ["paired"] * 3
-    plan = warm + [k for _ in range(args.blocks) for k in ("alone", "paired")
-                   for _ in range(args.block_steps)]
+    plan = warm + [k for _ in range(blocks) for k in ("alone", "paired")
+                   for _ in range(block_steps)]
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args.model, args.batch_size, plan, barrier,
-                                               out)) for r in (0, 1)]
+    procs = [ctx.Process(target=_worker, args=(r, model, batch, plan, barrier, out))
+             for r in (0, 1)]
     for pr in procs:
         pr.start()
     got = dict(out.get() for _ in procs)
@@ -72,8 +69,18 @@ def main() -> None:
             alone.append(got[0][i])
         else:
             paired.append(max(got[0][i], got[1][i]))
-    a, b = statistics.median(alone), statistics.median(paired)
-    print(f"{args.model}, batch {args.batch_size}, {len(alone)} alone / {len(paired)} paired "
+    return statistics.median(alone), statistics.median(paired), len(alone)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--blocks", type=int, default=8, help="alone/paired block pairs")
+    p.add_argument("--block-steps", type=int, default=5)
+    args = p.parse_args()
+    a, b, n = measure(args.model, args.batch_size, args.blocks, args.block_steps)
+    print(f"{args.model}, batch {args.batch_size}, {n} alone / {n} paired "
           f"steps: alone {a * 1e3:.1f} ms, paired (slower of two) {b * 1e3:.1f} ms")
     print(f"floor: SAM/SAMPa <= {2 * a / b:.2f}, SAMPa/SGD >= {b / a:.2f}")
 

@@ -118,9 +118,9 @@ def install(entries: dict[tuple[str, str], Any]) -> None:
 register_transport("ray", "Ray's object store (or torch.distributed, for collective)")
 register_transport("grpc", "gRPC streams to and from the coordinator")
 register_path("points", "ray", "sampa_ray.ray.paths.points:PointsPath")
-register_path("replicated", "ray", "sampa_ray.ray.paths.replicated:ReplicatedPath",
-              default=True)
+register_path("replicated", "ray", "sampa_ray.ray.paths.replicated:ReplicatedPath")
 register_path("collective", "ray", "sampa_ray.ray.paths.collective:CollectivePath")
+register_path("free", "ray", "sampa_ray.ray.paths.free:FreePath", default=True)
 register_path("points", "grpc", "sampa_ray.ray.paths.grpc:GrpcPath", groups=False,
               default=True)
 _BUILTIN.update(_ENTRIES)

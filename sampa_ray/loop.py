@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +129,8 @@ class Executor(ABC):
     holds_state: bool = False
     #: may dispatch the next round before this one's results are in (see ``round``)
     runs_ahead: bool = False
+    #: runs chunks of rounds on its own (see ``rounds``) instead of one ``round`` at a time
+    chunks: bool = False
 
     async def init_state(self, state: AlgoState) -> None:
         """Seed the replicas (``holds_state`` executors) with the starting state."""
@@ -145,6 +147,22 @@ class Executor(ABC):
         requests, given when the workers it needs do not depend on this round's outcome and no
         checkpoint, evaluation or stop comes between: a ``runs_ahead`` executor queues it now
         (its workers apply this round first); the loop's next ``round`` call gets it."""
+
+    def chunk_end(self, step: int, bound: int) -> int:
+        """Where a chunk of rounds from update ``step`` ends (``chunks`` executors): at
+        ``bound``, the loop's next boundary, or sooner."""
+        return bound
+
+    def rounds(self, state: AlgoState, until: int, evaluate: bool = False,
+               ahead: tuple[int, bool] | None = None
+               ) -> AsyncIterator[tuple[float, dict[str, GradResult]]]:
+        """A ``chunks`` executor's rounds from ``state`` until update ``until``, run by the
+        workers on their own (each applies every round by :func:`round_applies`): per round,
+        its seconds and its results by role, in order. ``evaluate``: the evaluation at
+        ``until`` is due (the workers may start it themselves; ``start_eval`` still follows).
+        ``ahead``: the next chunk (its end and ``evaluate``), which nothing comes between:
+        it may be queued now."""
+        raise NotImplementedError(f"{type(self).__name__} runs one round at a time")
 
     @abstractmethod
     async def start_eval(self, step: int, state: AlgoState) -> None:
@@ -255,11 +273,14 @@ class _Loop:
         self.epochs_done = 0
         self.last_update = self.started = self.last_checkpoint = 0.0  # set by _start
         self.start_step = 0  # the rate shown is this session's updates over its time
+        #: the chunk of rounds queued behind the running one (its end, whether it evaluates)
+        self.queued: tuple[int, bool] | None = None
 
     async def run(self, x0: torch.Tensor, resume: Checkpoint | None) -> AlgoState:
         state = await self._start(x0, resume)
+        step = self._chunk if self.executor.chunks else self._round
         while state.step < self.plan.total_steps:
-            if not await self._round(state):
+            if not await step(state):
                 break
         return await self._finish(state)
 
@@ -307,6 +328,56 @@ class _Loop:
         if not updated:
             return True
         return await self._after_update(state, timed, ran_ahead=ahead is not None)
+
+    def bound(self, step: int) -> int:
+        """The first update after ``step`` where the loop needs the state: an epoch's end,
+        a checkpoint by count, the end of the run."""
+        plan = self.plan
+        ends = [plan.total_steps, (step // plan.batches_per_epoch + 1) * plan.batches_per_epoch]
+        if plan.checkpoint_every:
+            ends.append((step // plan.checkpoint_every + 1) * plan.checkpoint_every)
+        return min(ends)
+
+    async def _chunk(self, state: AlgoState) -> bool:
+        """A chunk of rounds the workers run on their own, up to the next boundary (or
+        sooner: the executor's ``chunk_end``), followed here round by round: the verdict on
+        the shadow, the record and the events, as :meth:`_round` does for one. False: the
+        run stops here."""
+        perf, plan, ex = time.perf_counter, self.plan, self.executor
+        timed = bool(self.interval) and perf() - self.last_checkpoint >= self.interval
+        until = self.queued[0] if self.queued is not None else \
+            ex.chunk_end(state.step, self.bound(state.step))
+        ahead = None  # the next chunk, where no checkpoint, stop or end comes before it
+        if until < plan.total_steps and not (timed or plan.checkpoint_at(until) or
+                                             self.hooks.busy()):
+            after = ex.chunk_end(until, self.bound(until))
+            ahead = (after, self._evaluates(after, 1 + plan.epoch_end(until)))
+        self.queued = ahead
+        step_s = 0.0
+        async for round_s, results in ex.rounds(state, until, self._evaluates(until), ahead):
+            t1 = perf()
+            before = state.step
+            self._decide(state, results)
+            t2 = perf()
+            self.recorder.record_round(results, round_s, t2 - t1)
+            step_s += round_s + t2 - t1
+            if state.step != before:
+                self.recorder.record_step(step_s)
+                step_s = 0.0
+                if plan.epoch_end(state.step):
+                    await self._end_epoch(state, before)
+            self._say_round(state, results, round_s, t2 - t1, t2)
+        if state.step != until:
+            raise RuntimeError(f"a chunk to update {until} ended at {state.step}")
+        self.last_update = perf()
+        return await self._after_update(state, timed, ran_ahead=ahead is not None)
+
+    def _evaluates(self, step: int, epochs: int = 1) -> bool:
+        """Whether the update ``step`` ends the ``epochs``-th epoch from here with an
+        evaluation (as :meth:`_end_epoch` decides it)."""
+        plan = self.plan
+        return plan.epoch_end(step) and ((self.epochs_done + epochs) % plan.eval_every == 0 or
+                                         step == plan.total_steps)
 
     def _decide(self, state: AlgoState, results: dict[str, GradResult]) -> None:
         """Apply the round's update, or skip it (counted; after ``max_nonfinite`` in a row

@@ -101,7 +101,7 @@ def test_help_groups_flags_and_shows_choices() -> None:
         assert group in out
     assert "--backend {local,ray}" in out
     assert "--lr-schedule {constant,cosine,cosine-epoch}" in out
-    assert "--data-path {auto,points,replicated,collective}" in out
+    assert "--data-path {auto,points,replicated,collective,free}" in out
 
 
 def test_algorithm_parameters_are_validated_by_its_params() -> None:

@@ -152,16 +152,18 @@ def test_control_api_with_tls_and_token(tmp_path):
     assert box["result"]["stopped_early"] and box["result"]["steps"] > 0
 
 
-def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path):
-    """The collective path queues each round behind the one in flight. A checkpoint asked for
-    and a stop still give the state and BatchNorm statistics of one and the same update: each
-    equals a local run of exactly that many updates (constant learning rate, so a shorter run
-    follows the same trajectory)."""
+@pytest.mark.parametrize("data_path", ["collective", "free"])
+def test_checkpoint_and_stop_while_rounds_run_ahead(tmp_path, data_path):
+    """The collective path queues each round behind the one in flight; the free path's
+    workers run chunks of rounds, the next queued behind the one running. A checkpoint asked
+    for and a stop still give the state and BatchNorm statistics of one and the same update:
+    each equals a local run of exactly that many updates (constant learning rate, so a shorter
+    run follows the same trajectory)."""
 
     from sampa_ray.checkpoint import list_checkpoints, load_checkpoint
     from sampa_ray.local import run_local
 
-    over = {"transport": "ray", "data_path": "collective", "lr_schedule": "constant",
+    over = {"transport": "ray", "data_path": data_path, "lr_schedule": "constant",
             "lam": 0.2, "checkpoint_every": 0, "keep_checkpoints": 5}
     t, box, target = start_run(tmp_path, **over)
     wait_step(target, 4)

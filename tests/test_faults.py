@@ -47,7 +47,8 @@ def kill(pid: int) -> None:
 
 @pytest.mark.parametrize("data_path,role", [("points", "extrapolated"),
                                             ("replicated", "perturbed"),
-                                            ("collective", "extrapolated")])
+                                            ("collective", "extrapolated"),
+                                            ("free", "perturbed")])
 def test_killed_worker_is_restarted_and_trajectory_is_unchanged(tmp_path, ref, data_path,
                                                                 role):
     result, infos, victim = run_with_fault(tmp_path, kill, role, data_path=data_path)
@@ -68,7 +69,7 @@ def test_both_workers_killed_at_once_on_the_collective_path(tmp_path, ref):
     assert_same_final(tmp_path / "faulty", ref)
 
 
-@pytest.mark.parametrize("data_path", ["points", "collective"])
+@pytest.mark.parametrize("data_path", ["points", "collective", "free"])
 def test_hanging_worker_is_restarted_after_the_deadline(tmp_path, ref, data_path):
     """On the collective path the frozen worker's peer is stuck in the exchange with it; the
     deadline names the frozen one, and the group is formed anew with its replacement."""

@@ -126,7 +126,7 @@ def ray_up(ray_local: None) -> None:
     return None
 
 
-@pytest.mark.parametrize("data_path", ["replicated", "collective"])
+@pytest.mark.parametrize("data_path", ["replicated", "collective", "free"])
 def test_the_replicas_skip_the_rounds_the_loop_skips(ray_up: None, tmp_path: Path,
                                                      data_path: str) -> None:
     """SAMPa on the replicas, with a NaN sample met in both roles' gradients (the

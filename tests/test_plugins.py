@@ -162,7 +162,8 @@ def test_two_ray_workers_give_the_same_gradient_on_augmented_batches(ray_up: Non
 
 # -- local == Ray, every data path -------------------------------------------------------------
 PATHS = {"points": {"data_path": "points"}, "replicated": {"data_path": "replicated"},
-         "collective": {"data_path": "collective"}, "grpc": {"transport": "grpc"}}
+         "collective": {"data_path": "collective"}, "free": {"data_path": "free"},
+         "grpc": {"transport": "grpc"}}
 
 
 @pytest.fixture(scope="module")

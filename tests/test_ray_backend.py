@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2)]
-PATHS = [("points", "ray"), ("replicated", "ray"), ("collective", "ray"), ("points", "grpc")]
+PATHS = [("points", "ray"), ("replicated", "ray"), ("collective", "ray"), ("free", "ray"),
+         ("points", "grpc")]
 WIRES = ("bf16", "fp32")
 GROUPED = ("sampa", "sgd", "sam", "sampa")
 ALGOS = ("sgd", "sam", "sampa")
@@ -125,7 +126,7 @@ def test_ray_matches_local_bitwise(shared, data_path, transport):
         assert local["final_test_accuracy"] == r["final_test_accuracy"]
         assert r["backend"] == "ray" and r["placement"]["mode"] == "cpu"
         assert r["transport"] == transport and r["data_path"] == data_path
-        if data_path == "collective":  # SAMPa's two workers formed a gloo group on CPU
+        if data_path in ("collective", "free"):  # SAMPa's two workers formed a gloo group
             assert r["collective"] == {"backend": "gloo" if cfg.algo == "sampa" else None,
                                        "fallback": None}
         assert r["gradient_rounds"] == local["gradient_rounds"] and r["steps"] == 12

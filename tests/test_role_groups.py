@@ -48,9 +48,12 @@ GROUPED = {
     ("mlp", "sampa", "replicated"): {**MLP, "algo": "sampa", "data_path": "replicated"},
     ("mlp", "sam", "collective"): {**MLP, "algo": "sam", "data_path": "collective"},
     ("mlp", "sampa", "collective"): {**MLP, "algo": "sampa", "data_path": "collective"},
+    ("mlp", "sampa", "free"): {**MLP, "algo": "sampa", "data_path": "free"},
     ("mlp", "sampa", "points"): {**MLP, "algo": "sampa", "data_path": "points"},
     ("mlp", "sam-ddp", "replicated"): {**MLP, "algo": "sam", "data_path": "replicated",
                                        "data_parallel": True},
+    ("mlp", "sam-ddp", "free"): {**MLP, "algo": "sam", "data_path": "free",
+                                 "data_parallel": True},
 }
 SYNCED = {
     ("my_task", "sync_bn"): {**MY_TASK, "sync_bn": True},

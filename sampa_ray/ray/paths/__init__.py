@@ -10,6 +10,7 @@ as an executor, and the worker half each worker actor hosts. The coordinator pic
 | ``grpc`` | gRPC stream from the coordinator | gRPC stream back | coordinator |
 | ``replicated`` | none (replicas) | worker → peer (object store) | every worker |
 | ``collective`` | none (replicas) | torch.distributed broadcast | every worker |
+| ``free`` | none (replicas) | torch.distributed, rounds run by the workers | every worker |
 """
 
 from __future__ import annotations
