@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_DISABLE_DOCKER_CPU_WARNI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 [ "${RAY_BENCH:-1}" = 0 ] || "$PY" benchmarks/bench_ray.py --device cuda --batch-size 128 --steps "${STEPS:-30}" \
   --models ${MODELS:-resnet20 resnet56 wrn28_2 wrn28_10} \
-  --data-paths ${DATA_PATHS:-points replicated collective} --repeats ${REPEATS:-2} --wire-dtypes ${WIRES:-fp32} \
+  --data-paths ${DATA_PATHS:-points replicated collective free} --repeats ${REPEATS:-2} --wire-dtypes ${WIRES:-fp32} \
   ${OUT:+--csv "$OUT/gpu_bench.csv"}
 # the system itself: SGD(k), SAM(k), SAMPa(2xk) and SGD-DDP / SAM-DDP over 2k on the same actors,
 # k = 1 and 2 (2 and 4 workers sharing the one GPU; a role group's all-reduce goes over gloo)

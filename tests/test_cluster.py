@@ -29,9 +29,11 @@ from conftest import (
 
 from sampa_ray.config import make_config
 
-STEPS = 16
+# each message waits 10 ms on the emulated link, so the 32 updates after the fault (seen at
+# step 8: the workers report a chunk of rounds at a time) take longer than losing a node
+STEPS = 40
 BASE = {"algo": "sampa", "lam": 0.2, "steps": STEPS, "threads": 1, "backend": "ray",
-        "checkpoint_every": 4, "eval_every": 10}
+        "checkpoint_every": 4, "eval_every": 10, "link_latency_ms": 10}
 #: a GPU node: 2 GPUs (declared) and a CPU for each of the workers it may hold
 NODE = {"num_cpus": 2, "num_gpus": 2, "node_ip_address": "127.0.0.1"}
 

@@ -18,8 +18,9 @@ from sampa_ray.config import make_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-# 8 batches an epoch: the fault comes at step 6, an epoch's evaluation and a whole epoch after it
-STEPS = 16
+# 8 batches an epoch: the fault comes once step 6 is seen (on the free path, whose workers report
+# a chunk of rounds at a time, step 8), with an epoch's evaluation and two whole epochs after it
+STEPS = 24
 BASE = {"algo": "sampa", "lam": 0.2, "model": "resnet20", "dataset": "synthetic",
         "synthetic_size": 128, "batch_size": 16, "steps": STEPS, "threads": 1,
         "backend": "ray", "momentum": 0.9}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_same_final, keep_checkpoints_upto, load_final
 
+from sampa_ray.checkpoint import list_checkpoints, load_checkpoint
 from sampa_ray.config import make_config
 from sampa_ray.events import InfoEvent
 from sampa_ray.local import run_local
@@ -49,6 +50,11 @@ def same_actors_cfg(algo):
 REPLICATED = make_config({"algo": "sampa", "lam": 0.2, "steps": 14, "batch_size": 32,
                           "threads": 1, "backend": "ray", "data_path": "replicated",
                           "checkpoint_every": 5, "keep_checkpoints": 5})
+#: the free path's chunks end at epochs (every other one evaluated), checkpoints by count and
+#: the end: 44 batches an epoch
+FREE = make_config({"algo": "sampa", "lam": 0.2, "steps": 92, "batch_size": 32, "threads": 1,
+                    "backend": "ray", "data_path": "free", "eval_every": 2,
+                    "checkpoint_every": 20, "keep_checkpoints": 10})
 
 
 def planned(transport):
@@ -66,6 +72,7 @@ def planned(transport):
     if transport == "ray":
         runs.update({("same", a): same_actors_cfg(a) for a in ALGOS})
         runs[("replicated",)] = REPLICATED
+        runs[("free",)] = FREE
     return runs
 
 
@@ -166,12 +173,14 @@ def test_collective_runs_after_a_grouped_run_on_the_same_actors(shared):
         assert torch.equal(load_final(local_out)["x"], load_final(out)["x"])
 
 
-def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path):
+@pytest.mark.parametrize("data_path", ["collective", "free"])
+def test_collective_without_a_group_falls_back_to_the_object_store(tmp_path, data_path):
     """NCCL asked for on a CPU-only machine: the group cannot be formed, the run says why once
-    and moves the gradients through Ray's object store instead, on the same trajectory."""
+    and moves the gradients through Ray's object store instead (the free path: one round per
+    call, as the replicated path), on the same trajectory."""
     events = []
     cfg = make_config({"algo": "sampa", "lam": 0.2, "steps": 6, "batch_size": 32,
-                       "threads": 1, "backend": "ray", "data_path": "collective",
+                       "threads": 1, "backend": "ray", "data_path": data_path,
                        "collective_backend": "nccl"})
     r = run_ray(cfg, tmp_path / "ray", progress=events.append)
     run_local(cfg, tmp_path / "local")
@@ -192,6 +201,29 @@ def test_replicas_agree_and_resume(shared, tmp_path):
     keep_checkpoints_upto(full, part, 5)
     run_ray(REPLICATED.model_copy(update={"resume": str(part)}), part)
     assert torch.equal(load_final(full)["x"], load_final(part)["x"])
+
+
+def test_free_chunks_stop_where_the_loop_needs_the_state(shared, tmp_path):
+    """On the free path the workers run chunks of rounds; the chunks end at every epoch (the
+    evaluations are the local run's, every other epoch), at every checkpoint (the same steps,
+    each resumable to the uninterrupted end) and at the run's end, bit for bit as the local
+    run, in far fewer calls than rounds."""
+    r, full = shared.ray("ray", ("free",))
+    local, local_out = shared.local(("free",), FREE.model_copy(update={"backend": "local"}))
+    assert_same_final(full, local_out)
+    evals = [(e["step"], e.get("test_accuracy")) for e in r["epochs"]]
+    assert evals == [(e["step"], e.get("test_accuracy")) for e in local["epochs"]]
+    assert [s for s, acc in evals if acc is not None] == [88, 92]  # epoch 2 and the end
+    steps = [c.step for c in map(load_checkpoint, list_checkpoints(full / "checkpoints"))]
+    assert steps == [c.step for c in map(load_checkpoint,
+                                         list_checkpoints(local_out / "checkpoints"))]
+    assert {40, 60, 80, 92} <= set(steps)
+    assert r["chunks"]["rounds"] == r["gradient_rounds"] == 93  # the bootstrap round, then 92
+    assert r["chunks"]["count"] <= 16
+    part = tmp_path / "part"
+    keep_checkpoints_upto(full, part, 40)
+    run_ray(FREE.model_copy(update={"resume": str(part)}), part)
+    assert_same_final(part, local_out)
 
 
 def test_sampa_workers_compute_at_the_same_time(tmp_path):

@@ -81,7 +81,6 @@ class FreePath(CollectivePath):
 
     worker_half = FreeWorker
     name = "free"
-    runs_ahead = False
     #: the longest a chunk runs (seconds, as estimated from the rounds so far)
     chunk_s = 0.5
     #: the updates of the first chunk, before any round has been timed
@@ -94,11 +93,20 @@ class FreePath(CollectivePath):
         self.queued: tuple[int, int, bool, dict[int, Any]] | None = None
         self.started_evals: set[int] = set()  # steps whose evaluation a chunk started
         self.evals: list[tuple[int, EvalResult]] = []  # finished, as chunks reported them
+        self.chunk_count = self.chunk_rounds = 0  # chunks run, and the rounds in them
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(),
+                "chunks": {"count": self.chunk_count, "rounds": self.chunk_rounds}}
 
     @property
     def chunks(self) -> bool:  # type: ignore[override]
         # without a process group (the fallback) rounds are the replicated path's calls
         return self.group or len(self.used) == 1
+
+    @property
+    def runs_ahead(self) -> bool:  # type: ignore[override]
+        return not self.chunks  # the replicated path's calls run a round ahead
 
     def chunk_end(self, step: int, bound: int) -> int:
         most = self.first_chunk if self.update_s is None else \
@@ -145,6 +153,8 @@ class FreePath(CollectivePath):
             raise RuntimeError(f"the workers ran {[len(r) for r in per_slot]} rounds of one "
                                "chunk")
         walls = [max(r[i][0] for r in per_slot) for i in range(len(per_slot[0]))]
+        self.chunk_count += 1
+        self.chunk_rounds += len(walls)
         scale = elapsed / max(sum(walls), 1e-12)
         probe, fanout = self.probe, len(self.in_use) - len(self.groups[self.used[0]])
         for i, wall in enumerate(walls):
