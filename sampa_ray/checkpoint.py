@@ -30,7 +30,7 @@ from .outdir import CKPT_PREFIX, list_checkpoints, write_atomic
 
 if TYPE_CHECKING:
     from .config import TrainConfig
-    from .loop import Executor
+    from .executor import Executor
     from .results import Recorder
 
 PREFIX = CKPT_PREFIX

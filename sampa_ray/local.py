@@ -18,7 +18,8 @@ from .checkpoint import Checkpointer, find_resume
 from .config import TrainConfig
 from .engine import EvalResult, GradientEngine, GradResult, Snapshot
 from .events import InfoEvent, Progress, ignore
-from .loop import Executor, Hooks, Plan, make_algorithm, train_loop
+from .executor import Executor, Plan
+from .loop import Hooks, make_algorithm, train_loop
 from .results import Recorder, build_result, earlier_wall_s, write_outputs
 from .selection import write_best
 

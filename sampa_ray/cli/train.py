@@ -98,6 +98,9 @@ def left_behind(out: Path, step: int | None) -> str:
     newest = list_checkpoints(out / "checkpoints")
     if newest:
         saved = int(newest[0].stem[len(PREFIX):])
+        # the run got at least as far as its checkpoint (the progress shown lags a chunk of
+        # rounds behind where the workers run free)
+        at = f" at step {max(step or 0, saved)}"
         return (f"{at}; `sampa-ray train --resume {out}` continues from its checkpoint at "
                 f"step {saved}")
     if step is None:  # stopped before its first update: nothing was lost

@@ -24,7 +24,8 @@ from ..algorithms import AlgoState
 from ..checkpoint import Checkpoint, Checkpointer, find_resume
 from ..config import TrainConfig
 from ..events import Event
-from ..loop import Hooks, Plan, make_algorithm, train_loop
+from ..executor import Plan
+from ..loop import Hooks, make_algorithm, train_loop
 from ..results import Recorder, build_result, earlier_wall_s, write_outputs
 from ..selection import write_best
 from ..telemetry.listener import MetricsListener

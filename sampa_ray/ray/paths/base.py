@@ -2,7 +2,7 @@
 
 A data path is one module with two halves:
 
-- the **coordinator half**, a :class:`DataPath` (an :class:`~sampa_ray.loop.Executor`): the loop
+- the **coordinator half**, a :class:`DataPath` (an :class:`~sampa_ray.executor.Executor`): the loop
   calls ``round``/``full_state``/... on it without knowing which path runs;
 - the **worker half**, a plain class the coordinator half names in ``worker_half``: every worker
   actor hosts one (``GradientWorker.attach``), built from the worker's
@@ -23,7 +23,7 @@ from ...algorithms import Algorithm, AlgoState
 from ...config import TrainConfig
 from ...engine import EvalResult, GradResult, Snapshot
 from ...errors import UserError, error_line
-from ...loop import Executor
+from ...executor import Executor
 from ...telemetry.metrics import RoundProbe
 from ...transport.collective import choose_backend
 from ...transport.grpc.data_plane import RoundBoard

@@ -167,13 +167,14 @@ class FreePath(CollectivePath):
 
     async def _collect(self, calls: dict[int, Any], most: int) -> list[Any]:
         """Every worker's chunk (by slot), under a round deadline for each of ``most`` rounds.
-        Once one fails (a lost worker, or a broken exchange), the others are stuck in or past
-        the exchange with it: each has one round deadline more to answer (a frozen one is then
-        lost), and the loss comes first (:func:`raise_lost`)."""
+        Once one is done or failed (a lost worker, a broken exchange), the others ran the same
+        rounds in lockstep with it, or are stuck in the exchange with it: each has one round
+        deadline more to answer (a frozen one is then lost), and a loss comes first
+        (:func:`raise_lost`)."""
         slots = list(calls)
         waits = [asyncio.ensure_future(self.pool.wait(s, calls[s], rounds=most))
                  for s in slots]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if any(not w.done() for w in waits):
             for w in waits:
                 w.cancel()
