@@ -26,11 +26,10 @@ WORKDIR /opt/sampa-ray
 COPY requirements.lock scripts/constraints.py ./
 RUN python3 constraints.py "${TORCH_SPEC}" requirements.lock > /tmp/constraints.txt
 
-# torch first, from its own index (the other locked packages it needs from PyPI), so that the
-# package's open torch range pulls nothing more
+# torch first, from its own index, so that the package's open torch range pulls nothing more
+# (the install below then moves whatever torch brought along to its locked version)
 RUN if [ -n "${TORCH_SPEC}" ]; then \
-        python3 -m pip install -c /tmp/constraints.txt --index-url "${TORCH_INDEX_URL}" \
-            --extra-index-url https://pypi.org/simple "${TORCH_SPEC}"; \
+        python3 -m pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"; \
     fi
 
 COPY pyproject.toml README.md ./
