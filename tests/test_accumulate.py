@@ -93,6 +93,26 @@ def test_accumulate_with_adamw_ends_where_the_whole_batch_does(tmp_path: Path) -
     assert _rel(_local({**settings, "accumulate": 4}, tmp_path / "acc"), ref) <= TOL
 
 
+def test_dict_batches_from_a_dataloader_split_too(tmp_path: Path, monkeypatch) -> None:
+    """The Hugging Face example (no dropout, LayerNorm only): dict batches of a plug-in dataset,
+    read through a DataLoader, each tensor of them sliced."""
+    import sampa_ray
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    import hf_model
+
+    settings = {"algo": "sampa", "optimizer": "sgd", "lr": 0.1, "batch_size": 16, "steps": 8,
+                "threads": 1, "lr_schedule": "constant", "dataset_args": {"p": 13}}
+    final = {}
+    for n in (1, 2):
+        out = tmp_path / f"acc{n}"
+        result = sampa_ray.fit({**settings, "accumulate": n}, model=hf_model.build,
+                               data=hf_model.load, out=out, backend="local")
+        assert 0.0 <= result.metrics["epochs"][-1]["train_accuracy"] <= 1.0
+        final[n] = torch.load(out / "final.pt", weights_only=True)["x"]
+    assert _rel(final[2], final[1]) <= TOL
+
+
 def test_the_last_batch_kept_is_split_as_evenly_as_it_goes(tmp_path: Path) -> None:
     """1,437 digits in batches of 64: the epoch's 23rd batch holds 29, cut 8 + 7 + 7 + 7."""
     settings = {**MLP, "algo": "sampa", "last_batch": "keep"}
