@@ -21,14 +21,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/sampa-ray
 
+# every package at the version requirements.lock names (./scripts/lock.sh refreshes it); with
+# another torch than the locked CPU build, torch and what only torch needs are left to that build
+COPY requirements.lock scripts/constraints.py ./
+RUN python3 constraints.py "${TORCH_SPEC}" requirements.lock > /tmp/constraints.txt
+
 # torch first, from its own index, so that the package's open torch range pulls nothing more
+# (the install below then moves whatever torch brought along to its locked version)
 RUN if [ -n "${TORCH_SPEC}" ]; then \
         python3 -m pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"; \
     fi
 
 COPY pyproject.toml README.md ./
 COPY sampa_ray ./sampa_ray
-RUN python3 -m pip install . && sampa-ray train --help > /dev/null
+RUN python3 -m pip install -c /tmp/constraints.txt . && sampa-ray train --help > /dev/null
 
 # an unprivileged user; /runs holds the outputs (a volume in docker-compose.yml)
 RUN useradd --create-home --uid 1000 sampa \

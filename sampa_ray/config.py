@@ -159,6 +159,10 @@ class TrainConfig(BaseModel):
     batch_size: int = setting(
         "schedule", 64, worker=True, ge=1,
         description="samples per gradient (the global batch of a role group)")
+    accumulate: int = setting(
+        "schedule", 1, worker=True, later=True, ge=1,
+        description="gradient accumulation: each worker's batch (or shard) in this many "
+                    "micro-batches, one after another; the same gradient, one micro-batch's memory")
     seed: int = setting(
         "schedule", 0, worker=True, ge=0, lt=2 ** 31,
         description="seed of the initial model, the batch order and the augmentation")
@@ -328,13 +332,18 @@ class TrainConfig(BaseModel):
         grouped = self.workers_per_role > 1 or self.data_parallel  # groups of several workers
         what = "data_parallel" if self.data_parallel else "workers_per_role"
         datapaths.check(self.data_path, self.transport, what if grouped else None)
+        size = self.workers_per_role * (2 if self.data_parallel else 1)  # workers per gradient
         if grouped:
             if self.backend == "local":
                 raise ValueError(f"{what}: role groups of several workers need the ray backend")
-            size = self.workers_per_role * (2 if self.data_parallel else 1)
             if self.batch_size < size:
                 raise ValueError(f"batch_size: {self.batch_size} cannot be shared by a group of "
                                  f"{size} workers (each needs at least one sample)")
+        if self.accumulate > 1 and self.batch_size % (size * self.accumulate):
+            on = f" on each of {size} workers" if size > 1 else ""
+            raise ValueError(f"accumulate: batch_size {self.batch_size} does not split into "
+                             f"{self.accumulate} equal micro-batches{on} (use a multiple of "
+                             f"{size * self.accumulate})")
         if self.data_parallel:
             from .algorithms import lookup
 

@@ -20,8 +20,9 @@ from torch import nn
 from .config import TrainConfig
 from .errors import UserError
 from .flat import FlatParams, flat_buffers, load_buffers
+from .micro import check_last_batch, group_size, split_batch
 from .shards import ALONE, BucketReducer, GroupComm
-from .task import BuiltinData, Task, make_model, seed_torch, to_device, training_loss
+from .task import BuiltinData, Task, batch_size_of, make_model, seed_torch, to_device, training_loss
 
 __all__ = ["EvalResult", "GradResult", "GradientEngine", "Snapshot", "build_replica",
            "resolve_device", "training_loss"]
@@ -95,6 +96,7 @@ class GradientEngine:
         self.device = resolve_device(device or cfg.device)
         self.task = Task(cfg)
         self.schedule = self.task.schedule
+        check_last_batch(self.schedule, cfg.accumulate, group_size(cfg))
         # the built-in in-memory dataset (its tensors and augmentation), or the plug-in's data
         data = self.task.data
         self.data = data.data if isinstance(data, BuiltinData) else data
@@ -206,23 +208,16 @@ class GradientEngine:
         self.model.train()
         self.flat.zero_grad_()
         with self._frozen_stats(track_stats):
-            with self._precision(), self._user_code(f"batch {batch}"):
-                out = self.task.loss(self.model, data)
-            if reducer is None:
-                out.loss.backward()
-            else:  # this shard's part of the whole batch's mean loss, summed over the group
-                reducer.begin()
-                (out.loss * (out.n / self.schedule.size_of(batch))).backward()
+            n, loss, accuracy = self._backward(data, batch, reducer)
         _sync(dev)
         t2 = time.perf_counter()
         end = time.time()
         compute = t2 - t1
         timings: dict[str, float] = {}
         reduced = 0
-        loss, accuracy = float(out.loss.detach()), out.accuracy()
         if reducer is not None:  # what backward did not hide of the group's sum
             timings["allreduce"], reduced = reducer.finish()
-            loss, accuracy = self._group_mean(out.n, batch, loss, accuracy)
+            loss, accuracy = self._group_mean(n, batch, loss, accuracy)
             t2 = time.perf_counter()  # the copies below start here
         grad = self.flat.grad
         if self._wire_grad is not None:
@@ -236,6 +231,34 @@ class GradientEngine:
                           timings={"compute": compute, "copy_in": t1 - t0,
                                    "copy_out": t3 - t2, **timings},
                           start=start, end=end, reduced_bytes=reduced)
+
+    def _backward(self, data: Any, batch: int, reducer: BucketReducer | None
+                  ) -> tuple[int, float, float]:
+        """Forward and backward of ``data`` (the batch, or this worker's shard of it) into
+        ``flat.grad``, in ``accumulate`` micro-batches one after another
+        (:mod:`sampa_ray.micro`), each mean loss weighted by its share of the batch; a role
+        group's all-reduce runs during the last one's backward, when the buffer holds the
+        shard's whole gradient, so once per gradient. Returns the samples in ``data``, their
+        mean loss and their accuracy."""
+        parts = split_batch(data, self.cfg.accumulate)
+        whole = self.schedule.size_of(batch) if reducer is not None else batch_size_of(data)
+        outs = []
+        for i, part in enumerate(parts):
+            with self._precision(), self._user_code(f"batch {batch}"):
+                out = self.task.loss(self.model, part)
+            if reducer is not None and i == len(parts) - 1:
+                reducer.begin()
+            if reducer is None and len(parts) == 1:
+                out.loss.backward()  # the whole batch's mean loss, as it is
+            else:  # this part's share of the whole batch's mean loss (summed over the group)
+                (out.loss * (out.n / whole)).backward()
+            out.loss = out.loss.detach()
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0].n, float(outs[0].loss), outs[0].accuracy()
+        n = sum(o.n for o in outs)
+        loss = float(sum(o.loss.double() * o.n for o in outs)) / n
+        return n, loss, sum(o.hits() for o in outs) / n
 
     def _group_mean(self, n: int, batch: int, loss: float, accuracy: float
                     ) -> tuple[float, float]:

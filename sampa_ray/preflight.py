@@ -37,6 +37,8 @@ def check_before_start(cfg: TrainConfig) -> list[str]:
     if n is not None and cfg.batch_size > n:
         raise UserError(f"batch_size: {cfg.batch_size} is larger than the {n} training samples "
                         f"of {cfg.dataset}")
+    if cfg.accumulate > 1 and cfg.last_batch == "keep":
+        check_last_micro_batches(cfg)
     if cfg.backend == "ray":
         _check_listeners(cfg)
         check_ray_address(cfg)
@@ -80,6 +82,16 @@ def check_ray_address(cfg: TrainConfig, timeout_s: float = CONNECT_TIMEOUT_S) ->
         why = f"nothing answers at {shown}"
     raise UserError(f"{what}: {why}; is a Ray head running there? check with: ray status "
                     f"--address {shown}")
+
+
+def check_last_micro_batches(cfg: TrainConfig) -> None:
+    """With ``accumulate`` and ``last_batch: keep``, the epoch's smaller last batch still
+    splits into the micro-batches on every worker's shard (:mod:`sampa_ray.micro`): the
+    training set's size decides it, so the data is loaded here, once."""
+    from .micro import check_last_batch, group_size
+    from .task import Task
+
+    check_last_batch(Task(cfg).schedule, cfg.accumulate, group_size(cfg))
 
 
 def uses_plugins(cfg: TrainConfig) -> bool:
@@ -193,5 +205,5 @@ def check_threads(cfg: TrainConfig, cores: int) -> list[str]:
 
 
 __all__ = ["CONNECT_TIMEOUT_S", "DIGITS_TRAIN", "RAY_WORKERS", "check_before_start",
-           "check_plugins", "check_ray_address", "check_threads", "max_train_samples",
-           "ray_endpoint", "uses_plugins"]
+           "check_last_micro_batches", "check_plugins", "check_ray_address", "check_threads",
+           "max_train_samples", "ray_endpoint", "uses_plugins"]
