@@ -313,7 +313,9 @@ def test_a_failed_background_write_stops_the_loop(tmp_path: Path,
             Hooks(progress=lambda ev: steps.append(ev.step if isinstance(ev, RoundEvent)
                                                    else 0), checkpoint=ck)))
     assert "\n" not in str(info.value)
-    assert max(steps) <= 12  # stopped within an update or two of the failure (not at 30)
+    # stopped before the next checkpoint is due (not at 30): at the first update after the
+    # background write failed, which a loaded machine finishes an update or three later
+    assert max(steps) < 15
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "ckpt-00000005.json", "ckpt-00000005.pt"]
 

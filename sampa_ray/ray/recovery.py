@@ -26,6 +26,7 @@ from ..checkpoint import Checkpoint, Checkpointer
 from ..data.sources import check_same_data
 from ..errors import UserError
 from ..telemetry.metrics import RoundProbe
+from ..transport.collective import PeerFailed
 
 
 class NodeLost(Exception):
@@ -74,9 +75,12 @@ class Fan:
 
 def raise_lost(outcomes: Sequence[Any]) -> None:
     """Raise the first failure among a round's outcomes, a lost worker before anything else (a
-    peer's broken exchange or missing input follows from the lost one)."""
+    peer's broken exchange or missing input follows from the lost one), and a worker's own
+    failure before the peers' word that it failed (:class:`PeerFailed`)."""
     lost = [o for o in outcomes if isinstance(o, WorkerLost)]
-    for o in lost + list(outcomes):
+    own = [o for o in outcomes if isinstance(o, BaseException)
+           and not isinstance(getattr(o, "cause", o), PeerFailed)]
+    for o in lost + own + list(outcomes):
         if isinstance(o, BaseException):
             raise o
 

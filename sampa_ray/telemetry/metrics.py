@@ -198,13 +198,16 @@ class RunMetrics:
                       arrivals: Mapping[str, float], point_bytes: Mapping[str, int],
                       grad_bytes: Mapping[str, int], transport: str,
                       started: float | None = None,
-                      transfer_split: Mapping[str, tuple[float, float]] | None = None) -> None:
+                      transfer_split: Mapping[str, tuple[float, float]] | None = None,
+                      waits: Mapping[str, float] | None = None) -> None:
         """Record one gradient round.
 
         ``arrivals``: ``time.perf_counter()`` when each role's result reached the coordinator;
         ``started``: when the requests were dispatched (default: the last arrival − round_s).
         ``transfer_split``: per role, measured (down, up) seconds where the transport knows them;
         otherwise the time outside compute and copies is split evenly between the two.
+        ``waits``: per role, measured seconds waited for the round's slowest worker (otherwise:
+        from the arrivals).
         """
         child = self._child
         self.round_seconds.observe(round_s)
@@ -238,7 +241,9 @@ class RunMetrics:
             if down is not None and up is not None:
                 child(self.transfer_seconds, role, "down", transport).observe(down)
                 child(self.transfer_seconds, role, "up", transport).observe(up)
-            if arrived is not None:
+            if waits is not None and role in waits:
+                child(self.wait_seconds, role).observe(waits[role])
+            elif arrived is not None:
                 child(self.wait_seconds, role).observe(max(0.0, last - arrived))
             child(self.transfer_bytes, role, "down", transport).inc(point_bytes.get(role, 0))
             child(self.transfer_bytes, role, "up", transport).inc(grad_bytes.get(role, 0))
@@ -287,6 +292,8 @@ class RoundProbe:
         self.batch_size = 0
         self._started = 0.0
         self._arrivals: dict[str, float] = {}
+        self._split: Mapping[str, tuple[float, float]] | None = None
+        self._waits: Mapping[str, float] | None = None
         self._results: Mapping[str, GradResult] = {}
         self._point_bytes: dict[str, int] = {}
         self._grad_bytes: dict[str, int] = {}
@@ -330,10 +337,15 @@ class RoundProbe:
     def arrived(self, role: str) -> None:
         self._arrivals[role] = time.perf_counter()
 
-    def round_done(self, results: Mapping[str, GradResult], fanout: int = 1) -> None:
+    def round_done(self, results: Mapping[str, GradResult], fanout: int = 1,
+                   split: Mapping[str, tuple[float, float]] | None = None,
+                   waits: Mapping[str, float] | None = None) -> None:
         """All results are in. ``fanout``: how many processes each gradient goes to (the
-        coordinator: 1; on the replicated path, the other workers in use)."""
+        coordinator: 1; on the replicated path, the other workers in use). ``split`` and
+        ``waits``: per role, the transfer (down, up) and the wait as the workers measured them,
+        where the coordinator saw no arrivals (rounds the workers ran on their own)."""
         self._results = results
+        self._split, self._waits = split, waits
         self._grad_bytes.clear()
         reported = True
         for role, r in results.items():
@@ -363,7 +375,8 @@ class RoundProbe:
         m = self.metrics
         if self._results:
             m.observe_round(self._results, round_s, update_s, self._arrivals, self._point_bytes,
-                            self._grad_bytes, self.transport, started=self._started)
+                            self._grad_bytes, self.transport, started=self._started,
+                            transfer_split=self._split, waits=self._waits)
             self._results = {}
         m.observe_update(step, step * self.batch_size, loss, lr, self._norms)
         if self._acc_n:

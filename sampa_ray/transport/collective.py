@@ -29,6 +29,11 @@ class CollectiveError(RuntimeError):
     """The process group could not be formed or broke."""
 
 
+class PeerFailed(RuntimeError):
+    """A peer's own work failed in this round and it said so in the exchange instead of
+    sending its gradient: this worker's round ends too (the peer's error is what counts)."""
+
+
 def _why(err: BaseException) -> str:
     """What torch.distributed said, in one line (the exception itself when it said nothing)."""
     return str(err).strip().splitlines()[0] if str(err).strip() else repr(err)

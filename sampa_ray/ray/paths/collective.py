@@ -21,12 +21,15 @@ from ...algorithms import AlgoState, GradRequest
 from ...engine import GradResult
 from ...errors import error_line
 from ...loop import round_applies
-from ...transport.collective import CollectiveError
+from ...transport.collective import CollectiveError, PeerFailed, PeerGroup
 from ..placement import broadcast_fans
 from ..recovery import raise_lost
 from ..worker import WorkerHost
 from .base import kept_gradient
 from .replicated import ReplicatedPath, ReplicaWorker
+
+#: the verdict slot of a message whose sender's own work failed this round (no gradient)
+FAILED = -1.0
 
 
 class CollectiveWorker(ReplicaWorker):
@@ -55,19 +58,11 @@ class CollectiveWorker(ReplicaWorker):
         n = self.engine.flat.numel
         reqs = self.algo.requests(self.state)
         mine = self.mine(reqs)
-        on_host = group is None or group.device.type == "cpu"
-        facts: dict[str, dict[str, Any]] = {}
-        sends: dict[str, torch.Tensor] = {}
-        for req in mine:
-            r, facts[req.role] = self.own_gradient(req, keep=len(mine) > 1, to_host=on_host)
-            if group is not None and self.host.lead:  # the gradient and its verdict
-                buf = self._buffer(f"send/{req.role}", n + 1, r.grad.dtype, group.device)
-                buf[:n].copy_(r.grad)
-                buf[n] = 1.0 if facts[req.role]["finite"] else 0.0
-                sends[req.role] = buf
+        facts, sends, failed = self._own_round(mine, group)
         peers: dict[str, torch.Tensor] = {}
         verdicts = list(self.own_ok.values())
         received = 0
+        peer_failed = False
         if group is not None:
             t0 = time.perf_counter()
             for req in reqs:
@@ -81,18 +76,54 @@ class CollectiveWorker(ReplicaWorker):
                     buf = self._buffer(f"recv/{req.role}", n + 1, self.engine.wire,
                                        group.device)
                     group.broadcast(buf, src, fan)
+                    peer_failed = peer_failed or bool(buf[n] == FAILED)
                     peers[req.role] = buf[:n].to(self.engine.device, torch.float32)
                     verdicts.append(bool(buf[n] != 0))
                     received += n * buf.element_size()
             exchange_s = time.perf_counter() - t0
             for f in facts.values():
                 f["timings"]["exchange"] = exchange_s
+        if failed is not None:
+            raise failed
+        if peer_failed:
+            raise PeerFailed("a peer's round failed: its error ends the run")
         self.host.link.wait(received)  # the peers' gradients came over the (emulated) link
         t0 = time.perf_counter()
         self.finish_round(not round_applies(verdicts), peers)
         for f in facts.values():
             f["timings"]["apply"] = time.perf_counter() - t0
         return facts
+
+    def _own_round(self, mine: list[GradRequest], group: PeerGroup | None
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor],
+                              Exception | None]:
+        """This worker's requests of the round: their facts, the messages its peers get (the
+        gradient and its verdict, from a group's first rank) and what failed, if its own work
+        did (the user's data, model or loss): the peers are told (verdict ``FAILED``) in the
+        exchange, so no one waits on a gradient that never comes, and it is raised after."""
+        n = self.engine.flat.numel
+        on_host = group is None or group.device.type == "cpu"
+        facts: dict[str, dict[str, Any]] = {}
+        sends: dict[str, torch.Tensor] = {}
+        failed: Exception | None = None
+        for req in mine:
+            buf = self._buffer(f"send/{req.role}", n + 1, self.engine.wire, group.device) \
+                if group is not None and self.host.lead else None
+            try:
+                if failed is None:
+                    r, facts[req.role] = self.own_gradient(req, keep=len(mine) > 1,
+                                                           to_host=on_host)
+            except Exception as err:  # noqa: BLE001 - said to the peers, then raised
+                if buf is None:
+                    raise
+                failed = err
+            if buf is not None:
+                if failed is None:
+                    buf[:n].copy_(r.grad)
+                buf[n] = FAILED if failed is not None else \
+                    1.0 if facts[req.role]["finite"] else 0.0
+                sends[req.role] = buf
+        return facts, sends, failed
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:

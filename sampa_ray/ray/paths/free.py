@@ -38,6 +38,17 @@ RoundFacts = tuple[float, dict[str, dict[str, Any]]]
 Chunk = dict[str, Any]
 
 
+def exchange_split(results: dict[str, GradResult]
+                   ) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Per role, a round's transfer (down, up) and wait, from the exchange times its workers
+    measured: the worker that finished its gradient last waited for nobody, so its exchange
+    is the transfer alone (half each way); what the others' took beyond that, they waited."""
+    exchange = {role: r.timings.get("exchange", 0.0) for role, r in results.items()}
+    transfer = min(exchange.values(), default=0.0)
+    return ({role: (transfer / 2, transfer / 2) for role in results},
+            {role: e - transfer for role, e in exchange.items()})
+
+
 class FreeWorker(CollectiveWorker):
     """Worker half: the collective path's round, looped here until the coordinator's bound."""
 
@@ -160,9 +171,12 @@ class FreePath(CollectivePath):
         for i, wall in enumerate(walls):
             results = {role: kept_gradient(meta) for r in per_slot
                        for role, meta in r[i][1].items()}
-            if probe is not None:
-                probe.dispatched_peers({})
-                probe.round_done(results, fanout=fanout)
+            if probe is not None:  # each slot's first role: the gradients it got from peers
+                mine = {s: [role for role in results if self.slot_of(role) == s]
+                        for s in self.used}
+                probe.dispatched_peers({roles[0]: len(results) - len(roles)
+                                        for roles in mine.values() if roles})
+                probe.round_done(results, fanout, *exchange_split(results))
             yield wall * scale, results
 
     async def _collect(self, calls: dict[int, Any], most: int) -> list[Any]:
