@@ -61,19 +61,21 @@ def test_killed_worker_is_restarted_and_trajectory_is_unchanged(tmp_path, ref, d
     assert_same_final(tmp_path / "faulty", ref)
 
 
-def test_both_workers_killed_at_once_on_the_collective_path(tmp_path, ref):
-    """Both workers SIGKILLed together: every worker that is down comes back, the group is
-    formed anew, the rounds since the last snapshot are replayed, the result is unchanged."""
-    result, infos, _ = run_with_fault(tmp_path, kill, "both", data_path="collective")
+def test_both_workers_killed_at_once_on_the_free_path(tmp_path, ref):
+    """Both workers SIGKILLed together mid-chunk: every worker that is down comes back, the
+    group is formed anew, the rounds since the last snapshot are replayed, the result is
+    unchanged."""
+    result, infos, _ = run_with_fault(tmp_path, kill, "both", data_path="free")
     assert result["steps"] == STEPS and result["worker_restarts"] >= 2
     assert result["collective"]["backend"] == "gloo"
     assert_same_final(tmp_path / "faulty", ref)
 
 
-@pytest.mark.parametrize("data_path", ["points", "collective", "free"])
+@pytest.mark.parametrize("data_path", ["points", "free"])
 def test_hanging_worker_is_restarted_after_the_deadline(tmp_path, ref, data_path):
-    """On the collective path the frozen worker's peer is stuck in the exchange with it; the
-    deadline names the frozen one, and the group is formed anew with its replacement."""
+    """On the free path the frozen worker's peer is stuck in the exchange with it until the
+    process group's deadline; the frozen one then has one round deadline, which names it, and
+    the group is formed anew with its replacement (the collective path shares the exchange)."""
     stopped: list[int] = []
 
     def hang(pid: int) -> None:
