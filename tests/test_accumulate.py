@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import cli_cmd, cli_env, free_port, local_final, num_batches_tracked
+from conftest import cli_cmd, cli_env, local_final, num_batches_tracked
 
 from sampa_ray.config import make_config
 from sampa_ray.engine import GradientEngine
@@ -166,9 +166,10 @@ GROUP_CFG = {"model": "mlp", "batch_size": 36, "backend": "local", "threads": 1,
              "device": "cpu"}
 
 
-def _rank(rank: int, port: int, out: str) -> None:
+def _rank(rank: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # the store is a file in the test's folder: no port to race another process for
+    dist.init_process_group("gloo", init_method=f"file://{Path(out) / 'store'}", rank=rank,
                             world_size=2, timeout=timedelta(seconds=60))
     calls = []
     real = dist.all_reduce
@@ -191,7 +192,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_a_role_group_sums_the_accumulated_gradient_once(tmp_path: Path) -> None:
-    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2,
+    mp.start_processes(_rank, args=(str(tmp_path),), nprocs=2,
                        start_method="spawn", join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     whole = GradientEngine(make_config(GROUP_CFG))
