@@ -194,10 +194,9 @@ class CollectivePath(ReplicatedPath):
         self.calls = None
         if ahead is not None:  # no call waits on another's result: queue the next one now
             self.calls = self._queue()
-        roles = {s: tuple(r.role for r in reqs if self.slot_of(r.role) == s) for s in slots}
+        roles = self.roles_by_slot([r.role for r in reqs])
         if probe is not None:
-            probe.dispatched_peers({roles[s][0]: len(reqs) - len(roles[s])
-                                    for s in slots if roles[s]})
+            probe.dispatched_peers(self.fetched_from_peers(roles))
         facts = await asyncio.gather(*[self.pool.wait(s, calls[s], roles[s], probe)
                                        for s in slots], return_exceptions=True)
         raise_lost(facts)
@@ -208,6 +207,17 @@ class CollectivePath(ReplicatedPath):
         if probe is not None:
             probe.round_done(results, fanout=len(self.in_use) - len(self.groups[slots[0]]))
         return results
+
+    def roles_by_slot(self, roles: list[str]) -> dict[int, tuple[str, ...]]:
+        """A round's roles by the slot in use that computes them (a slot may have none)."""
+        return {s: tuple(r for r in roles if self.slot_of(r) == s) for s in self.used}
+
+    @staticmethod
+    def fetched_from_peers(roles: dict[int, tuple[str, ...]]) -> dict[str, int]:
+        """Per slot's first role (metrics): how many of the round's gradients its workers
+        receive from the other slots' broadcasts."""
+        n = sum(len(rs) for rs in roles.values())
+        return {rs[0]: n - len(rs) for rs in roles.values() if rs}
 
     def _queue(self) -> dict[int, Any]:
         """One round's call on every worker in use."""

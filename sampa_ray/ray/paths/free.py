@@ -171,11 +171,8 @@ class FreePath(CollectivePath):
         for i, wall in enumerate(walls):
             results = {role: kept_gradient(meta) for r in per_slot
                        for role, meta in r[i][1].items()}
-            if probe is not None:  # each slot's first role: the gradients it got from peers
-                mine = {s: [role for role in results if self.slot_of(role) == s]
-                        for s in self.used}
-                probe.dispatched_peers({roles[0]: len(results) - len(roles)
-                                        for roles in mine.values() if roles})
+            if probe is not None:
+                probe.dispatched_peers(self.fetched_from_peers(self.roles_by_slot(list(results))))
                 probe.round_done(results, fanout, *exchange_split(results))
             yield wall * scale, results
 
