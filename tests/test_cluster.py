@@ -6,8 +6,10 @@ that lose a node add the node the next one needs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -90,7 +92,14 @@ class Nodes:
         return node
 
     def remove(self, node: Any) -> None:
+        """The node is gone as a lost machine is: its worker processes die with its raylet
+        (left alone, a worker notices its raylet's end only later and may finish its rounds)."""
         self.workers.remove(node)
+        raylet = node.all_processes["raylet"][0].process.pid
+        processes = descendants(raylet)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.cluster.remove_node(node, allow_graceful=False)
 
     def keep(self, n: int) -> None:
@@ -103,6 +112,23 @@ class Nodes:
     @property
     def ids(self) -> set[str]:
         return {n.node_id for n in self.workers}
+
+
+def descendants(root: int) -> list[int]:
+    """The processes below ``root`` (from /proc: each one's parent)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                stat = (entry / "stat").read_text()
+                parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [root]
+    while todo:
+        kids = [p for p, pp in parent.items() if pp == todo[-1]]
+        todo.pop()
+        found += kids
+        todo += kids
+    return found
 
 
 @pytest.fixture(scope="module")
