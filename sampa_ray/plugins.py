@@ -129,7 +129,7 @@ def shipped() -> dict[str, dict[str, Any]]:
     from . import algorithms, datapaths  # imports torch: only where a run starts
 
     return {"algorithms": {n: c for n, c in algorithms.registered().items()
-                           if n not in algorithms.BUILTIN},
+                           if n not in algorithms.shipped()},
             "paths": datapaths.registered(), "objects": registered()}
 
 

@@ -18,15 +18,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from .base import LR, Algorithm, AlgoState, GradRequest
+from .looksam import LookSAM
 from .optim import OPTIMIZERS, AdamW, BaseOptimizer, SGDMomentum, make_optimizer
-from .sam import SAM
+from .rst import RST
+from .sam import ASAM, SAM
 from .sampa import SAMPa
 from .sgd import SGD
 
-#: the built-in algorithms, in the order comparisons show them
+#: the algorithms ``compare`` runs by default, in the order comparisons show them
 BUILTIN: tuple[str, ...] = ("sgd", "sam", "sampa")
+#: the other SAM variants that ship with the package (``compare --algos`` adds them)
+VARIANTS: tuple[str, ...] = ("looksam", "rst", "asam")
 
-_REGISTRY: dict[str, type[Algorithm]] = {"sgd": SGD, "sam": SAM, "sampa": SAMPa}
+_REGISTRY: dict[str, type[Algorithm]] = {"sgd": SGD, "sam": SAM, "sampa": SAMPa,
+                                         "looksam": LookSAM, "rst": RST, "asam": ASAM}
 
 
 def baselines() -> tuple[str, ...]:
@@ -46,9 +51,14 @@ def register(name: str, cls: type[Algorithm]) -> None:
 
 
 def unregister(name: str) -> None:
-    """Forget a registered algorithm (the built-ins stay)."""
-    if name not in BUILTIN:
+    """Forget a registered algorithm (those that ship with the package stay)."""
+    if name not in shipped():
         _REGISTRY.pop(name, None)
+
+
+def shipped() -> tuple[str, ...]:
+    """The algorithms of the package itself (every process has them without shipping)."""
+    return (*BUILTIN, *VARIANTS)
 
 
 def registered() -> dict[str, type[Algorithm]]:
@@ -110,7 +120,7 @@ def create(name: str, lr: LR, hyper: Mapping[str, Any]) -> Algorithm:
     return cls(lr=lr, **kw)
 
 
-__all__ = ["BUILTIN", "OPTIMIZERS", "SAM", "SGD", "AdamW", "AlgoState", "Algorithm",
-           "BaseOptimizer", "GradRequest", "SAMPa", "SGDMomentum", "baselines", "create", "known",
-           "lookup",
-           "make_optimizer", "names", "params_of", "register", "registered", "unregister"]
+__all__ = ["ASAM", "BUILTIN", "OPTIMIZERS", "RST", "SAM", "SGD", "VARIANTS", "AdamW",
+           "AlgoState", "Algorithm", "BaseOptimizer", "GradRequest", "LookSAM", "SAMPa",
+           "SGDMomentum", "baselines", "create", "known", "lookup", "make_optimizer", "names",
+           "params_of", "register", "registered", "shipped", "unregister"]

@@ -58,17 +58,22 @@ class AlgoState:
     opt: dict[str, torch.Tensor] = field(default_factory=dict)  # base optimizer state
     g_y: torch.Tensor | None = None  # SAMPa: gradient at the auxiliary point y_t
     work: dict[str, torch.Tensor] = field(default_factory=dict)  # reusable request points
+    #: the algorithm's own memory beyond ``g_y`` (LookSAM: the direction it reuses), by name;
+    #: checkpointed and carried to replicas like the optimizer's
+    mem: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __init__(self, x: torch.Tensor, step: int = 0, phase: int = 0,
                  opt: Mapping[str, torch.Tensor] | None = None, g_y: torch.Tensor | None = None,
                  work: dict[str, torch.Tensor] | None = None, *,
-                 buf: torch.Tensor | None = None) -> None:
+                 buf: torch.Tensor | None = None,
+                 mem: Mapping[str, torch.Tensor] | None = None) -> None:
         # ``buf=`` is the SGD momentum buffer's name from before optimizers were pluggable
         self.x, self.step, self.phase, self.g_y = x, step, phase, g_y
         self.opt = dict(opt or {})
         if buf is not None:
             self.opt["buf"] = buf
         self.work = {} if work is None else work
+        self.mem = dict(mem or {})
 
     @property
     def buf(self) -> torch.Tensor | None:
@@ -84,19 +89,23 @@ class AlgoState:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that define the state (for checkpoints), without scratch buffers:
-        ``x``, the optimizer's tensors by their names, ``g_y``."""
+        ``x``, the optimizer's tensors by their names, ``g_y``, the algorithm's memory as
+        ``mem.<name>``."""
         out = {"x": self.x, **self.opt}
         if self.g_y is not None:
             out["g_y"] = self.g_y
+        out.update({MEM + k: v for k, v in self.mem.items()})
         return out
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], step: int, phase: int) -> AlgoState:
         """The state :meth:`tensors` describes, at ``step`` / ``phase`` (the tensors are taken
         as they are: copy them first if they must stay untouched). Every tensor other than
-        ``x`` and ``g_y`` is the optimizer's."""
-        opt = {k: v for k, v in tensors.items() if k not in _OWN}
-        return cls(x=tensors["x"], step=step, phase=phase, opt=opt, g_y=tensors.get("g_y"))
+        ``x``, ``g_y`` and ``mem.*`` is the optimizer's."""
+        opt = {k: v for k, v in tensors.items() if k not in _OWN and not k.startswith(MEM)}
+        mem = {k[len(MEM):]: v for k, v in tensors.items() if k.startswith(MEM)}
+        return cls(x=tensors["x"], step=step, phase=phase, opt=opt, g_y=tensors.get("g_y"),
+                   mem=mem)
 
     def shadow(self) -> AlgoState:
         """A 0-length copy: the same step, phase and which tensors exist, no numbers. An
@@ -107,6 +116,8 @@ class AlgoState:
 
 #: the state tensors that are the algorithm's own, not the base optimizer's
 _OWN = ("x", "g_y")
+#: the prefix of the algorithm's memory among a state's tensors
+MEM = "mem."
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool,
@@ -206,7 +217,11 @@ class Algorithm(ABC):
         if not isinstance(x0, torch.Tensor) or x0.dim() != 1 or not x0.is_floating_point():
             raise ValueError("x0: expected a 1-D floating-point tensor")
         x = x0.detach().clone()
-        return AlgoState(x=x, opt=self.opt.init(x))
+        return AlgoState(x=x, opt=self.opt.init(x), mem=self.init_mem(x))
+
+    def init_mem(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The algorithm's own memory at the start (none by default), shaped by ``x``."""
+        return {}
 
     @abstractmethod
     def roles(self, state: AlgoState) -> tuple[str, ...]:
@@ -227,8 +242,9 @@ class Algorithm(ABC):
         state.step += 1
         return state
 
-    def rounds_per_update(self) -> int:
-        """Sequential gradient rounds one parameter update costs (after any bootstrap)."""
+    def rounds_per_update(self) -> float:
+        """Sequential gradient rounds one parameter update costs on average (after any
+        bootstrap): what the run's measured ``sequential_gradients_per_update`` tends to."""
         return 1
 
     def config(self) -> dict[str, float | str]:
@@ -275,8 +291,16 @@ class Algorithm(ABC):
 
 
 def normalized_step(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
-                    rho: float) -> torch.Tensor:
+                    rho: float, adaptive: bool = False) -> torch.Tensor:
     """out = x + rho * g / (||g|| + 1e-12), with one global L2 norm over the flat vector.
-    The norm stays a tensor, so on a GPU nothing waits for the host."""
-    norm = torch.linalg.vector_norm(g).add_(1e-12)
-    return torch.div(g, norm, out=out).mul_(rho).add_(x)
+    The norm stays a tensor, so on a GPU nothing waits for the host.
+
+    ``adaptive`` (ASAM, Kwon et al. 2021, as ``davda54/sam`` with ``adaptive=True`` computes
+    it): out = x + x² ⊙ g · rho / (‖|x| ⊙ g‖ + 1e-12), the perturbation scaled per coordinate
+    by the weight's magnitude."""
+    if not adaptive:
+        norm = torch.linalg.vector_norm(g).add_(1e-12)
+        return torch.div(g, norm, out=out).mul_(rho).add_(x)
+    scale = torch.linalg.vector_norm(torch.mul(x.abs(), g, out=out)).add_(1e-12)
+    scale = torch.div(rho, scale)
+    return torch.mul(x, x, out=out).mul_(g).mul_(scale).add_(x)

@@ -38,19 +38,22 @@ class SAMPa(Algorithm):
                            "perturbation")
         lam: float = Field(0.2, ge=0, le=1, description="weight of the extrapolated gradient "
                            "in the update, (1 - lam) g_p + lam g_e (0: plain SAMPa)")
+        adaptive: bool = Field(False, description="ASAM's perturbation: scaled per coordinate "
+                               "by the weight's magnitude (rho ~ 10x larger)")
 
     def __init__(self, lr: LR, rho: float, lam: float = 0.0, momentum: float = 0.0,
                  weight_decay: float = 0.0, optimizer: str = "sgd", beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8) -> None:
+                 beta2: float = 0.999, eps: float = 1e-8, adaptive: bool = False) -> None:
         # every base-optimizer parameter is named here: ``create`` passes what __init__ names
         super().__init__(lr, momentum, weight_decay, optimizer, beta1, beta2, eps)
         _check_range("rho", rho, 0.0, float("inf"), False, True)
         _check_range("lam", lam, 0.0, 1.0, False, False)
         self.rho = float(rho)
         self.lam = float(lam)
+        self.adaptive = bool(adaptive)
 
     def config(self) -> dict[str, float | str]:
-        return {**super().config(), "rho": self.rho, "lam": self.lam}
+        return {**super().config(), "rho": self.rho, "lam": self.lam, "adaptive": self.adaptive}
 
     def roles(self, state: AlgoState) -> tuple[str, ...]:
         return ("extrapolated",) if state.phase == 0 else ("perturbed", "extrapolated")
@@ -60,7 +63,8 @@ class SAMPa(Algorithm):
             return [GradRequest("extrapolated", state.x, state.step, track_stats=True)]
         assert state.g_y is not None
         x, g_y = state.x, state.g_y
-        x_tilde = normalized_step(self.workspace(state, "perturbed"), x, g_y, self.rho)
+        x_tilde = normalized_step(self.workspace(state, "perturbed"), x, g_y, self.rho,
+                                  self.adaptive)
         y = self.opt.lookahead(self.workspace(state, "extrapolated"), x, state.opt, g_y,
                                self.lr_at(state.step), state.work)
         return [GradRequest("perturbed", x_tilde, state.step),
