@@ -264,6 +264,9 @@ def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: A
         "batches_per_epoch": batches_per_epoch,
         "gradient_rounds": recorder.rounds,
         "rounds_per_update": algo.rounds_per_update(),
+        # measured: the rounds run (each one gradient's time: a round's gradients are computed
+        # at once) over the updates made, bootstrap and skipped updates included
+        "sequential_gradients_per_update": recorder.rounds / state.step if state.step else None,
         "wall_time_s": wall_s,
         "final_test_accuracy": last["test_accuracy"] if last else None,
         "final_test_loss": last["test_loss"] if last else None,

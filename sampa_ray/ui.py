@@ -106,12 +106,12 @@ def print_comparison(results: dict[str, dict[str, Any]],
                      console: Console | None = None) -> list[dict[str, Any]]:
     """Print the comparison table; returns its rows. Per update: the time, the compute on its
     critical path, and the overhead (rounds' dispatch, transfers, the update, waiting)."""
-    table = Table(title="SGD vs SAM vs SAMPa (same data, seed and model)")
+    table = Table(title=f"{' vs '.join(results)} (same data, seed and model)")
     # the devices each run used, where runs use different numbers of them (Ray: SGD and SAM one
     # group, SAMPa two, the data-parallel baseline all)
     show_devices = any("role_groups" in r for r in results.values())
     cols = ("algorithm", "devices", "test accuracy", "wall time (s)", "s / update",
-            "compute / update", "overhead / update", "sequential gradient rounds")
+            "sequential gradients / update", "compute / update", "overhead / update")
     for col in cols:
         if col != "devices" or show_devices:
             table.add_column(col, justify="right")
@@ -122,13 +122,14 @@ def print_comparison(results: dict[str, dict[str, Any]],
         row = {"algorithm": algo, "devices": devices, "test_accuracy": r["final_test_accuracy"],
                "wall_time_s": r["wall_time_s"], "seconds_per_update": step,
                "compute_per_update_s": compute, "overhead_per_update_s": overhead,
-               "gradient_rounds": r["gradient_rounds"]}
+               "gradient_rounds": r["gradient_rounds"],
+               "sequential_gradients_per_update": r.get("sequential_gradients_per_update")}
         rows.append(row)
         share = f" ({overhead / step:.0%})" if overhead is not None and step > 0 else ""
         table.add_row(algo, *([str(devices)] if show_devices else []), _fmt(row["test_accuracy"]),
                       f"{r['wall_time_s']:.1f}",
-                      f"{step:.4f}", "-" if compute is None else f"{compute:.4f}",
-                      "-" if overhead is None else f"{overhead:.4f}{share}",
-                      str(r["gradient_rounds"]))
+                      f"{step:.4f}", _fmt(row["sequential_gradients_per_update"], ".2f"),
+                      "-" if compute is None else f"{compute:.4f}",
+                      "-" if overhead is None else f"{overhead:.4f}{share}")
     print_table(table, console)
     return rows

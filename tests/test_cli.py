@@ -298,17 +298,29 @@ def test_yaml_config_with_flag_override(tmp_path: Path) -> None:
 
 # -- compare ----------------------------------------------------------------------------------
 def test_compare(tmp_path: Path) -> None:
+    """The built-ins, then the variants ``--algos`` adds: each one's sequential gradients per
+    update as its rounds say (LookSAM k=5: SAM's round on updates 0 and 5; RST p=0.5: on the
+    updates its seeded draws pick)."""
+    from sampa_ray.algorithms import RST
+
     out = tmp_path / "cmp"
-    proc = cli("compare", "--steps", "10", *COMMON, "--out", str(out), cwd=tmp_path)
+    algos = (*ALGOS, "looksam", "rst", "asam")
+    proc = cli("compare", "--steps", "10", *COMMON, "--out", str(out), "--algos", *algos,
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for algo in ALGOS:
+    for algo in algos:
         assert algo in proc.stdout
     assert "compare.png" in proc.stdout and "compare.json" in proc.stdout
     assert (out / "compare.png").read_bytes()[:8] == PNG
     data = json.loads((out / "compare.json").read_text())
     rows = data["rows"]
-    assert [r["algorithm"] for r in rows] == list(ALGOS)
-    assert [r["gradient_rounds"] for r in rows] == [10, 20, 11]
+    assert [r["algorithm"] for r in rows] == list(algos)
+    rst = sum(RST(0.1, 0.05, p=0.5, seed=0).sam_at(t) for t in range(10))
+    assert 0 < rst < 10  # the draws pick some updates, not all
+    assert [r["gradient_rounds"] for r in rows] == [10, 20, 11, 12, 10 + rst, 20]
+    assert [r["sequential_gradients_per_update"] for r in rows] == \
+        [1.0, 2.0, 1.1, 1.2, 1 + rst / 10, 2.0]
+    assert "sequential gradients / update" in proc.stdout
     for r in rows:
         assert 0.0 <= r["test_accuracy"] <= 1.0
         assert r["wall_time_s"] > 0 and r["seconds_per_update"] > 0
@@ -319,11 +331,11 @@ def test_compare(tmp_path: Path) -> None:
             r["seconds_per_update"])
     assert "compute / update" in proc.stdout and "overhead / update" in proc.stdout
     assert data["config"]["steps"] == 10
-    for algo, rounds in zip(ALGOS, (10, 20, 11), strict=True):
+    for algo, row in zip(algos, rows, strict=True):
         res = _result(out / algo)
         assert res["config"]["algo"] == algo
-        assert res["gradient_rounds"] == rounds
-        assert res["final_test_accuracy"] == rows[ALGOS.index(algo)]["test_accuracy"]
+        assert res["gradient_rounds"] == row["gradient_rounds"]
+        assert res["final_test_accuracy"] == row["test_accuracy"]
 
     # a second compare into the same folder loses nothing
     before = (out / "compare.json").read_bytes()

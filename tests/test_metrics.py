@@ -205,6 +205,7 @@ def test_every_metric_exists_with_low_cardinality_labels():
                     {"ascent": 4}, "ray")
     m.observe_eval("test", 0.5)
     _, s = parse(m.text())
+    assert val(s, "sampa_gradient_rounds_total") == 1
     allowed = {"role", "direction", "transport", "split", "le", "run_id", "algorithm", "model",
                "data_path"}
     assert {k for (_, ls) in s for k, _ in ls} <= allowed
@@ -464,6 +465,9 @@ def test_live_run_is_scraped_over_http(live: LiveRun):
     assert val(s2, "sampa_speedup_vs_sequential") > 0
     assert val(s2, "sampa_steps_total") > val(s1, "sampa_steps_total") > 0
     assert val(s2, "sampa_samples_total") == 16 * val(s2, "sampa_steps_total")
+    # SAMPa: the bootstrap round, then one round per update (the scrape may fall between a
+    # round and its update)
+    assert 1 <= val(s2, "sampa_gradient_rounds_total") - val(s2, "sampa_steps_total") <= 2
     assert math.isfinite(val(s2, "sampa_loss"))
     assert 0 < val(s2, "sampa_lr") <= live.cfg.lr
     for split in ("train", "test"):

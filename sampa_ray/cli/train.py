@@ -28,8 +28,13 @@ def add_train_commands(subparsers: Any) -> None:
     train = subparsers.add_parser("train", help="train one model")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
-    compare = subparsers.add_parser("compare", help="run SGD, SAM and SAMPa on the same setup")
+    compare = subparsers.add_parser("compare", help="run SGD, SAM and SAMPa (or --algos) on the "
+                                    "same setup")
     add_config_flags(compare)
+    compare.add_argument("--algos", nargs="+", metavar="ALGO", default=None,
+                         help="the algorithms to run, in this order (default: sgd sam sampa; "
+                         "any registered one, e.g. looksam rst asam), each with its own "
+                         "parameters' defaults beside the shared flags (--rho ...)")
     compare.add_argument("--baseline", choices=("none", "ddp"), default="none",
                          help="ddp: also SGD and SAM data-parallel over all the workers SAMPa "
                          "uses (sgd-ddp, sam-ddp), at the same global batch, on the same "
@@ -115,21 +120,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     preflight(base)
     baseline = getattr(args, "baseline", "none")
-    if baseline == "ddp" and base.backend != "ray":
-        from ..errors import UserError
+    from ..errors import UserError
 
+    if baseline == "ddp" and base.backend != "ray":
         raise UserError("baseline: ddp runs SGD and SAM data-parallel over the Ray workers; "
                         "use --backend ray")
+    algos = compared_algos(base, getattr(args, "algos", None))
     with claim_run(base, "compare", args.overwrite) as lock:  # until every run has written
-        return _compare(base, lock.out, args.overwrite, baseline)
+        return _compare(base, lock.out, args.overwrite, baseline, algos)
 
 
-def compare_runs(base: TrainConfig, baseline: str = "none") -> dict[str, TrainConfig]:
-    """The runs of ``compare`` by label: each built-in algorithm, and with ``baseline`` ddp
-    SGD and SAM data-parallel over all 2k workers (``sgd-ddp``, ``sam-ddp``)."""
+def compared_algos(base: TrainConfig, given: list[str] | None) -> tuple[str, ...]:
+    """The algorithms ``compare`` runs: ``--algos`` (each one known, none twice, each
+    valid with the shared settings), else the built-ins; else one line (UserError)."""
+    from ..algorithms import BUILTIN
+    from ..config import make_config
+    from ..errors import UserError
+
+    if not given:
+        return BUILTIN
+    if len(set(given)) != len(given):
+        raise UserError(f"algos: {' '.join(given)} names an algorithm twice")
+    for name in given:
+        try:
+            make_config({**base.model_dump(), "algo": name})
+        except UserError as err:
+            raise UserError(f"algos: {name}: {str(err).removeprefix('config: ')}") from None
+    return tuple(given)
+
+
+def compare_runs(base: TrainConfig, baseline: str = "none",
+                 algos: tuple[str, ...] | None = None) -> dict[str, TrainConfig]:
+    """The runs of ``compare`` by label: each of ``algos`` (default: the built-ins), and
+    with ``baseline`` ddp SGD and SAM data-parallel over all 2k workers (``sgd-ddp``,
+    ``sam-ddp``)."""
     from ..algorithms import BUILTIN, baselines
 
-    runs = {a: base.model_copy(update={"algo": a}) for a in BUILTIN}
+    runs = {a: base.model_copy(update={"algo": a}) for a in algos or BUILTIN}
     if baseline == "ddp":
         for label in baselines():
             runs[label] = TrainConfig(**{**base.model_dump(), "algo": label.removesuffix("-ddp"),
@@ -137,11 +164,12 @@ def compare_runs(base: TrainConfig, baseline: str = "none") -> dict[str, TrainCo
     return runs
 
 
-def _compare(base: TrainConfig, out: Path, overwrite: bool, baseline: str = "none") -> int:
+def _compare(base: TrainConfig, out: Path, overwrite: bool, baseline: str = "none",
+             algos: tuple[str, ...] | None = None) -> int:
     from ..results import plot_runs, write_json_atomic
     from ..ui import print_comparison
 
-    cfgs = compare_runs(base, baseline)
+    cfgs = compare_runs(base, baseline, algos)
     runs = [(cfg.model_copy(update={"out": str(out / a)}), prepare_out(out / a, overwrite))
             for a, cfg in cfgs.items()]
     if base.backend == "ray":  # one set of actors for all of them: like for like

@@ -56,7 +56,7 @@ METRIC_NAMES = (
     "sampa_accuracy", "sampa_lr", "sampa_grad_norm", "sampa_communication_share",
     "sampa_speedup_vs_sequential", "sampa_worker_restarts_total", "sampa_retried_rounds_total",
     "sampa_nonfinite_rounds_total", "sampa_run", "sampa_group_allreduce_seconds",
-    "sampa_group_allreduce_bytes_total",
+    "sampa_group_allreduce_bytes_total", "sampa_gradient_rounds_total",
 )
 
 
@@ -122,6 +122,10 @@ class RunMetrics:
         """How the training goes: steps, samples, loss, accuracy, learning rate, gradient norms
         and how parallel the rounds are."""
         self.steps = Counter("sampa_steps", "Parameter updates applied", registry=r)
+        self.rounds = Counter("sampa_gradient_rounds", "Gradient rounds run, one after the "
+                              "other (a round's gradients are computed at once); over "
+                              "sampa_steps_total: the sequential gradients per update",
+                              registry=r)
         self.samples = Counter("sampa_samples", "Training samples consumed by the updates",
                                registry=r)
         self.loss = Gauge("sampa_loss", "Training loss of the latest trajectory gradient",
@@ -210,6 +214,7 @@ class RunMetrics:
         from the arrivals).
         """
         child = self._child
+        self.rounds.inc()
         self.round_seconds.observe(round_s)
         self.update_seconds.observe(update_s)
         last = max(arrivals.values()) if arrivals else 0.0
