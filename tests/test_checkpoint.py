@@ -98,12 +98,14 @@ def test_a_pickle_payload_never_loads(tmp_path):
         load_checkpoint(tmp_path / "ckpt-00000005.json", "abc", 10)
 
 
-@pytest.mark.parametrize("algo", ["sgd", "sam", "sampa"])
+@pytest.mark.parametrize("algo", ["sgd", "sam", "sampa", "looksam", "rst"])
 def test_resumed_run_equals_uninterrupted(tmp_path, algo):
     """Run 20 updates with checkpoints every 7; resume a copy from step 7 and from step 14:
-    both reach bitwise the same final parameters and BatchNorm buffers."""
+    both reach bitwise the same final parameters and BatchNorm buffers (LookSAM k=3: from
+    update 7 on, its direction kept at update 6 is reused until update 9)."""
     cfg = make_config({"algo": algo, "steps": 20, "batch_size": 32, "threads": 1,
-                       "checkpoint_every": 7, "keep_checkpoints": 5, "backend": "local"})
+                       "checkpoint_every": 7, "keep_checkpoints": 5, "backend": "local",
+                       "algo_args": {"k": 3} if algo == "looksam" else {}})
     full = run_local(cfg, tmp_path / "full")
     steps = [json.loads(p.read_text())["step"]
              for p in list_checkpoints(tmp_path / "full" / "checkpoints")]

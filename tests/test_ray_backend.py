@@ -17,7 +17,11 @@ from sampa_ray.ray import run_ray, run_ray_many
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2)]
+#: the built-ins, then the variants (LookSAM k=3: SAM's round on updates 0, 3, 6, 9; RST: on
+#: the updates its seeded draws pick, which every replica draws alike)
+CASES = [("sgd", 0.0), ("sam", 0.0), ("sampa", 0.0), ("sampa", 0.2), ("looksam", 0.0),
+         ("rst", 0.0), ("asam", 0.0)]
+ARGS = {"looksam": {"k": 3}}
 PATHS = [("points", "ray"), ("replicated", "ray"), ("collective", "ray"), ("free", "ray"),
          ("points", "grpc")]
 WIRES = ("bf16", "fp32")
@@ -28,7 +32,8 @@ ALGOS = ("sgd", "sam", "sampa")
 def bitwise_cfg(algo, lam, data_path, transport):
     return make_config({"algo": algo, "lam": lam, "steps": 12, "batch_size": 32, "threads": 1,
                         "momentum": 0.9, "weight_decay": 5e-4, "backend": "ray",
-                        "data_path": data_path, "transport": transport})
+                        "data_path": data_path, "transport": transport,
+                        "algo_args": ARGS.get(algo, {})})
 
 
 def bf16_cfg(wire, data_path, transport):
@@ -273,3 +278,19 @@ def test_worker_side_data_error_is_one_line(tmp_path):
         run_ray(cfg, tmp_path / "out")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_an_algorithms_memory_resumes_on_the_free_path(tmp_path):
+    """LookSAM's kept direction is in its checkpoint: a local run's checkpoint at update 7
+    (direction from update 6, reused until update 9) resumed on Ray's free path, where each
+    worker's replica takes the state, ends bit for bit on the uninterrupted local run."""
+    cfg = make_config({"algo": "looksam", "algo_args": {"k": 3}, "steps": 14, "batch_size": 32,
+                       "threads": 1, "momentum": 0.9, "checkpoint_every": 7,
+                       "keep_checkpoints": 5, "backend": "local"})
+    run_local(cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    keep_checkpoints_upto(tmp_path / "full", part, 7)
+    res = run_ray(cfg.model_copy(update={"backend": "ray", "data_path": "free",
+                                         "resume": str(part)}), part)
+    assert res["steps"] == 14 and res["data_path"] == "free"
+    assert_same_final(part, tmp_path / "full")
