@@ -106,7 +106,7 @@ def print_comparison(results: dict[str, dict[str, Any]],
                      console: Console | None = None) -> list[dict[str, Any]]:
     """Print the comparison table; returns its rows. Per update: the time, the compute on its
     critical path, and the overhead (rounds' dispatch, transfers, the update, waiting)."""
-    table = Table(title=f"{' vs '.join(results)} (same data, seed and model)")
+    table = Table(title="Compared on the same data, seed and model")
     # the devices each run used, where runs use different numbers of them (Ray: SGD and SAM one
     # group, SAMPa two, the data-parallel baseline all)
     show_devices = any("role_groups" in r for r in results.values())

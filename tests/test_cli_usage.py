@@ -207,8 +207,8 @@ def test_compare_table_into_a_file_has_every_header_whole(tmp_path: Path) -> Non
                               text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     text = table.read_text()
-    headers = ["algorithm", "test accuracy", "wall time (s)", "s / update", "compute / update",
-               "overhead / update", "sequential gradient rounds"]
+    headers = ["algorithm", "test accuracy", "wall time (s)", "s / update",
+               "sequential gradients / update", "compute / update", "overhead / update"]
     header_line = next((line for line in text.splitlines() if "algorithm" in line), text)
     assert [h.strip() for h in header_line.strip("┃ ").split("┃")] == headers
     assert "…" not in text

@@ -24,9 +24,8 @@ the coordinator. On the ``replicated`` path (the algorithm state lives beside th
 down = the peers' gradients a worker fetches, up = its gradient times the peers that fetch it.
 
 :class:`RunMetrics` owns the registry and its HTTP endpoint; :class:`RoundProbe` is the small
-helper an executor and a progress callback use to feed it.
-
-The endpoint itself (HTTP or HTTPS, its bearer token) is :mod:`.http`.
+helper an executor and a progress callback use to feed it. The endpoint itself (HTTP or HTTPS,
+its bearer token) is :mod:`.http`.
 """
 
 from __future__ import annotations
@@ -122,10 +121,8 @@ class RunMetrics:
         """How the training goes: steps, samples, loss, accuracy, learning rate, gradient norms
         and how parallel the rounds are."""
         self.steps = Counter("sampa_steps", "Parameter updates applied", registry=r)
-        self.rounds = Counter("sampa_gradient_rounds", "Gradient rounds run, one after the "
-                              "other (a round's gradients are computed at once); over "
-                              "sampa_steps_total: the sequential gradients per update",
-                              registry=r)
+        self.rounds = Counter("sampa_gradient_rounds", "Gradient rounds run one after the other; "
+                              "over sampa_steps_total: sequential gradients per update", registry=r)
         self.samples = Counter("sampa_samples", "Training samples consumed by the updates",
                                registry=r)
         self.loss = Gauge("sampa_loss", "Training loss of the latest trajectory gradient",
