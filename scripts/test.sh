@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/ruff check .
 rc=0
-.venv/bin/python -m pytest -q "$@" || rc=$?
+# the slowest tests at the end of the log: where to trim when the suite grows
+.venv/bin/python -m pytest -q --durations=25 "$@" || rc=$?
 if [ "${SAMPA_KERNEL_SETS:-1}" != 0 ]; then
   while read -r name vars; do
     echo "== the outcome tests under CPU kernel set '$name' ($vars)"
