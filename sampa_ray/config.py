@@ -20,6 +20,11 @@ from .errors import UserError, validation_line
 from .plugins import ALIASES, BUILTIN_DATASETS, BUILTIN_MODELS
 from .settings import fields_where, lift_args, lr_at, setting, trajectory_hash
 
+#: the loss scale below which an fp16 run stops (sampa_ray.scaler.FLOOR: no torch import here)
+FP16_MIN_SCALE = 2.0 ** -24
+#: float32's largest value: the loss scale is a float32 number, as torch.amp.GradScaler's
+FP32_MAX = 3.4028234663852886e38
+
 
 class TrainConfig(BaseModel):
     """Everything that defines a run. Defaults: SAMPa-0.2 on the bundled digits data."""
@@ -86,10 +91,19 @@ class TrainConfig(BaseModel):
     eps: float = setting(
         "optimizer", 1e-08, later=True, gt=0, allow_inf_nan=False,
         description="adamw: denominator term")
-    precision: Literal["fp32", "bf16"] = setting(
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
         "model", "fp32", worker=True, later=True,
-        description="forward and backward passes in fp32, or under bf16 autocast (parameters, "
-                    "gradients and the update stay fp32)")
+        description="forward and backward passes in fp32, or under bf16 or fp16 autocast "
+                    "(parameters, gradients and the update stay fp32); fp16 scales the loss by a "
+                    "dynamic loss scale and unscales each gradient before it leaves its worker")
+    fp16_init_scale: float = setting(
+        "model", 2.0 ** 16, later=True, gt=0, allow_inf_nan=False,
+        description="fp16: the loss scale a run starts with (halved after each round whose "
+                    "gradients overflow, doubled after fp16_growth_interval rounds applied in a "
+                    "row; torch.amp.GradScaler's defaults)")
+    fp16_growth_interval: int = setting(
+        "model", 2000, later=True, ge=1,
+        description="fp16: applied rounds in a row after which the loss scale doubles")
 
     model: str = setting(
         "model", "cnn", worker=True,
@@ -351,6 +365,10 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"data_parallel: {self.algo}'s gradients already run on both "
                                  "role groups; data-parallel is for one-role algorithms "
                                  "(sgd, sam; compare runs them with --baseline ddp)")
+        if not FP16_MIN_SCALE <= self.fp16_init_scale <= FP32_MAX:
+            raise ValueError(f"fp16_init_scale: {self.fp16_init_scale!r} is outside [2**-24, "
+                             "3.4e38] (the floor at which an fp16 run stops, and float32's "
+                             "largest value)")
         params = self.algo_params()  # algo_args as validated (4 and 4.0: one value, one hash)
         self.__dict__["algo_args"] = {k: params[k] for k in self.algo_args}
         if bool(self.metrics_cert) != bool(self.metrics_key):
