@@ -31,14 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import FP16_MIN_SCALE
-
 if TYPE_CHECKING:
     from .algorithms import GradRequest
     from .config import TrainConfig
 
-#: below this scale the gradients are non-finite at any scale worth using: the run stops
-FLOOR = FP16_MIN_SCALE
+#: below this scale the gradients are non-finite at any scale worth using: the run stops (the
+#: lowest ``fp16_init_scale`` the config takes)
+FLOOR = 2.0 ** -24
 GROWTH = 2.0  # torch.amp.GradScaler's growth_factor
 BACKOFF = 0.5  # and backoff_factor
 

@@ -256,7 +256,7 @@ def test_the_metrics_show_the_scale() -> None:
     assert metrics.loss_scale._value.get() == 2.0 ** 15
     listener(RoundEvent(step=4, total=10))  # a run without a scale leaves it alone
     assert metrics.loss_scale._value.get() == 2.0 ** 15
-    metrics.set_run("next", "sgd", "ray", "mlp")
+    MetricsListener(RoundProbe(metrics, "ray"), metrics)  # the next run's
     assert metrics.loss_scale._value.get() == 0
     assert "sampa_scaler_skips_total" in metrics.text()
 
@@ -265,7 +265,8 @@ def test_the_metrics_show_the_scale() -> None:
     ({"fp16_init_scale": 0.0}, "fp16_init_scale: Input should be greater than 0"),
     ({"fp16_init_scale": float("inf")}, "fp16_init_scale: Input should be a finite number"),
     ({"fp16_init_scale": 1e39}, "fp16_init_scale: 1e+39 is outside [2**-24, 3.4e38]"),
-    ({"fp16_init_scale": 2.0 ** -30}, "fp16_init_scale: 9.313225746154785e-10 is outside"),
+    ({"fp16_init_scale": 2.0 ** -30}, "fp16_init_scale: 9.313225746154785e-10 is outside "
+                                      "[2**-24, 3.4e38] (the scale where an fp16 run stops"),
     ({"fp16_growth_interval": 0}, "fp16_growth_interval: Input should be greater than or "
                                   "equal to 1"),
     ({"precision": "fp8"}, "precision: Input should be 'fp32', 'bf16' or 'fp16'"),

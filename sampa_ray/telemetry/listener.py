@@ -19,6 +19,7 @@ class MetricsListener:
     def __init__(self, probe: RoundProbe, metrics: RunMetrics) -> None:
         self.probe = probe
         self.metrics = metrics
+        metrics.loss_scale.set(0)  # a run starts: 0 until an fp16 run's round says its scale
 
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, RoundEvent):

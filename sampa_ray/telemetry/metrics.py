@@ -148,10 +148,8 @@ class RunMetrics:
         self.nonfinite_rounds = Counter("sampa_nonfinite_rounds", "Rounds whose gradient held "
                                         "a NaN or an infinity", registry=r)
         self.scaler_skips = Counter("sampa_scaler_skips", "fp16: rounds skipped because their "
-                                    "gradients overflowed at the loss scale (not counted in "
-                                    "sampa_nonfinite_rounds_total)", registry=r)
-        self.loss_scale = Gauge("sampa_loss_scale", "fp16: the loss scale after the latest "
-                                "round (0 where the run does not scale its loss)", registry=r)
+                                    "gradients overflowed at the loss scale", registry=r)
+        self.loss_scale = Gauge("sampa_loss_scale", "fp16: the current loss scale", registry=r)
         self.run = Info("sampa_run", "The run being executed", registry=r)
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -198,7 +196,6 @@ class RunMetrics:
                        "model": model, "data_path": data_path})
         self._last_step = 0
         self._last_samples = 0
-        self.loss_scale.set(0)  # until an fp16 run's first round says its scale
 
     def observe_round(self, results: Mapping[str, GradResult], round_s: float, update_s: float,
                       arrivals: Mapping[str, float], point_bytes: Mapping[str, int],
