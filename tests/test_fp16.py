@@ -176,76 +176,71 @@ def test_a_scale_below_the_floor_stops_the_run_with_one_line() -> None:
 
 # -- every Ray data path, resuming ---------------------------------------------------------------
 RAY = {**MLP, "algo": "sampa", "steps": 14, "fp16_growth_interval": 3}
-Reference = Callable[[str], tuple[Path, dict[str, Any]]]
+
+
+PATHS = [("sampa", "points", "grpc"), ("sampa", "replicated", "ray"),
+         ("sampa", "collective", "ray"), ("sampa", "free", "ray"), ("sampa", "points", "ray"),
+         ("sam", "free", "ray"), ("sgd", "replicated", "ray")]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    """By algorithm, the local run every Ray path is held to, checkpointed every 4 updates
-    (run once, when first asked for)."""
-    runs: dict[str, tuple[Path, dict[str, Any]]] = {}
+def runs(ray_local: None, tmp_path_factory: pytest.TempPathFactory
+         ) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """The local runs of each algorithm (checkpointed every 4 updates), and on one coordinator
+    and its workers: every Ray path of PATHS, and SAMPa on the free path resumed from the local
+    run's checkpoint after update 8. By name, each run's folder and result."""
+    from sampa_ray.ray import run_ray_many
 
-    def get(algo: str) -> tuple[Path, dict[str, Any]]:
-        if algo not in runs:
-            out = tmp_path_factory.mktemp(f"fp16-{algo}")
-            local_final(make_config({**RAY, "algo": algo, "backend": "local",
-                                     "checkpoint_every": 4}), out)
-            runs[algo] = out, json.loads((out / "result.json").read_text())
-        return runs[algo]
+    root = tmp_path_factory.mktemp("fp16")
+    out: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for algo in ("sampa", "sam", "sgd"):
+        local_final(make_config({**RAY, "algo": algo, "backend": "local",
+                                 "checkpoint_every": 4}), root / algo)
+        out[algo] = root / algo, json.loads((root / algo / "result.json").read_text())
+    keep_checkpoints_upto(root / "sampa", root / "resumed", 8)
+    todo = [(make_config({**RAY, "algo": a, "backend": "ray", "data_path": p, "transport": t}),
+             root / f"{a}-{p}-{t}") for a, p, t in PATHS]
+    todo.append((make_config({**RAY, "backend": "ray", "resume": str(root / "resumed"),
+                              "out": str(root / "resumed")}), root / "resumed"))
+    for (_, folder), result in zip(todo, run_ray_many(todo), strict=True):
+        out[folder.name] = folder, result
+    return out
 
-    return get
 
-
-@pytest.mark.parametrize(("algo", "data_path", "transport"), [
-    ("sampa", "replicated", "ray"), ("sampa", "collective", "ray"), ("sampa", "free", "ray"),
-    ("sampa", "points", "ray"), ("sampa", "points", "grpc"), ("sam", "free", "ray"),
-    ("sgd", "replicated", "ray")])
-def test_every_data_path_skips_the_same_rounds_bitwise(ray_local: None, tmp_path: Path,
-                                                       reference: Reference, algo: str,
-                                                       data_path: str, transport: str) -> None:
+@pytest.mark.parametrize(("algo", "data_path", "transport"), PATHS)
+def test_every_data_path_skips_the_same_rounds_bitwise(runs: dict, algo: str, data_path: str,
+                                                       transport: str) -> None:
     """fp16 on each Ray path (rounds run ahead, exchanged over gloo, run in chunks by the
     workers, points sent down over Ray or gRPC): every replica follows the scale on the
     verdicts it sees (or each request carries it), so the run skips the rounds the local run
     skips, ends at its scale and bit for bit at its parameters."""
-    from sampa_ray.ray import run_ray
-
-    ref, want = reference(algo)
-    got = run_ray(make_config({**RAY, "algo": algo, "backend": "ray", "data_path": data_path,
-                               "transport": transport}), tmp_path)
+    ref, want = runs[algo]
+    folder, got = runs[f"{algo}-{data_path}-{transport}"]
+    assert (got["data_path"], got["transport"]) == (data_path, transport)
     skips = want["timings"]["scaler_skips"]
     assert skips >= 7 and want["timings"]["nonfinite_rounds"] == 0
     assert got["timings"]["scaler_skips"] == skips
     assert got["timings"]["nonfinite_rounds"] == 0
     assert got["loss_scale"] == want["loss_scale"]
-    assert_same_final(tmp_path, ref, data_path)
+    assert_same_final(folder, ref, data_path)
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_resuming_mid_run_continues_the_scale_bitwise(request: pytest.FixtureRequest,
-                                                      tmp_path: Path,
-                                                      reference: Reference,
-                                                      backend: str) -> None:
+def test_resuming_mid_run_continues_the_scale_bitwise(tmp_path: Path, runs: dict) -> None:
     """The checkpoint after update 8 holds the scale as it stood (not the initial one); a run
     resumed from it (locally, and on the free path, whose replicas are seeded with it) ends
     bit for bit where the uninterrupted run ends, with the same scale and skips."""
-    ref, want = reference("sampa")
+    from sampa_ray.local import run_local
+
+    ref, want = runs["sampa"]
     keep_checkpoints_upto(ref, tmp_path, 8)
     meta = json.loads((tmp_path / "checkpoints" / "ckpt-00000008.json").read_text())
     assert meta["loss_scale"]["scale"] != 2.0 ** 26
-    cfg = make_config({**RAY, "backend": backend, "resume": str(tmp_path),
-                       "out": str(tmp_path)})
-    if backend == "ray":
-        from sampa_ray.ray import run_ray
-
-        request.getfixturevalue("ray_local")
-        got = run_ray(cfg, tmp_path)
-    else:
-        from sampa_ray.local import run_local
-
-        got = run_local(cfg, tmp_path)
-    assert got["loss_scale"] == want["loss_scale"]
-    assert got["timings"]["scaler_skips"] == want["timings"]["scaler_skips"]
-    assert_same_final(tmp_path, ref, backend)
+    local = run_local(make_config({**RAY, "backend": "local", "resume": str(tmp_path),
+                                   "out": str(tmp_path)}), tmp_path)
+    for folder, got in ((tmp_path, local), runs["resumed"]):
+        assert got["loss_scale"] == want["loss_scale"]
+        assert got["timings"]["scaler_skips"] == want["timings"]["scaler_skips"]
+        assert_same_final(folder, ref, folder.name)
 
 
 # -- the metrics, the refusals, the outcome ------------------------------------------------------
