@@ -273,6 +273,24 @@ def test_bad_scaler_fields_are_one_line(given: dict, line: str) -> None:
     assert "\n" not in str(err.value)
 
 
+def float64_mlp(num_classes: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, num_classes)).double()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_float64_model_under_autocast_is_one_line_before_the_start(precision: str) -> None:
+    """Autocast lowers float32 operations only: a plug-in model of float64 parameters would
+    run its passes as they are. The check before the start says so."""
+    from sampa_ray.api import config_of
+    from sampa_ray.preflight import check_before_start
+
+    cfg = config_of({"precision": precision, "backend": "local"}, model=float64_mlp)
+    with pytest.raises(UserError, match=rf"^precision: {precision} autocast needs float32 "
+                                        r"parameters; the model .*float64_mlp has torch.float64"):
+        check_before_start(cfg)
+
+
 def test_a_bad_scale_on_the_command_line_exits_2_before_the_start(tmp_path: Path) -> None:
     out = tmp_path / "run"
     p = subprocess.run(cli_cmd("train", "--precision", "fp16", "--fp16-init-scale", "-1",
