@@ -3,10 +3,11 @@
 A checkpoint is two files. ``ckpt-00000120.pt`` holds plain tensors only (the algorithm state,
 every worker's model buffers), written with ``torch.save`` to a temporary file, fsynced and
 renamed. ``ckpt-00000120.json`` is written the same way afterwards and commits it: the SHA-256 of
-the ``.pt`` bytes, the config and its hash, the parameter count, the step, and the run's record so
-far. A checkpoint is loaded only if its JSON parses, its checksum matches the bytes on disk, and
-its config hash and parameter count match the run; only then is the ``.pt`` read, with
-``torch.load(weights_only=True)``, so nothing can execute code on load.
+the ``.pt`` bytes, the config and its hash, the parameter count, the step, the run's record so
+far and, under fp16, the loss scale. A checkpoint is loaded only if its JSON parses, its
+checksum matches the bytes on disk, and its config hash and parameter count match the run;
+only then is the ``.pt`` read, with ``torch.load(weights_only=True)``, so nothing can execute
+code on load.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
     from .executor import Executor
     from .results import Recorder
+    from .scaler import LossScale
 
 PREFIX = CKPT_PREFIX
 
@@ -158,8 +160,10 @@ class Checkpointer:
     newest checkpoint that is left to resume from."""
 
     def __init__(self, cfg: TrainConfig, folder: Path, executor: Executor, recorder: Recorder,
-                 num_params: int) -> None:
+                 num_params: int, scale: LossScale | None = None) -> None:
         self.cfg, self.folder, self.executor, self.recorder = cfg, folder, executor, recorder
+        #: the run's loss scale (fp16), as the loop follows it: saved with each state
+        self.scale = scale
         self.num_params = num_params
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self.pending: list[Future[Path]] = []  # the thread's own futures: their state is
@@ -175,6 +179,8 @@ class Checkpointer:
         buffers = await self.executor.all_buffers()
         meta = {"config": self.cfg.model_dump(), "config_hash": self.cfg.hash(),
                 "num_params": self.num_params, "record": self.recorder.state_dict()}
+        if self.scale is not None:
+            meta["loss_scale"] = self.scale.state_dict()
         ckpt = Checkpoint.of(state, buffers, meta)
         self.last = ckpt
         self.pending.append(self.pool.submit(self._save, ckpt))

@@ -7,13 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from . import datapaths
 from .errors import UserError, validation_line
@@ -86,10 +80,15 @@ class TrainConfig(BaseModel):
     eps: float = setting(
         "optimizer", 1e-08, later=True, gt=0, allow_inf_nan=False,
         description="adamw: denominator term")
-    precision: Literal["fp32", "bf16"] = setting(
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
         "model", "fp32", worker=True, later=True,
-        description="forward and backward passes in fp32, or under bf16 autocast (parameters, "
-                    "gradients and the update stay fp32)")
+        description="forward and backward passes in fp32, or under bf16 or fp16 autocast")
+    fp16_init_scale: float = setting(
+        "model", 2.0 ** 16, later=True, gt=0, allow_inf_nan=False,
+        description="fp16: the loss scale a run starts with (halved after each overflow)")
+    fp16_growth_interval: int = setting(
+        "model", 2000, later=True, ge=1,
+        description="fp16: applied rounds in a row after which the loss scale doubles")
 
     model: str = setting(
         "model", "cnn", worker=True,
@@ -180,12 +179,11 @@ class TrainConfig(BaseModel):
                     "streams to the coordinator)")
     data_path: str = setting(
         "placement", "auto", runtime=True, choices=lambda: ("auto", *datapaths.names()),
-        description="ray backend: 'replicated' keeps the algorithm state beside the workers and "
-                    "moves one gradient per worker per round, worker to worker through Ray's "
-                    "object store; 'collective' does the same over torch.distributed (NCCL between"
-                    " GPUs, gloo otherwise; the object store where no group can be formed); "
-                    "'points' sends points down and gradients up through the coordinator; auto: "
-                    "replicated on the ray transport, points on grpc")
+        description="ray backend: 'free' (auto on the ray transport) lets the workers run chunks "
+                    "of rounds themselves; 'replicated' keeps the algorithm state beside the "
+                    "workers, gradients moving worker to worker through Ray's object store; "
+                    "'collective' does that over torch.distributed; 'points' sends points down "
+                    "and gradients up through the coordinator (auto on grpc)")
     wire_dtype: Literal["fp32", "bf16"] = setting(
         "placement", "fp32",
         description="ray backend: number format of the gradients workers send (bf16 halves the "
@@ -353,12 +351,14 @@ class TrainConfig(BaseModel):
                                  "(sgd, sam; compare runs them with --baseline ddp)")
         params = self.algo_params()  # algo_args as validated (4 and 4.0: one value, one hash)
         self.__dict__["algo_args"] = {k: params[k] for k in self.algo_args}
-        if bool(self.metrics_cert) != bool(self.metrics_key):
-            missing = "metrics_key" if self.metrics_cert else "metrics_cert"
-            raise ValueError(f"{missing}: HTTPS needs both metrics_cert and metrics_key")
-        if bool(self.control_cert) != bool(self.control_key):
-            missing = "control_key" if self.control_cert else "control_cert"
-            raise ValueError(f"{missing}: TLS needs both control_cert and control_key")
+        for what, cert, key in (("HTTPS", "metrics_cert", "metrics_key"),
+                                ("TLS", "control_cert", "control_key")):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                missing = key if getattr(self, cert) else cert
+                raise ValueError(f"{missing}: {what} needs both {cert} and {key}")
+        if not 2.0 ** -24 <= self.fp16_init_scale <= 3.4028234663852886e38:  # a float32 number
+            raise ValueError(f"fp16_init_scale: {self.fp16_init_scale!r} is outside [2**-24, "
+                             "3.4e38] (the scale where an fp16 run stops; float32's largest)")
         return self
 
     def algo_params(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .flat import FlatParams, flat_buffers, load_buffers
 from .micro import check_last_batch, group_size, split_batch
+from .scaler import inverse
 from .shards import ALONE, BucketReducer, GroupComm
 from .task import BuiltinData, Task, batch_size_of, make_model, seed_torch, to_device, training_loss
 
@@ -68,6 +69,10 @@ class Snapshot:
     buffers: dict[str, torch.Tensor]
 
 
+#: autocast's dtype for each ``precision`` that uses one
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a user error."""
     if name == "auto":
@@ -101,7 +106,8 @@ class GradientEngine:
         data = self.task.data
         self.data = data.data if isinstance(data, BuiltinData) else data
         self.aug = data.aug if isinstance(data, BuiltinData) else None
-        self.autocast = cfg.precision == "bf16"
+        #: the autocast dtype of forward passes (``precision``); None: fp32
+        self.amp_dtype = AMP_DTYPES.get(cfg.precision)
         self.comm: GroupComm = ALONE  # this worker's place in its role group (see join_group)
         self.sync_bn = False
         self._reducer: BucketReducer | None = None
@@ -187,13 +193,16 @@ class GradientEngine:
                     m.num_batches_tracked.copy_(nbt)
 
     def gradient(self, point: torch.Tensor, batch: int, track_stats: bool = True,
-                 to_host: bool = True) -> GradResult:
+                 to_host: bool = True, loss_scale: float | None = None) -> GradResult:
         """Gradient of the (label-smoothed) cross-entropy on training batch ``batch`` at ``point``.
         Returns a CPU tensor for CPU points; on a GPU engine the result lives in a pinned buffer.
         With a bf16 wire the result is bf16 and the engine's own fp32 gradient
         (``flat.grad``) is rounded to the same values, so whoever keeps it agrees with whoever
         receives it. ``to_host=False``: a GPU engine's result stays on the device (in a buffer
-        it reuses)."""
+        it reuses). ``loss_scale`` S (``precision: fp16``, :mod:`sampa_ray.scaler`): the
+        backward pass runs on S times the loss, and the gradient is unscaled (times 1/S, as
+        torch.amp.GradScaler does) after any group sum and before the wire's rounding, so what
+        leaves here is the true-scale gradient (non-finite where the scaled pass overflowed)."""
         dev = self.device
         t0 = time.perf_counter()
         self.flat.load_(point)
@@ -208,7 +217,7 @@ class GradientEngine:
         self.model.train()
         self.flat.zero_grad_()
         with self._frozen_stats(track_stats):
-            n, loss, accuracy = self._backward(data, batch, reducer)
+            n, loss, accuracy = self._backward(data, batch, reducer, loss_scale)
         _sync(dev)
         t2 = time.perf_counter()
         end = time.time()
@@ -219,6 +228,8 @@ class GradientEngine:
             timings["allreduce"], reduced = reducer.finish()
             loss, accuracy = self._group_mean(n, batch, loss, accuracy)
             t2 = time.perf_counter()  # the copies below start here
+        if loss_scale is not None:
+            self.flat.grad.mul_(inverse(loss_scale))
         grad = self.flat.grad
         if self._wire_grad is not None:
             grad = self._wire_grad.copy_(grad)  # round to nearest even, on the device
@@ -232,14 +243,15 @@ class GradientEngine:
                                    "copy_out": t3 - t2, **timings},
                           start=start, end=end, reduced_bytes=reduced)
 
-    def _backward(self, data: Any, batch: int, reducer: BucketReducer | None
-                  ) -> tuple[int, float, float]:
+    def _backward(self, data: Any, batch: int, reducer: BucketReducer | None,
+                  loss_scale: float | None = None) -> tuple[int, float, float]:
         """Forward and backward of ``data`` (the batch, or this worker's shard of it) into
         ``flat.grad``, in ``accumulate`` micro-batches one after another
         (:mod:`sampa_ray.micro`), each mean loss weighted by its share of the batch; a role
         group's all-reduce runs during the last one's backward, when the buffer holds the
-        shard's whole gradient, so once per gradient. Returns the samples in ``data``, their
-        mean loss and their accuracy."""
+        shard's whole gradient, so once per gradient. With ``loss_scale`` each backward runs on
+        the (weighted) loss times it. Returns the samples in ``data``, their mean loss and
+        their accuracy."""
         parts = split_batch(data, self.cfg.accumulate)
         whole = self.schedule.size_of(batch) if reducer is not None else batch_size_of(data)
         outs = []
@@ -249,9 +261,10 @@ class GradientEngine:
             if reducer is not None and i == len(parts) - 1:
                 reducer.begin()
             if reducer is None and len(parts) == 1:
-                out.loss.backward()  # the whole batch's mean loss, as it is
+                part_loss = out.loss  # the whole batch's mean loss, as it is
             else:  # this part's share of the whole batch's mean loss (summed over the group)
-                (out.loss * (out.n / whole)).backward()
+                part_loss = out.loss * (out.n / whole)
+            (part_loss if loss_scale is None else part_loss * loss_scale).backward()
             out.loss = out.loss.detach()
             outs.append(out)
         if len(outs) == 1:
@@ -336,8 +349,9 @@ class GradientEngine:
             raise self.task.failed(err, where) from None
 
     def _precision(self) -> Any:
-        """bf16 autocast around forward passes (``precision: bf16``); fp32 otherwise."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+        """bf16 or fp16 autocast around forward passes (``precision``); fp32 otherwise."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
 
     @torch.no_grad()
     def _evaluate(self, model: nn.Module, split: str) -> EvalResult:

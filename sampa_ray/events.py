@@ -35,6 +35,7 @@ class RoundEvent:
     #: (Ray), None where both gradients run one after the other in one process
     comm_share: float | None = None
     algo: str | None = None  # the run's algorithm, where one view shows several runs
+    loss_scale: float | None = None  # fp16: the loss scale after the round's verdict
 
 
 @dataclass(kw_only=True)

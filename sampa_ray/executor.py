@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,8 +65,11 @@ class Executor(ABC):
     #: runs chunks of rounds on its own (see ``rounds``) instead of one ``round`` at a time
     chunks: bool = False
 
-    async def init_state(self, state: AlgoState) -> None:
-        """Seed the replicas (``holds_state`` executors) with the starting state."""
+    async def init_state(self, state: AlgoState,
+                         loss_scale: dict[str, Any] | None = None) -> None:
+        """Seed the replicas (``holds_state`` executors) with the starting state, and with the
+        loss scale's (:meth:`sampa_ray.scaler.LossScale.state_dict`; None: no scaling), which
+        each replica then follows on the verdicts as the loop does."""
         return
 
     async def full_state(self, state: AlgoState) -> AlgoState:

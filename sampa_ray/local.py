@@ -21,6 +21,7 @@ from .events import InfoEvent, Progress, ignore
 from .executor import Executor, Plan
 from .loop import Hooks, make_algorithm, train_loop
 from .results import Recorder, build_result, earlier_wall_s, write_outputs
+from .scaler import LossScale
 from .selection import write_best
 
 
@@ -38,8 +39,8 @@ class LocalExecutor(Executor):
                     ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:
         out = {}
         for r in reqs:
-            res = self.engines[self.algo.slot_of(r.role)].gradient(r.point, r.batch,
-                                                                   r.track_stats)
+            res = self.engines[self.algo.slot_of(r.role)].gradient(
+                r.point, r.batch, r.track_stats, loss_scale=r.loss_scale)
             if res.grad.dtype != torch.float32:  # a bf16 wire: what the other backends receive
                 res.grad = res.grad.float()
             out[r.role] = res
@@ -80,11 +81,14 @@ def run_local(cfg: TrainConfig, out: Path, progress: Progress | None = None) -> 
         if cfg.resume else None
     recorder = Recorder(algo.stats_role, started=t0,
                         earlier_s=earlier_wall_s(resume.meta.get("record", {})) if resume else 0.0)
-    checkpointer = Checkpointer(cfg, out / "checkpoints", executor, recorder, info["num_params"])
+    scale = LossScale.of(cfg)
+    checkpointer = Checkpointer(cfg, out / "checkpoints", executor, recorder, info["num_params"],
+                                scale)
 
     async def go() -> tuple[AlgoState, dict[str, torch.Tensor], Snapshot | None]:
         state = await train_loop(algo, executor, engine.initial_point(), plan, recorder,
-                                 Hooks(progress=say, checkpoint=checkpointer), resume=resume)
+                                 Hooks(progress=say, checkpoint=checkpointer), resume=resume,
+                                 scale=scale)
         await checkpointer.flush()
         return state, await executor.buffers(), await executor.best()
 

@@ -33,6 +33,7 @@ from .errors import UserError
 from .events import EpochEvent, EvalEvent, InfoEvent, Progress, RoundEvent, ignore
 from .executor import Executor, Plan, lookahead
 from .results import Recorder
+from .scaler import LossScale, describe
 
 
 def make_algorithm(cfg: TrainConfig, total_steps: int,
@@ -82,7 +83,8 @@ def round_applies(verdicts: Iterable[bool]) -> bool:
 
 
 class NonFiniteError(UserError):
-    """Too many rounds in a row with a non-finite loss or gradient."""
+    """Too many rounds in a row with a non-finite loss or gradient, or (fp16) a loss scale
+    halved below its floor."""
 
 
 def _never() -> bool:
@@ -120,12 +122,15 @@ class Hooks:
 
 async def train_loop(algo: Algorithm, executor: Executor, x0: torch.Tensor, plan: Plan,
                      recorder: Recorder, hooks: Hooks | None = None,
-                     resume: Checkpoint | None = None) -> AlgoState:
+                     resume: Checkpoint | None = None,
+                     scale: LossScale | None = None) -> AlgoState:
     """Run the requests -> gradients -> update loop of ``algo`` to ``plan.total_steps``
     updates on ``executor``, from ``x0`` or from the checkpoint ``resume`` (state, worker
-    buffers, the record so far). Evaluation runs in the background on the trajectory worker and
-    overlaps later rounds; ``hooks`` says who listens and what happens between updates."""
-    return await _Loop(algo, executor, plan, recorder, hooks or Hooks()).run(x0, resume)
+    buffers, the record so far, the loss scale). Evaluation runs in the background on the
+    trajectory worker and overlaps later rounds; ``hooks`` says who listens and what happens
+    between updates. ``scale``: the run's loss scale (``precision: fp16``), which the loop
+    follows on every verdict (its owner's checkpointer saves it)."""
+    return await _Loop(algo, executor, plan, recorder, hooks or Hooks(), scale).run(x0, resume)
 
 
 class _Loop:
@@ -133,8 +138,9 @@ class _Loop:
     streak), so that each step of a round is a method of its own."""
 
     def __init__(self, algo: Algorithm, executor: Executor, plan: Plan, recorder: Recorder,
-                 hooks: Hooks) -> None:
+                 hooks: Hooks, scale: LossScale | None = None) -> None:
         self.algo, self.executor, self.plan = algo, executor, plan
+        self.scale = scale
         self.recorder, self.hooks, self.say = recorder, hooks, hooks.progress
         #: a Checkpointer's check: raises when a checkpoint it writes in the background failed
         self.written: Callable[[], Awaitable[None]] | None = getattr(hooks.checkpoint, "check",
@@ -164,8 +170,13 @@ class _Loop:
             self.recorder.load_state(resume.meta.get("record", {}))
         else:
             state = self.algo.init(x0)
+        scale = None
+        if self.scale is not None:  # the checkpoint's scale, or the run's first
+            self.scale.load_state_dict(resume.meta.get("loss_scale") if resume else None)
+            self.recorder.loss_scale = self.scale.scale
+            scale = self.scale.state_dict()
         if self.executor.holds_state:  # the replicas hold the numbers; the loop follows a shadow
-            await self.executor.init_state(state)
+            await self.executor.init_state(state, scale)
             state = state.shadow()
         self.epochs_done = len(self.recorder.epochs)
         self.last_update = self.started = self.last_checkpoint = time.perf_counter()
@@ -177,6 +188,8 @@ class _Loop:
         an update. False: the run stops here."""
         perf, plan = time.perf_counter, self.plan
         reqs = self.algo.requests(state)
+        if self.scale is not None:
+            reqs = self.scale.stamp(reqs)
         # a time-based checkpoint is decided before the round, so that a round run ahead of it
         # (decided now too) never overlaps it
         timed = bool(self.interval) and perf() - self.last_checkpoint >= self.interval
@@ -252,9 +265,16 @@ class _Loop:
 
     def _decide(self, state: AlgoState, results: dict[str, GradResult]) -> None:
         """Apply the round's update, or skip it (counted; after ``max_nonfinite`` in a row
-        the run aborts) where :func:`round_applies` says no."""
+        the run aborts) where :func:`round_applies` says no. Under a loss scale (fp16) the
+        scale follows the verdict, and a skip is an overflow the scale answers: counted apart
+        and never towards ``max_nonfinite``; the run aborts once the scale falls below its
+        floor instead."""
         verdicts = {role: finite(r) for role, r in results.items()}
-        if round_applies(verdicts.values()):
+        applies = round_applies(verdicts.values())
+        if self.scale is not None:
+            self.scale.follow(applies)
+            self.recorder.loss_scale = self.scale.scale
+        if applies:
             self.nonfinite_streak = 0
             if self.executor.holds_state:  # the replicas apply it; the shadow follows
                 self.algo.update(state, {role: state.x for role in results})
@@ -262,6 +282,9 @@ class _Loop:
                 self.algo.update(state, {role: r.grad for role, r in results.items()})
             return
         bad = ", ".join(role for role, ok in verdicts.items() if not ok)
+        if self.scale is not None:
+            self._overflow(state, bad)
+            return
         self.recorder.nonfinite_rounds += 1
         self.nonfinite_streak += 1
         if self.nonfinite_streak >= self.plan.max_nonfinite:
@@ -271,6 +294,21 @@ class _Loop:
         before = state.step
         self.algo.skip(state)
         self.say(InfoEvent(text=f"step {before}: non-finite {bad} gradient; update skipped"))
+
+    def _overflow(self, state: AlgoState, bad: str) -> None:
+        """An fp16 round whose gradients overflowed at the scale: skipped, the scale already
+        halved; below its floor the run stops."""
+        assert self.scale is not None
+        self.recorder.scaler_skips += 1
+        if self.scale.exhausted:
+            raise NonFiniteError(
+                f"nonfinite: the fp16 loss scale fell below 2**-24 at step {state.step} "
+                f"({self.recorder.scaler_skips} overflowing rounds, the last in {bad}): the "
+                "gradients are not finite at any scale; try a lower --lr or --precision bf16")
+        before = state.step
+        self.algo.skip(state)
+        self.say(InfoEvent(text=f"step {before}: fp16 overflow in the {bad} gradient; update "
+                                f"skipped, loss scale now {describe(self.scale.scale)}"))
 
     async def _end_epoch(self, state: AlgoState, before: int) -> None:
         """Close the epoch's row, start its evaluation when due, record the evaluations
@@ -299,7 +337,8 @@ class _Loop:
                           default=0.0),
             steps_per_s=done / (now - self.started) if done > 0 and now > self.started
             else None,
-            lr=self.algo.lr_at(max(state.step - 1, 0))))
+            lr=self.algo.lr_at(max(state.step - 1, 0)),
+            loss_scale=self.scale.scale if self.scale is not None else None))
 
     async def _after_update(self, state: AlgoState, timed: bool, ran_ahead: bool) -> bool:
         """What follows an update: a failed background write stops the run; a checkpoint when

@@ -102,8 +102,9 @@ def uses_plugins(cfg: TrainConfig) -> bool:
 
 def check_plugins(cfg: TrainConfig) -> list[str]:
     """A run with a plug-in builds its task here, once, as every worker will: the modules
-    import, the factory returns an ``nn.Module``, the dataset's items collate into batch 0,
-    the model takes it and the loss on it is a finite scalar. Each failure is one line naming
+    import, the factory returns an ``nn.Module`` (of float32 parameters, under bf16 or fp16
+    autocast), the dataset's items collate into batch 0, the model takes it and the loss on it
+    is a finite scalar. Each failure is one line naming
     the plug-in; nothing has started yet. Returns what the data told (the classes inferred
     from its labels, classes without a training sample)."""
     if not uses_plugins(cfg):
@@ -115,7 +116,12 @@ def check_plugins(cfg: TrainConfig) -> list[str]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = Task(cfg)
-    task.check(task.build_model(), torch.device("cpu"))
+    model = task.build_model()
+    odd = sorted({str(p.dtype) for p in model.parameters()} - {"torch.float32"})
+    if cfg.precision != "fp32" and odd:  # autocast lowers float32 operations only
+        raise UserError(f"precision: {cfg.precision} autocast needs float32 parameters; the model "
+                        f"{cfg.model} has {', '.join(odd)} ones (use --precision fp32)")
+    task.check(model, torch.device("cpu"))
     return list(getattr(task.data, "notes", []))
 
 

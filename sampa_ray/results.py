@@ -110,6 +110,10 @@ class Recorder:
         #: by role: the bytes each worker of its role group all-reduces per gradient
         self.allreduce_bytes: dict[str, int] = {}
         self.nonfinite_rounds = 0
+        #: fp16: rounds skipped because their gradients overflowed at the loss scale (apart
+        #: from nonfinite_rounds), and the scale after the latest verdict
+        self.scaler_skips = 0
+        self.loss_scale: float | None = None
         self.round_s = Stat()
         self.update_s = Stat()
         self.step_s = Stat()  # wall time between consecutive parameter updates
@@ -172,6 +176,7 @@ class Recorder:
         return {"rounds": self.rounds, "epochs": [dict(r) for r in self.epochs],
                 "elapsed_s": time.time() - self.t_start, "wall_s": self.wall_s(),
                 "nonfinite_rounds": self.nonfinite_rounds,
+                "scaler_skips": self.scaler_skips,
                 "gradient_bytes": self.gradient_bytes,
                 "allreduce_bytes": dict(self.allreduce_bytes),
                 "timings": {"round": self.round_s.state(), "update": self.update_s.state(),
@@ -188,6 +193,7 @@ class Recorder:
         self.epochs = [dict(r) for r in d.get("epochs", [])]
         self.t_start = time.time() - float(d.get("elapsed_s", 0.0))
         self.nonfinite_rounds = int(d.get("nonfinite_rounds", 0))
+        self.scaler_skips = int(d.get("scaler_skips", 0))
         self.gradient_bytes = d.get("gradient_bytes")
         self.allreduce_bytes = dict(d.get("allreduce_bytes", {}))
         timings = d.get("timings", {})
@@ -221,6 +227,7 @@ class Recorder:
 
     def timing_summary(self) -> dict[str, Any]:
         return {"nonfinite_rounds": self.nonfinite_rounds,
+                **({"scaler_skips": self.scaler_skips} if self.loss_scale is not None else {}),
                 "gradient_bytes": self.gradient_bytes,
                 "allreduce_bytes": dict(self.allreduce_bytes),
                 "step_seconds": self.step_s.summary(),
@@ -273,6 +280,8 @@ def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: A
         "epochs": recorder.epochs,
         "timings": recorder.timing_summary(),
         "trace": recorder.trace,
+        # fp16: the loss scale where the run ended (its skips: timings.scaler_skips)
+        **({"loss_scale": recorder.loss_scale} if recorder.loss_scale is not None else {}),
         **extra,
     }
 

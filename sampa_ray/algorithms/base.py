@@ -36,12 +36,15 @@ class GradRequest:
 
     ``track_stats`` says whether the pass lies on the optimisation trajectory, so a model with
     BatchNorm should update its running statistics during it (see README, "BatchNorm").
+    ``loss_scale`` is not the algorithm's: the loop sets it where the run scales its loss
+    (``precision: fp16``, :mod:`sampa_ray.scaler`); the gradient comes back unscaled.
     """
 
     role: str
     point: torch.Tensor
     batch: int
     track_stats: bool = False
+    loss_scale: float | None = None
 
 
 @dataclass(init=False)

@@ -27,6 +27,7 @@ from ..events import Event
 from ..executor import Plan
 from ..loop import Hooks, make_algorithm, train_loop
 from ..results import Recorder, build_result, earlier_wall_s, write_outputs
+from ..scaler import LossScale
 from ..selection import write_best
 from ..telemetry.listener import MetricsListener
 from . import live, paths
@@ -70,7 +71,7 @@ class Run:
             await path.prepare()  # the workers' process group, (re-)formed
             algo = make_algorithm(self.cfg, self.plan.total_steps, self.plan.batches_per_epoch)
             return await train_loop(algo, path, x0, self.plan, self.recorder,
-                                    self._hooks(checkpointer), resume=start)
+                                    self._hooks(checkpointer), resume=start, scale=self.scale)
 
         state = await with_replay(train, resume, pool, checkpointer, self.cfg.max_restarts,
                                   self.services.say)
@@ -127,8 +128,9 @@ class Run:
         services.busy_for = pool.busy_for
         live.begin_run(services.live, cfg.algo, plan.total_steps, plan.batches_per_epoch,
                        services.session)
+        self.scale = LossScale.of(cfg)  # fp16: followed by the loop, saved with each state
         checkpointer = Checkpointer(cfg, self.out / "checkpoints", path, self.recorder,
-                                    num_params)
+                                    num_params, self.scale)
         if resume is None:  # the starting point, in memory: a lost replica replays from here
             checkpointer.last = Checkpoint.of(algo.init(x0), await path.all_buffers(),
                                               {"record": self.recorder.state_dict()})
@@ -167,6 +169,7 @@ class Run:
         services.metrics.worker_restarts.inc(pool.restarts)
         services.metrics.retried_rounds.inc(pool.retried_rounds)
         services.metrics.nonfinite_rounds.inc(self.recorder.nonfinite_rounds)
+        services.metrics.scaler_skips.inc(self.recorder.scaler_skips)
         services.refuse_checkpoints()
         buffers = await path.buffers()
         best = await path.best()

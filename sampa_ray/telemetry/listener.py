@@ -19,10 +19,13 @@ class MetricsListener:
     def __init__(self, probe: RoundProbe, metrics: RunMetrics) -> None:
         self.probe = probe
         self.metrics = metrics
+        metrics.loss_scale.set(0)  # a run starts: 0 until an fp16 run's round says its scale
 
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, RoundEvent):
             self.probe.publish(ev.round_s, ev.update_s, ev.step, ev.loss, ev.lr)
+            if ev.loss_scale is not None:
+                self.metrics.loss_scale.set(ev.loss_scale)
         elif isinstance(ev, EpochEvent):
             self.probe.end_epoch()
         elif isinstance(ev, EvalEvent) and ev.test_accuracy is not None:

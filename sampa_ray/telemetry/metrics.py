@@ -56,6 +56,7 @@ METRIC_NAMES = (
     "sampa_speedup_vs_sequential", "sampa_worker_restarts_total", "sampa_retried_rounds_total",
     "sampa_nonfinite_rounds_total", "sampa_run", "sampa_group_allreduce_seconds",
     "sampa_group_allreduce_bytes_total", "sampa_gradient_rounds_total",
+    "sampa_scaler_skips_total", "sampa_loss_scale",
 )
 
 
@@ -148,6 +149,9 @@ class RunMetrics:
                                       registry=r)
         self.nonfinite_rounds = Counter("sampa_nonfinite_rounds", "Rounds whose gradient held "
                                         "a NaN or an infinity", registry=r)
+        self.scaler_skips = Counter("sampa_scaler_skips", "fp16: rounds skipped because their "
+                                    "gradients overflowed at the loss scale", registry=r)
+        self.loss_scale = Gauge("sampa_loss_scale", "fp16: the current loss scale", registry=r)
         self.run = Info("sampa_run", "The run being executed", registry=r)
 
     def _child(self, metric: Any, *labels: str) -> Any:

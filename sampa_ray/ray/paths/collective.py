@@ -181,9 +181,10 @@ class CollectivePath(ReplicatedPath):
                 self.ctx.say(f"collective: no process group ({self.fallback}); the gradients "
                              "go through Ray's object store instead")
 
-    async def init_state(self, state: AlgoState) -> None:
+    async def init_state(self, state: AlgoState,
+                         loss_scale: dict[str, Any] | None = None) -> None:
         self.calls = None
-        await super().init_state(state)
+        await super().init_state(state, loss_scale)
 
     async def round(self, reqs: list[GradRequest],
                     ahead: list[GradRequest] | None = None) -> dict[str, GradResult]:

@@ -124,11 +124,12 @@ class FreePath(CollectivePath):
             max(1, math.floor(self.chunk_s / max(self.update_s, 1e-6)))
         return min(bound, step + most)
 
-    async def init_state(self, state: AlgoState) -> None:
+    async def init_state(self, state: AlgoState,
+                         loss_scale: dict[str, Any] | None = None) -> None:
         self.queued = None  # a replay: what was queued is abandoned (the workers refuse it)
         self.started_evals.clear()
         self.evals.clear()
-        await super().init_state(state)
+        await super().init_state(state, loss_scale)
 
     def _start(self, step: int, until: int, evaluate: bool) -> dict[int, Any]:
         if evaluate:

@@ -30,13 +30,14 @@ class GrpcWorker:
     def close(self) -> None:
         self.client.close()
 
-    def gradient(self, step: int, role: str, batch: int, track_stats: bool) -> dict[str, Any]:
+    def gradient(self, step: int, role: str, batch: int, track_stats: bool,
+                 loss_scale: float | None = None) -> dict[str, Any]:
         """Fetch the point of (step, role), compute, stream the gradient back. An unusable
         gradient is not sent (the server would refuse it); the coordinator learns it here."""
         engine, link = self.host.engine, self.host.link
         fetch_s = self.client.fetch_point(step, role, self.point_buf)
         link.wait(self.point_buf.numel() * self.point_buf.element_size())
-        r = engine.gradient(self.point_buf, batch, track_stats)
+        r = engine.gradient(self.point_buf, batch, track_stats, loss_scale=loss_scale)
         ok = usable(r.loss, r.grad)
         link.wait(r.grad.numel() * r.grad.element_size() if ok else 0)
         push_s = self.client.push_gradient(step, role, r.grad, r.loss, r.accuracy,
@@ -64,7 +65,7 @@ class GrpcPath(PointsPath):
 
     def dispatch(self, req: GradRequest) -> Any:
         return self.call(self.slot_of(req.role), "gradient", self.endpoint.board.step, req.role,
-                         req.batch, req.track_stats)
+                         req.batch, req.track_stats, req.loss_scale)
 
     def result(self, req: GradRequest, out: Any) -> GradResult:
         # the gradient itself arrives through the server (round() attaches it); its size is

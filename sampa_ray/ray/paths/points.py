@@ -32,11 +32,11 @@ class PointsWorker:
     def __init__(self, host: WorkerHost) -> None:
         self.host = host
 
-    def gradient(self, point: np.ndarray, batch: int, track_stats: bool
-                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    def gradient(self, point: np.ndarray, batch: int, track_stats: bool,
+                 loss_scale: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         engine, link = self.host.engine, self.host.link
         link.wait(point.nbytes)  # the point came down the (emulated) link
-        r = engine.gradient(as_tensor(point), batch, track_stats)
+        r = engine.gradient(as_tensor(point), batch, track_stats, loss_scale=loss_scale)
         facts = {"loss": r.loss, "accuracy": r.accuracy, "timings": r.timings,
                  "start": r.start, "end": r.end, "reduced_bytes": r.reduced_bytes}
         if not self.host.lead:  # the group's gradient goes up from its first rank
@@ -60,7 +60,7 @@ class PointsPath(DataPath):
     def dispatch(self, req: GradRequest) -> Any:
         """Send one request to its worker; returns the reference of its outcome."""
         return self.call(self.slot_of(req.role), "gradient", req.point.numpy(), req.batch,
-                         req.track_stats)
+                         req.track_stats, req.loss_scale)
 
     def result(self, req: GradRequest, out: Any) -> GradResult:
         grad, meta = out

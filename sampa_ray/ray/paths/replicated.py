@@ -31,6 +31,7 @@ from ...algorithms import AlgoState, GradRequest
 from ...config import TrainConfig
 from ...engine import GradResult
 from ...loop import make_algorithm, round_applies, usable
+from ...scaler import LossScale
 from ...transport.codec import from_array, to_array
 from ..recovery import raise_lost
 from ..worker import WorkerHost
@@ -52,12 +53,17 @@ class ReplicaWorker:
         self.state: AlgoState | None = None
         self.own: dict[str, torch.Tensor] = {}  # this worker's gradients of its last round
         self.own_ok: dict[str, bool] = {}  # and whether each is usable
+        self.scale: LossScale | None = None  # fp16: the loss scale, following the verdicts
 
     def init(self, cfg: dict[str, Any], total_steps: int, tensors: dict[str, np.ndarray],
-             step: int, phase: int) -> None:
-        """Seed the replica: the run's algorithm, at the given state."""
-        self.algo = make_algorithm(TrainConfig(**cfg), total_steps,
-                                   self.engine.schedule.batches_per_epoch)
+             step: int, phase: int, loss_scale: dict[str, Any] | None = None) -> None:
+        """Seed the replica: the run's algorithm, at the given state, and (fp16) the loss
+        scale's state, which it follows on every round's verdict as the loop does."""
+        config = TrainConfig(**cfg)
+        self.algo = make_algorithm(config, total_steps, self.engine.schedule.batches_per_epoch)
+        self.scale = LossScale.of(config)
+        if self.scale is not None:
+            self.scale.load_state_dict(loss_scale)
         dev = self.engine.device
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, copy=True)
              for k, v in tensors.items()}
@@ -121,8 +127,11 @@ class ReplicaWorker:
                                      for r, (g, _) in got.items()})
 
     def finish_round(self, skip: bool, peers: dict[str, torch.Tensor]) -> None:
-        """Apply (or skip) one round with the peers' gradients and this worker's own."""
+        """Apply (or skip) one round with the peers' gradients and this worker's own; the
+        loss scale (fp16) follows the verdict."""
         assert self.state is not None
+        if self.scale is not None:
+            self.scale.follow(not skip)
         if skip:
             self.algo.skip(self.state)
         else:
@@ -145,7 +154,8 @@ class ReplicaWorker:
         """Compute one of this worker's requests; remember its device gradient (a copy with
         ``keep``: the engine reuses its buffer) and whether it is usable; return the result
         and the facts the coordinator gets."""
-        r = self.engine.gradient(req.point, req.batch, req.track_stats, to_host=to_host)
+        r = self.engine.gradient(req.point, req.batch, req.track_stats, to_host=to_host,
+                                 loss_scale=self.scale.scale if self.scale is not None else None)
         dev_grad = self.engine.flat.grad
         self.own[req.role] = dev_grad.clone() if keep else dev_grad
         norm = float(torch.linalg.vector_norm(dev_grad))
@@ -179,12 +189,13 @@ class ReplicatedPath(DataPath):
         # peer gradients each worker fetches); its call applies this round first
         self.ahead: tuple[list[int], dict[int, Any], dict[int, int]] | None = None
 
-    async def init_state(self, state: AlgoState) -> None:
+    async def init_state(self, state: AlgoState,
+                         loss_scale: dict[str, Any] | None = None) -> None:
         self.ahead = None  # a replay: what ran ahead is abandoned
         tensors = {k: v.detach().cpu().numpy() for k, v in state.tensors().items()}
         await asyncio.gather(*[self.ask(s, self.call(s, "init", self.cfg.model_dump(),
                                                      self.ctx.total_steps, tensors, state.step,
-                                                     state.phase))
+                                                     state.phase, loss_scale))
                                for s in self.used])
         for s in self.used:
             self.pending[s].clear()
