@@ -82,8 +82,7 @@ class RunMetrics:
         self._fault_series(self.registry)
         # labelled children, created once per label set (no per-round allocations after that)
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._last_step = 0
-        self._last_samples = 0
+        self._last_step = self._last_samples = 0
         self._server: MetricsServer | None = None
         self.host: str | None = None
         self.port: int | None = None
@@ -168,14 +167,12 @@ class RunMetrics:
         free one). Listening beyond loopback takes an explicit ``host`` such as 0.0.0.0 and a
         ``token``; with a token every request must carry ``Authorization: Bearer <token>``.
         ``certfile`` and ``keyfile`` (PEM) switch to HTTPS. A user-caused problem is a one-line
-        ``UserError``; failing to bind is the ``OSError``. See :func:`.http.serve_registry`.
-        """
+        ``UserError``; failing to bind is the ``OSError``. See :func:`.http.serve_registry`."""
         if self._server is not None:
             raise RuntimeError(f"metrics: already serving on {self.host}:{self.port}")
         server = serve_registry(self.registry, host, port, token=token, certfile=certfile,
                                 keyfile=keyfile)
-        self._server = server
-        self.host, self.port, self.scheme = host, server.port, server.scheme
+        self._server, self.host, self.port, self.scheme = server, host, server.port, server.scheme
         return self.port
 
     def shutdown(self) -> None:
@@ -196,8 +193,7 @@ class RunMetrics:
         """A new run starts: label it, and count its steps from zero on top of earlier runs."""
         self.run.info({"run_id": run_id, "algorithm": algorithm, "transport": transport,
                        "model": model, "data_path": data_path})
-        self._last_step = 0
-        self._last_samples = 0
+        self._last_step = self._last_samples = 0
 
     def observe_round(self, results: Mapping[str, GradResult], round_s: float, update_s: float,
                       arrivals: Mapping[str, float], point_bytes: Mapping[str, int],
