@@ -109,7 +109,7 @@ def test_algorithm_parameters_are_validated_by_its_params() -> None:
     assert make_config({"algo_args": {"rho": 0.1}}).hash() == make_config({"rho": 0.1}).hash()
     for fields, line in [
         ({"algo_args": {"k": 3}}, "config: algo_args.k: not a parameter of sampa (its "
-                                  "parameters: rho, lam)"),
+                                  "parameters: rho, lam, adaptive)"),
         ({"algo": "sgd", "algo_args": {"k": 3}}, "config: algo_args.k: not a parameter of sgd "
                                                  "(its parameters: none)"),
         ({"rho": 0.1, "algo_args": {"rho": 0.2}}, "config: algo_args.rho: 0.2 here and 0.1 as "
