@@ -96,6 +96,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
+# a command that fails unexpectedly (set -e) still says which, in one line
+trap 'say "FAILED at line $LINENO: $BASH_COMMAND (log: $LOG)"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -108,6 +110,13 @@ apt_install() {  # apt_install PKG...: as root, where apt exists; quiet unless i
     APT_UPDATED=1
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >> "$LOG" 2>&1
+}
+apt_mirror() {  # the Debian mirror this machine's apt uses (deb822 URIs: or one-line deb form)
+  local m
+  m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
+        2>/dev/null | grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]+/debian/?' | head -1 \
+        || true)
+  echo "${m:-http://deb.debian.org/debian}"
 }
 apt_candidate() {  # the version apt would install, or nothing
   have apt-cache || return 0
@@ -166,9 +175,7 @@ if ! compose_v2 && is_root && have apt-get && grep -q '^VERSION_CODENAME=bookwor
   # Debian 12 packages only the 1.x one: take the plugin binary out of Debian 13's docker-compose
   # package, fetched by apt from the mirror this machine uses, without adding that release to
   # the machine's sources
-  mirror=$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ \
-             2>/dev/null | head -1)
-  mirror=${mirror:-http://deb.debian.org/debian}
+  mirror=$(apt_mirror)
   d=$WORK/apt-trixie
   mkdir -p "$d/lists/partial" "$d/archives/partial" "$d/x"
   echo "deb ${mirror%/} trixie main" > "$d/sources.list"
@@ -207,10 +214,7 @@ else
     have debootstrap || apt_install debootstrap || true
     have debootstrap || fail "no debootstrap to make the local base image"
     is_root || fail "making the local base image needs root (debootstrap)"
-    # the mirror this machine's apt uses (deb822 URIs: or one-line deb form)
-    mirror=$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ \
-               2>/dev/null | head -1)
-    mirror=${mirror:-http://deb.debian.org/debian}
+    mirror=$(apt_mirror)
     ROOTFS=$WORK/rootfs
     say "debootstrap bookworm from $mirror"
     debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates \
