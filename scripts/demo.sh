@@ -20,7 +20,6 @@
 # take, default 900), SAMPA_DEMO_LOG (the log file; default in a fresh temporary folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 
 SKIPPED=3
 PROJECT=sampa-ray-demo            # not the file's own name: a user's stack and its volumes stay
@@ -83,7 +82,11 @@ cleanup() {
       || say "could not take the stack down: docker compose -p $PROJECT down -v"
   fi
   [ -n "$HTTP_PID" ] && kill "$HTTP_PID" 2>/dev/null || true
-  [ -n "$ROOTFS" ] && rm -rf "$ROOTFS"
+  if [ -n "$ROOTFS" ]; then
+    # an interrupted debootstrap may leave proc and sys mounted inside its folder
+    grep -o " $ROOTFS/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    rm -rf --one-file-system "$ROOTFS"
+  fi
   if [ -n "$DOCKERD_PID" ]; then
     # the daemon this script started goes too (the images stay in /var/lib/docker)
     kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null || true
@@ -96,8 +99,9 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-# a command that fails unexpectedly (set -e) still says which, in one line
-trap 'say "FAILED at line $LINENO: $BASH_COMMAND (log: $LOG)"' ERR
+# a command that fails unexpectedly (set -e) still says which, in one line, and exits 1 (its
+# own status could read as another of the codes above)
+trap 'say "FAILED at line $LINENO: $BASH_COMMAND (log: $LOG)"; exit 1' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
