@@ -12,6 +12,9 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# a page or folder of wheels that pip also looks in for torch (`pip --find-links`), e.g. a build
+# where TORCH_INDEX_URL cannot be reached and the torch wheel comes from the building machine
+ARG TORCH_FIND_LINKS=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -29,7 +32,8 @@ RUN python3 constraints.py "${TORCH_SPEC}" requirements.lock > /tmp/constraints.
 # torch first, from its own index, so that the package's open torch range pulls nothing more
 # (the install below then moves whatever torch brought along to its locked version)
 RUN if [ -n "${TORCH_SPEC}" ]; then \
-        python3 -m pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"; \
+        python3 -m pip install --index-url "${TORCH_INDEX_URL}" \
+            ${TORCH_FIND_LINKS:+--find-links "${TORCH_FIND_LINKS}"} "${TORCH_SPEC}"; \
     fi
 
 COPY pyproject.toml README.md ./

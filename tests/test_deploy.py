@@ -33,6 +33,22 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as Compose reads it: an override file's ``!reset`` / ``!override`` tags."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+ComposeLoader.add_constructor(
+    "!override", lambda loader, node: (loader.construct_sequence(node, deep=True)
+                                       if isinstance(node, yaml.SequenceNode)
+                                       else loader.construct_mapping(node, deep=True)))
+
+
+def with_defaults(value: str) -> str:
+    """``value`` with each ``${VAR:-default}`` as Compose interpolates it when VAR is unset."""
+    return re.sub(r"\$\{[A-Z_][A-Z0-9_]*:-([^}]*)\}", r"\1", value)
+
+
 def rayjob() -> list[dict[str, Any]]:
     return list(yaml.safe_load_all((DEPLOY / "kuberay" / "rayjob.yaml").read_text()))
 
@@ -175,7 +191,7 @@ def test_every_manifest_parses():
     files = [COMPOSE, *DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")]
     assert len(files) >= 6
     for f in files:
-        docs = list(yaml.safe_load_all(f.read_text()))
+        docs = list(yaml.load_all(f.read_text(), Loader=ComposeLoader))
         assert docs and all(isinstance(d, dict) for d in docs), f
 
 
@@ -223,7 +239,7 @@ def entrypoints() -> dict[str, list[str]]:
     """The ``sampa-ray train ...`` command lines the deployment files run, as argv lists."""
     submit = compose()["services"]["submit"]["command"]
     assert isinstance(submit, list) and submit[:3] == ["ray", "job", "submit"]
-    out = {"docker-compose.yml": submit[submit.index("--") + 1:],
+    out = {"docker-compose.yml": [with_defaults(a) for a in submit[submit.index("--") + 1:]],
            "rayjob.yaml": shlex.split(rayjob()[0]["spec"]["entrypoint"])}
     found = re.findall(r"^#\s+(sampa-ray train .*)$", (DEPLOY / "ray-cluster.yaml").read_text(),
                        re.M)
