@@ -30,7 +30,8 @@ def test_the_grid_and_seeds_expand_to_every_trial() -> None:
     assert trials[0].name == "sam-rho=0.02-lam=0.0-s0"
     assert trials[-1].name == "sampa-rho=0.1-lam=0.2-s2"
     assert len({t.name for t in trials}) == len(trials)
-    assert [t.seed for t in trials[:3]] == [0, 1, 2]
+    assert [t.name for t in trials[:3]] == ["sam-rho=0.02-lam=0.0-s0", "sampa-rho=0.02-lam=0.0-s0",
+                                            "sam-rho=0.02-lam=0.0-s1"]  # seeds interleaved
     last = trials[-1].config
     assert (last["algo"], last["rho"], last["lam"], last["seed"], last["epochs"]) == \
         ("sampa", 0.1, 0.2, 2, 2)
@@ -40,7 +41,8 @@ def test_the_grid_and_seeds_expand_to_every_trial() -> None:
     same = plan(TrainConfig(epochs=2), {"rho": [0.02, 0.05, 0.1], "lam": [0, 0.2]}, 3,
                 ("sam", "sampa"))
     assert [t.name for t in same] == [t.name for t in trials]
-    assert [t.name for t in plan({}, None, 2, ("sgd",))] == ["sgd-s0", "sgd-s1"]
+    assert [t.name for t in plan({}, None, 2, ("sgd", "sam"))] == ["sgd-s0", "sam-s0", "sgd-s1",
+                                                                   "sam-s1"]
 
 
 @pytest.mark.parametrize("argv, says", [

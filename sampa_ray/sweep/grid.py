@@ -116,10 +116,12 @@ def expand(base: TrainConfig, algos: Sequence[str], grid: Mapping[str, Sequence[
         except UserError as err:
             raise UserError(f"algos: {algo}: {str(err).removeprefix('config: ')}") from None
     trials = []
-    for algo in algos:
-        for values in itertools.product(*(grid[n] for n in names)):
-            setting = tuple(zip(names, values, strict=True))
-            for seed in range(seeds):
+    # seed by seed, the algorithms side by side: a machine's drift over the sweep spreads over
+    # every algorithm instead of landing on the last one's wall-clock
+    for values in itertools.product(*(grid[n] for n in names)):
+        setting = tuple(zip(names, values, strict=True))
+        for seed in range(seeds):
+            for algo in algos:
                 data = {**shared, **dict(setting), "algo": algo, "seed": seed,
                         "backend": "local", "out": None, "resume": None}
                 try:
