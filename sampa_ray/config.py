@@ -138,6 +138,11 @@ class TrainConfig(BaseModel):
         description="fraction of the training set held out for validation (0.1: the paper's 45k / "
                     "5k, the same images); each evaluation then also scores it, and the test "
                     "accuracy reported is the best validation epoch's")
+    label_noise: float = setting(
+        "data", 0.0, worker=True, later=True, ge=0, lt=1, allow_inf_nan=False,
+        description="symmetric label noise: each training label, with this probability, "
+                    "replaced by a uniformly drawn other class, drawn from the seed (the same "
+                    "labels in every process; result.json lists them); test labels stay clean")
     last_batch: Literal["drop", "keep"] = setting(
         "data", "drop", worker=True, later=True,
         description="the epoch's last, partial batch: dropped, or kept (smaller)")
@@ -309,19 +314,12 @@ class TrainConfig(BaseModel):
 
         return algorithms.known(v, lambda path: resolve("algo", check_name("algo", path)))
 
-    @field_validator("model", "dataset")
+    @field_validator("model", "dataset", "loss")
     @classmethod
-    def _known_or_plugin(cls, v: str, info: Any) -> str:
+    def _known_or_plugin(cls, v: str | None, info: Any) -> str | None:
         from .plugins import check_name  # names only: nothing is imported here
 
-        return check_name(info.field_name, v)
-
-    @field_validator("loss")
-    @classmethod
-    def _loss_plugin(cls, v: str | None) -> str | None:
-        from .plugins import check_name
-
-        return None if v is None else check_name("loss", v)
+        return None if v is None else check_name(info.field_name, v)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -370,7 +368,7 @@ class TrainConfig(BaseModel):
         return params_of(self.algo, self.algo_args, self.model_dump())
 
     @property
-    def resolved_data_path(self) -> str:
+    def resolved_data_path(self) -> str:  # the data path ``auto`` stands for here
         return datapaths.check(self.data_path, self.transport).name
 
     def hash(self) -> str:

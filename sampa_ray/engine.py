@@ -166,7 +166,8 @@ class GradientEngine:
                 "num_val": data.num_val,
                 "batches_per_epoch": self.schedule.batches_per_epoch,
                 "device": str(self.device), "threads": torch.get_num_threads(),
-                "dataset": self.cfg.dataset, "data_fingerprint": data.fingerprint}
+                "dataset": self.cfg.dataset, "data_fingerprint": data.fingerprint,
+                "label_noise": getattr(data, "label_noise", None)}
 
     def initial_point(self) -> torch.Tensor:
         """x0: the replica's initial parameters as a flat CPU fp32 vector."""

@@ -258,6 +258,8 @@ def build_result(cfg: TrainConfig, algo: Algorithm, recorder: Recorder, state: A
     last = selected_epoch(recorder.epochs, by_validation=by_val)
     if by_val:
         extra = {"selection": selection(recorder.epochs), **extra}
+    if info.get("label_noise"):  # the flipped training samples (sampa_ray.data.noise)
+        extra = {"label_noise": info["label_noise"], **extra}
     return {
         "version": __version__,
         "config": cfg.model_dump(),

@@ -41,7 +41,7 @@ def _options(help_text: str) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("command", ["train", "compare", "sweep"])
 def test_every_option_has_help_and_one_default(command: str, tmp_path: Path) -> None:
     proc = cli(command, "--help", cwd=tmp_path, env={**cli_env(), "COLUMNS": "100"})
     assert proc.returncode == 0, proc.stderr

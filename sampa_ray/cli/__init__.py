@@ -1,4 +1,5 @@
-"""Command line: ``sampa-ray train``, ``sampa-ray compare`` (``.train``), ``sampa-ray runs``
+"""Command line: ``sampa-ray train``, ``sampa-ray compare`` (``.train``), ``sampa-ray sweep``
+(seeds and grids on Ray Tune, ``sampa_ray.sweep``; ``.sweep``), ``sampa-ray runs``
 (the runs in a folder; ``.runs``), ``sampa-ray bench`` (the communication-cost study,
 ``sampa_ray.study``; ``.bench``), and ``status``, ``watch``, ``checkpoint``, ``stop`` for a
 running coordinator (``--target HOST:PORT``; ``.control``).
@@ -152,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_command
     from .control import add_control_commands
     from .runs import add_runs_command
+    from .sweep import add_sweep_command
     from .train import add_train_commands
 
     parser = _Parser(prog="sampa-ray", description="SAMPa / SAM / SGD training, local or on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train_commands(sub)
+    add_sweep_command(sub)
     add_runs_command(sub)
     add_bench_command(sub)
     add_control_commands(sub)

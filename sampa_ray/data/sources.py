@@ -25,6 +25,7 @@ from sampa_ray.data.batches import (
     seeded_globals,
 )
 from sampa_ray.data.datasets import load_dataset, validation_split
+from sampa_ray.data.noise import NoisyLabels, draw_flips, noise_record, noisy_labels
 from sampa_ray.errors import UserError
 from sampa_ray.shards import shard_range
 
@@ -94,6 +95,13 @@ class BuiltinData:
             raise UserError(f"model: {cfg.model} expects inputs {shape}, dataset {cfg.dataset} "
                             f"gives {tuple(ds.input_shape)}")
         self.data = ds.split_validation(cfg.val_split) if cfg.val_split > 0 else ds
+        self.label_noise: dict[str, Any] | None = None
+        if cfg.label_noise > 0:  # the training split alone; test and validation stay clean
+            n = len(self.data.y_train)
+            flipped, offsets = draw_flips(cfg.seed, n, cfg.label_noise, self.data.num_classes)
+            self.data.y_train = noisy_labels(self.data.y_train, flipped, offsets,
+                                             self.data.num_classes)
+            self.label_noise = noise_record(cfg.label_noise, n, flipped)
         self.seed = cfg.seed
         self.schedule = BatchSchedule(len(self.data.y_train), cfg.batch_size, cfg.seed,
                                       drop_last=cfg.last_batch == "drop")
@@ -228,12 +236,20 @@ class LoaderData:
         self.num_classes = cfg.num_classes or self._infer_classes(made[0])
         if cfg.loss is None:  # the default loss takes class indices
             self._check_labels()
+        self.label_noise: dict[str, Any] | None = None
+        if cfg.label_noise > 0:  # the training split alone; test and validation stay clean
+            flipped, offsets = draw_flips(cfg.seed, self.num_train, cfg.label_noise,
+                                          self.num_classes)
+            noisy = NoisyLabels(self.train, flipped, offsets, self.num_classes, self.name)
+            noisy.check()
+            self.train = noisy
+            self.label_noise = noise_record(cfg.label_noise, self.num_train, flipped)
         self.seed = cfg.seed
         self.schedule = BatchSchedule(self.num_train, cfg.batch_size, cfg.seed,
                                       drop_last=cfg.last_batch == "drop")
         self.batch_size = cfg.batch_size
         self.workers, self.pin = cfg.loader_workers, cfg.pin_memory
-        self._items = _SeededItems(train, cfg.seed)
+        self._items = _SeededItems(self.train, cfg.seed)
         self._it: Iterator[Any] | None = None
         self._next = -1
         self._last: tuple[int, Any] | None = None
@@ -287,8 +303,10 @@ class LoaderData:
     def fingerprint(self) -> str:
         """A digest of the splits: their tensors whole where they are tensors, else their sizes
         and :data:`FINGERPRINT_ITEMS` items spread over each, read with seeded generators."""
-        parts: list[Any] = []
+        parts: list[Any] = [self.label_noise and self.label_noise["sha256"]]
         for ds in (self.train, self.val, self.test):
+            if isinstance(ds, NoisyLabels):  # the clean data, and which labels flip (above)
+                ds = ds.dataset
             if ds is None:
                 parts.append(None)
                 continue
