@@ -7,7 +7,9 @@
 #   ./scripts/demo.sh
 #
 # Exit codes: 0 the demo ran and every check passed; 1 a step failed (the log's path is printed);
-# 3 skipped: no Docker daemon answers and none can be started here (not root, or no dockerd).
+# 3 skipped: no Docker daemon answers and none can be started here (not root, or no dockerd);
+# 4 not run: this machine could not be given what the demo needs before it builds anything of
+# ours (Docker Compose 2.x, the local base image, the torch wheel), the log says why.
 #
 # Where Docker Hub cannot be pulled from, the images are built on a local Debian base instead
 # (debootstrap, then docker import; kept as sampa-base:bookworm for the next run), Prometheus
@@ -37,6 +39,8 @@ LOG=${SAMPA_DEMO_LOG:-$WORK/demo.log}
 
 say() { echo "demo: $*"; }
 fail() { say "FAILED: $* (log: $LOG)"; exit 1; }
+UNPREPARED=4
+unprepared() { say "not run: $* (log: $LOG)"; exit "$UNPREPARED"; }
 
 # -- phase times ------------------------------------------------------------------------------
 T_START=$SECONDS
@@ -194,7 +198,7 @@ if ! compose_v2 && is_root && have apt-get && grep -q '^VERSION_CODENAME=bookwor
       /usr/local/lib/docker/cli-plugins/docker-compose
   fi
 fi
-compose_v2 || fail "no Docker Compose 2.x here (docker compose / docker-compose), none installable"
+compose_v2 || unprepared "no Docker Compose 2.x here (docker compose / docker-compose), none installable"
 say "compose: ${COMPOSE[*]} $("${COMPOSE[@]}" version --short 2>/dev/null)"
 
 # -- base images: Docker Hub's where it answers, else a local Debian base ---------------------
@@ -216,22 +220,22 @@ else
     say "reusing $BASE_LOCAL"
   else
     have debootstrap || apt_install debootstrap || true
-    have debootstrap || fail "no debootstrap to make the local base image"
-    is_root || fail "making the local base image needs root (debootstrap)"
+    have debootstrap || unprepared "no debootstrap to make the local base image"
+    is_root || unprepared "making the local base image needs root (debootstrap)"
     mirror=$(apt_mirror)
     ROOTFS=$WORK/rootfs
     say "debootstrap bookworm from $mirror"
     debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates \
-      bookworm "$ROOTFS" "$mirror" >> "$LOG" 2>&1 || fail "debootstrap"
+      bookworm "$ROOTFS" "$mirror" >> "$LOG" 2>&1 || unprepared "debootstrap"
     # trust what this machine trusts beyond Debian's bundle (e.g. a TLS-inspecting proxy's CA):
     # pip inside the builds goes through the same network
     if compgen -G '/usr/local/share/ca-certificates/*.crt' > /dev/null; then
       cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/"
-      chroot "$ROOTFS" update-ca-certificates >> "$LOG" 2>&1 || fail "update-ca-certificates"
+      chroot "$ROOTFS" update-ca-certificates >> "$LOG" 2>&1 || unprepared "update-ca-certificates"
     fi
     rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/archives/*.deb
     tar -C "$ROOTFS" -c . | docker import -c 'ENV LANG=C.UTF-8' -c 'CMD ["/bin/bash"]' \
-      - "$BASE_LOCAL" >> "$LOG" 2>&1 || fail "docker import of the local base"
+      - "$BASE_LOCAL" >> "$LOG" 2>&1 || unprepared "docker import of the local base"
     rm -rf "$ROOTFS"
     ROOTFS=""
   fi
@@ -249,7 +253,7 @@ if ! timeout 20 curl -fsS -o /dev/null "$TORCH_CPU_INDEX/torch/" 2>> "$LOG"; the
   "$pip_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
       --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 -d "$wheels" \
       "$torch_pin" >> "$LOG" 2>&1 \
-    || fail "$TORCH_CPU_INDEX does not answer and pip here finds no $torch_pin"
+    || unprepared "$TORCH_CPU_INDEX does not answer and pip here finds no $torch_pin"
   # a fixed port while it is free: the URL is a build argument of the torch layer, so a port
   # that changes would rebuild that layer every time
   port=$(python3 -c '
