@@ -243,7 +243,7 @@ def test_a_shadow_drives_adamw_through_the_same_rounds(make) -> None:  # noqa: A
 def test_config_reports_the_optimizer_and_bad_values_are_named() -> None:
     algo = SAMPa(lr=0.1, rho=0.1, optimizer="adamw", **HYPER)
     assert algo.config() | {} == {"algo": "sampa", "lr": 0.1, "optimizer": "adamw", **HYPER,
-                                  "rho": 0.1, "lam": 0.0}
+                                  "rho": 0.1, "lam": 0.0, "adaptive": False}
     assert SGD(lr=0.1, momentum=0.9).config() == {
         "algo": "sgd", "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0}
     for kw, field in [({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"),
