@@ -167,3 +167,52 @@ def test_a_sweep_refuses_resume_and_other_backends(capsys) -> None:  # noqa: ANN
         from sampa_ray.sweep import sweep
 
         sweep({"threads": 2}, "/nonexistent/never", cpus=1)
+
+
+def test_a_trial_killed_mid_run_is_resumed_by_tune_and_ends_bitwise(tmp_path: Path) -> None:
+    """The trial's process is SIGKILLed once its run has a checkpoint: Tune restarts the trial
+    (``FailureConfig(max_failures=1)``), the run goes on from its newest checkpoint, and it
+    ends on the uninterrupted run's parameters, bit for bit."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from conftest import assert_same_final
+
+    from sampa_ray.checkpoint import list_checkpoints
+    from sampa_ray.local import run_local
+    from sampa_ray.sweep import sweep
+
+    fields = {"steps": 1500, "threads": 1, "checkpoint_every": 50, "eval_every": 100}
+    run_local(make_config({**fields, "algo": "sgd", "seed": 0, "backend": "local"}),
+              tmp_path / "clean")
+    folder = tmp_path / "sweep" / "sgd-s0" / "checkpoints"
+    killed: list[int] = []
+    finished_before: list[bool] = []
+
+    def strike() -> None:  # once the run has a checkpoint, kill the trial's process
+        deadline = time.time() + 120
+        while not list_checkpoints(folder) and time.time() < deadline:
+            time.sleep(0.02)
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if proc.name.isdigit() and cmd.startswith(b"ray::ImplicitFunc"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+                finished_before.append((folder.parent / "result.json").exists())
+
+    t = threading.Thread(target=strike, daemon=True)
+    t.start()
+    rows = sweep(make_config(fields), tmp_path / "sweep", algos=("sgd",), seeds=1, cpus=2,
+                 say=lambda _: None)
+    t.join(5)
+    assert len(killed) == 1 and finished_before == [False], (killed, finished_before)
+    assert "error" not in rows[0], rows
+    result = json.loads((tmp_path / "sweep" / "sgd-s0" / "result.json").read_text())
+    assert result["steps"] == 1500
+    assert result["config"]["resume"] == str(folder.parent.resolve())  # the restart resumed
+    assert_same_final(tmp_path / "sweep" / "sgd-s0", tmp_path / "clean")
