@@ -187,7 +187,13 @@ def _rank(rank: int, out: str) -> None:
         calls.clear()
         r = engine.gradient(point, 2)
         saved[n] = {"grad": r.grad.clone(), "loss": r.loss, "calls": list(calls)}
+        del engine, r  # its reducer's hooks and buffers go before the group does
     torch.save(saved, Path(out) / f"rank{rank}.pt")
+    dist.all_reduce = real
+    # both ranks done with the group before either takes it down: a rank that tore down its
+    # gloo connections while the other still used them aborted now and then ("terminate
+    # called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
