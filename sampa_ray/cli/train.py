@@ -134,18 +134,11 @@ def compared_algos(base: TrainConfig, given: list[str] | None) -> tuple[str, ...
     """The algorithms ``compare`` runs: ``--algos`` (each one known, none twice, each
     valid with the shared settings), else the built-ins; else one line (UserError)."""
     from ..algorithms import BUILTIN
-    from ..config import make_config
-    from ..errors import UserError
+    from ..sweep.grid import check_algos
 
     if not given:
         return BUILTIN
-    if len(set(given)) != len(given):
-        raise UserError(f"algos: {' '.join(given)} names an algorithm twice")
-    for name in given:
-        try:
-            make_config({**base.model_dump(), "algo": name})
-        except UserError as err:
-            raise UserError(f"algos: {name}: {str(err).removeprefix('config: ')}") from None
+    check_algos(base, given)
     return tuple(given)
 
 

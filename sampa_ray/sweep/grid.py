@@ -97,6 +97,21 @@ def parse_grid(specs: Sequence[str] | None) -> dict[str, list[Any]]:
     return grid
 
 
+def check_algos(base: TrainConfig, algos: Sequence[str], **fixed: Any) -> None:
+    """``algos`` (a sweep's, ``compare``'s) name at least one algorithm, none twice, each one
+    known and valid with ``base``'s shared settings and ``fixed``; else one line (UserError)."""
+    if not algos:
+        raise UserError("algos: name at least one algorithm")
+    if len(set(algos)) != len(algos):
+        raise UserError(f"algos: {' '.join(algos)} names an algorithm twice")
+    shared = base.model_dump()
+    for algo in algos:
+        try:
+            make_config({**shared, **fixed, "algo": algo})
+        except UserError as err:
+            raise UserError(f"algos: {algo}: {str(err).removeprefix('config: ')}") from None
+
+
 def expand(base: TrainConfig, algos: Sequence[str], grid: Mapping[str, Sequence[Any]],
            seeds: int) -> list[Trial]:
     """Every trial: each algorithm x grid setting (the product, in the order given) x seed
@@ -104,17 +119,9 @@ def expand(base: TrainConfig, algos: Sequence[str], grid: Mapping[str, Sequence[
     refused). The trials run on the local backend, one process each."""
     if seeds < 1:
         raise UserError(f"seeds: {seeds}; a sweep needs at least one seed")
-    if not algos:
-        raise UserError("algos: name at least one algorithm")
-    if len(set(algos)) != len(algos):
-        raise UserError(f"algos: {' '.join(algos)} names an algorithm twice")
+    check_algos(base, algos, backend="local")
     names = list(grid)
     shared = base.model_dump()
-    for algo in algos:  # each one known and valid with the shared settings
-        try:
-            make_config({**shared, "algo": algo, "backend": "local"})
-        except UserError as err:
-            raise UserError(f"algos: {algo}: {str(err).removeprefix('config: ')}") from None
     trials = []
     # seed by seed, the algorithms side by side: a machine's drift over the sweep spreads over
     # every algorithm instead of landing on the last one's wall-clock
